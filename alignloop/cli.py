@@ -1,0 +1,339 @@
+"""`alignloop ...`: the command line. Each subcommand parses, calls one library function, prints a summary.
+
+Errors the user can act on (`AlignloopError`) print as one line and exit 1; nothing prints a traceback
+unless ALIGNLOOP_DEBUG=1. The hub is offline unless the user set HF_HUB_OFFLINE themselves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import secrets
+import sys
+from importlib import resources
+from pathlib import Path
+
+# Before anything imports huggingface_hub: no telemetry, and no downloads the user did not ask for.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+from alignloop import AlignloopError, __version__  # noqa: E402
+from alignloop.config import (  # noqa: E402
+    Settings,
+    is_workspace,
+    load_settings,
+    new_settings,
+    workspace_path,
+    write_settings,
+)
+
+log = logging.getLogger("alignloop")
+
+
+# --- commands ------------------------------------------------------------------------------------------------
+
+
+def cmd_init(args) -> int:
+    path = workspace_path(args.workspace)
+    if is_workspace(path):
+        raise AlignloopError(f"{path} is already an alignloop workspace")
+    password = init_workspace(path, database_url=args.database_url)
+    print(f"workspace ready at {path}")
+    print(f"admin login: admin / {password}   (shown once; `alignloop users passwd admin` sets a new one)")
+    return 0
+
+
+def init_workspace(path: Path, *, database_url: str = "") -> str:
+    """Create config, database and the admin user; returns the admin's random password."""
+    from alignloop import crud
+    from alignloop.db import create_schema, make_engine, session_scope
+
+    if path.exists() and not path.is_dir():
+        raise AlignloopError(f"{path} exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()):
+        raise AlignloopError(f"{path} is not empty and not an alignloop workspace; choose an empty or new folder")
+    settings = new_settings(path, database_url=database_url)
+    for folder in (path, settings.cache_dir, settings.runs_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(os.environ.get("ALIGNLOOP_DATABASE_URL") or settings.db_url)
+    create_schema(engine)
+    password = secrets.token_urlsafe(12)
+    with session_scope(engine) as session:
+        if crud.get_user(session, name="admin") is None:
+            crud.create_user(session, name="admin", role="admin", password=password)
+        else:
+            crud.set_password(session, user=crud.get_user(session, name="admin"), password=password)
+    write_settings(settings)  # last: a folder is a workspace only once everything above worked
+    return password
+
+
+def open_workspace(args) -> tuple[Settings, object]:
+    from alignloop.db import create_schema, make_engine
+
+    settings = load_settings(args.workspace)
+    engine = make_engine(settings.db_url)
+    create_schema(engine)
+    return settings, engine
+
+
+def cmd_prompts_import(args) -> int:
+    from alignloop import crud
+    from alignloop.db import session_scope
+    from alignloop.prompts import parse_prompt_file
+
+    settings, engine = open_workspace(args)
+    prompts = parse_prompt_file(args.file, fmt=args.format)  # validates everything before any write
+    if args.split:
+        for p in prompts:
+            p.split = args.split
+    with session_scope(engine) as session:
+        added, duplicates = crud.add_prompts(session, prompts=prompts, source=args.source or Path(args.file).name)
+    print(f"imported {len(added)} prompts from {args.file} ({duplicates} duplicates skipped)")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from alignloop.generate import SamplingParams, queue_comparisons
+
+    settings, engine = open_workspace(args)
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens or settings.max_new_tokens,
+        temperature=settings.temperature if args.temperature is None else args.temperature,
+        top_p=args.top_p or settings.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+    summary = queue_comparisons(
+        engine,
+        settings=settings,
+        model_ref=args.model or settings.default_policy,
+        num_prompts=args.prompts,
+        num_samples=args.samples,
+        round=args.round,
+        target_votes=args.target_votes,
+        params=params,
+        batch_size=args.batch_size,
+        split=args.split,
+        allow_noncommercial=args.allow_noncommercial or None,
+    )
+    if summary["prompts"] == 0:
+        print(f"no {args.split} prompts left without a comparison in round {args.round}; import more prompts")
+        return 0
+    print(
+        f"queued {summary['comparisons']} comparisons for round {args.round} from {summary['prompts']} prompts"
+        f" ({summary['identical']} skipped: identical samples; run {summary['run_id']})"
+    )
+    return 0
+
+
+def cmd_users_add(args) -> int:
+    from alignloop import crud
+    from alignloop.db import session_scope
+
+    _, engine = open_workspace(args)
+    password = sys.stdin.readline().rstrip("\n") if args.password_stdin else secrets.token_urlsafe(12)
+    if args.kind == "human" and len(password) < 8:
+        raise AlignloopError("a password needs at least 8 characters")
+    with session_scope(engine) as session:
+        crud.create_user(
+            session, name=args.name, role=args.role, kind=args.kind, password=password if args.kind == "human" else None
+        )
+    print(f"added {args.kind} user {args.name} ({args.role})")
+    if args.kind == "human" and not args.password_stdin:
+        print(f"password: {password}   (shown once)")
+    return 0
+
+
+def cmd_users_passwd(args) -> int:
+    from alignloop import crud
+    from alignloop.db import session_scope
+
+    _, engine = open_workspace(args)
+    password = secrets.token_urlsafe(12)
+    with session_scope(engine) as session:
+        user = crud.get_user(session, name=args.name)
+        if user is None:
+            raise AlignloopError(f"no user named {args.name!r}")
+        crud.set_password(session, user=user, password=password)
+    print(f"new password for {args.name}: {password}   (shown once)")
+    return 0
+
+
+def cmd_export_prefs(args) -> int:
+    from alignloop import crud
+    from alignloop.db import session_scope
+    from alignloop.export import write_rows
+
+    _, engine = open_workspace(args)
+    with session_scope(engine) as session:
+        if args.raw:
+            rows = crud.raw_votes(session, rounds=args.round)
+        else:
+            rows = crud.preference_pairs(
+                session, include_ties=args.include_ties, include_both_bad=args.include_both_bad, rounds=args.round
+            )
+    if not rows:
+        raise AlignloopError("nothing to export: no votes" + (" in the chosen rounds" if args.round else ""))
+    fmt = write_rows(rows, Path(args.out), fmt=args.format)
+    what = "votes" if args.raw else "preference pairs"
+    print(f"exported {len(rows)} {what} to {args.out} ({fmt})")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from alignloop.web import create_app
+
+    settings, engine = open_workspace(args)
+    app = create_app(settings, engine)
+    print(f"alignloop {__version__} serving {settings.workspace} on http://{args.host}:{args.port}")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", server_header=False)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from alignloop import crud
+    from alignloop.db import session_scope
+    from alignloop.generate import SamplingParams, queue_comparisons
+    from alignloop.prompts import parse_prompt_file
+
+    path = workspace_path(args.workspace)
+    if not is_workspace(path):
+        password = init_workspace(path)
+        print(f"workspace ready at {path}")
+        print(f"admin login: admin / {password}   (shown once; `alignloop users passwd admin` sets a new one)")
+    else:
+        print(f"using workspace {path} (forgot the admin password? `alignloop users passwd admin`)")
+    settings, engine = open_workspace(args)
+    with resources.as_file(resources.files("alignloop") / "samples" / "prompts.jsonl") as sample:
+        prompts = parse_prompt_file(sample)
+    with session_scope(engine) as session:
+        added, _ = crud.add_prompts(session, prompts=prompts, source="alignloop-samples")
+        queued = crud.count_comparisons(session, round=0)
+    print(f"sample prompts: {len(added)} new, {len(prompts) - len(added)} already there")
+    if queued == 0:
+        print("generating round-0 comparisons with the embedded default model (SmolLM2-135M-Instruct, CPU)...")
+        summary = queue_comparisons(
+            engine,
+            settings=settings,
+            model_ref="default",
+            num_prompts=args.prompts,
+            num_samples=2,
+            round=0,
+            params=SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.8, top_p=0.95, seed=0),
+        )
+        print(f"queued {summary['comparisons']} comparisons ({summary['identical']} skipped: identical samples)")
+    else:
+        print(f"round 0 already has {queued} comparisons")
+    if args.no_serve:
+        return 0
+    return cmd_serve(args)
+
+
+# --- parser --------------------------------------------------------------------------------------------------
+
+
+def make_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--workspace", default=None, help="workspace folder (default: $ALIGNLOOP_HOME, else ./alignloop-data)"
+    )
+    parser = argparse.ArgumentParser(
+        prog="alignloop", description="Self-hosted human feedback and RLHF: annotate, reward, align, serve."
+    )
+    parser.add_argument("--version", action="version", version=f"alignloop {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("init", parents=[common], help="create a workspace: config, database, admin user")
+    p.add_argument("--database-url", default="", help="SQLAlchemy URL (default: SQLite in the workspace)")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("demo", parents=[common], help="init, import sample prompts, generate round 0, serve")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--prompts", type=int, default=40, help="sample prompts to generate for")
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--no-serve", action="store_true", help="stop after generating")
+    p.set_defaults(func=cmd_demo)
+
+    prompts = sub.add_parser("prompts", help="manage the prompt pool").add_subparsers(
+        dest="prompts_command", required=True, metavar="ACTION"
+    )
+    p = prompts.add_parser("import", parents=[common], help="import prompts (all or nothing)")
+    p.add_argument("file", help=".jsonl, .json or .csv")
+    p.add_argument("--format", default="auto", choices=["auto", "chat", "plain", "dolly", "alpaca", "mtbench"])
+    p.add_argument("--source", default=None, help="label stored with each prompt (default: file name)")
+    p.add_argument("--split", default=None, choices=["train", "eval"], help="override every record's split")
+    p.set_defaults(func=cmd_prompts_import)
+
+    p = sub.add_parser("generate", parents=[common], help="sample responses and queue them as comparisons")
+    p.add_argument("--model", default=None, help="'default', a registered version, a directory or a hub id")
+    p.add_argument("--prompts", type=int, default=32, help="number of prompts (those not yet in this round)")
+    p.add_argument("--samples", type=int, default=2, help="responses per prompt (K>2 makes ranking items)")
+    p.add_argument("--round", type=int, default=0)
+    p.add_argument("--split", default="train", choices=["train", "eval"])
+    p.add_argument("--target-votes", type=int, default=None, help="votes each comparison needs")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--allow-noncommercial", action="store_true", help="accept a non-commercial licence")
+    p.set_defaults(func=cmd_generate)
+
+    users = sub.add_parser("users", help="manage users").add_subparsers(
+        dest="users_command", required=True, metavar="ACTION"
+    )
+    p = users.add_parser("add", parents=[common], help="add a user (a random password is printed once)")
+    p.add_argument("name")
+    p.add_argument("--role", required=True, choices=["admin", "annotator", "reviewer"])
+    p.add_argument("--kind", default="human", choices=["human", "ai"])
+    p.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    p.set_defaults(func=cmd_users_add)
+    p = users.add_parser("passwd", parents=[common], help="set a new random password (printed once)")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_users_passwd)
+
+    export = sub.add_parser("export", help="export data").add_subparsers(
+        dest="export_command", required=True, metavar="WHAT"
+    )
+    p = export.add_parser("prefs", parents=[common], help="preference pairs (TRL format) or raw votes")
+    p.add_argument("out", help="file (.jsonl, .parquet) or folder (a `datasets` dataset on disk)")
+    p.add_argument("--raw", action="store_true", help="every vote with its annotator, order, ratings, timing")
+    p.add_argument("--format", default="auto", choices=["auto", "jsonl", "parquet", "dataset"])
+    p.add_argument("--include-ties", action="store_true")
+    p.add_argument("--include-both-bad", action="store_true")
+    p.add_argument("--round", type=int, nargs="+", default=None, help="only these rounds")
+    p.set_defaults(func=cmd_export_prefs)
+
+    p = sub.add_parser("serve", parents=[common], help="run the web app")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    p.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "transformers", "huggingface_hub", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    args = make_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except AlignloopError as exc:
+        if os.environ.get("ALIGNLOOP_DEBUG") == "1":
+            raise
+        print(f"alignloop: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("alignloop: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Engine and sessions: SQLite in WAL mode by default, PostgreSQL when the URL says so.
+
+SQLite gets WAL (readers never block the writer), a busy timeout (writers queue instead of failing at once)
+and foreign keys on. Schema creation is idempotent and records `SCHEMA_VERSION`; opening a database written
+by a newer alignloop is refused rather than guessed at.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from sqlalchemy import event, text
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.pool import StaticPool
+from sqlmodel import Session, SQLModel, create_engine, select
+
+from alignloop import AlignloopError
+from alignloop.models import SCHEMA_VERSION, SchemaInfo
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+# version -> step that upgrades a database from `version - 1`. Empty until the first schema change.
+MIGRATIONS: dict[int, Callable[[Engine], None]] = {}
+
+
+def make_engine(url: str, *, echo: bool = False) -> Engine:
+    if url.startswith("sqlite"):
+        in_memory = url in ("sqlite://", "sqlite:///:memory:")
+        engine = create_engine(
+            url,
+            echo=echo,
+            connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+            # One shared connection is the only way an in-memory database is seen by every session.
+            poolclass=StaticPool if in_memory else None,
+        )
+        event.listen(engine, "connect", _sqlite_pragmas)
+        # pysqlite's own transaction handling defers BEGIN and breaks SAVEPOINT; take control of it so a
+        # write transaction starts with BEGIN IMMEDIATE and waits on the busy timeout instead of deadlocking.
+        event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+        return engine
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    return create_engine(url, echo=echo, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    dbapi_conn.isolation_level = None  # autocommit at the driver; SQLAlchemy's "begin" event issues BEGIN
+    cursor = dbapi_conn.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes in WAL mode
+    cursor.close()
+
+
+def create_schema(engine: Engine) -> int:
+    """Create missing tables and record the schema version; safe to call any number of times."""
+    try:
+        SQLModel.metadata.create_all(engine)
+    except OperationalError as exc:
+        raise AlignloopError(f"cannot open database {engine.url!r}: {exc.orig}") from None
+    with Session(engine) as session:
+        info = session.get(SchemaInfo, 1)
+        if info is None:
+            session.add(SchemaInfo(id=1, version=SCHEMA_VERSION))
+            session.commit()
+            return SCHEMA_VERSION
+        version = info.version
+    if version > SCHEMA_VERSION:
+        raise AlignloopError(
+            f"database schema version {version} is newer than this alignloop ({SCHEMA_VERSION}); upgrade alignloop"
+        )
+    for step in range(version + 1, SCHEMA_VERSION + 1):
+        MIGRATIONS[step](engine)
+        with Session(engine) as session:
+            info = session.get(SchemaInfo, 1)
+            info.version = step
+            session.add(info)
+            session.commit()
+    return SCHEMA_VERSION
+
+
+def schema_version(engine: Engine) -> int | None:
+    with Session(engine) as session:
+        try:
+            info = session.exec(select(SchemaInfo)).first()
+        except OperationalError:
+            return None
+        return info.version if info else None
+
+
+@contextmanager
+def session_scope(engine: Engine) -> Iterator[Session]:
+    """A session that commits on success and rolls back on any error."""
+    with Session(engine, expire_on_commit=False) as session:
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+
+
+def ping(engine: Engine) -> None:
+    with engine.connect() as conn:
+        conn.execute(text("SELECT 1"))

@@ -1,0 +1,166 @@
+"""The tables every stage shares (SQLModel). One class per entity, one line on what it is for.
+
+Times are aware UTC (`utcnow()`); SQLModel stores them as UTC on both SQLite and PostgreSQL.
+JSON columns hold small structured values (chat messages, sampling parameters, metrics); anything queried
+by value is its own column.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, Column, Index, Text, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+# Bump when a table changes and add the step to `db.MIGRATIONS`.
+SCHEMA_VERSION = 1
+
+ROLES = ("admin", "annotator", "reviewer")
+USER_KINDS = ("human", "ai")
+MODEL_KINDS = ("policy", "reward", "sft")
+SPLITS = ("train", "eval")
+CHOICES = ("a", "b", "tie", "both_bad")
+COMPARISON_SOURCES = ("queue", "arena", "import")
+COMPARISON_STATUSES = ("queued", "done", "cancelled")
+RUN_STATUSES = ("pending", "running", "succeeded", "failed", "cancelled")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def json_column(*, nullable: bool = False, default_factory: Any = None) -> Any:
+    if default_factory is None:
+        return Field(default=None, sa_column=Column(JSON, nullable=nullable))
+    return Field(default_factory=default_factory, sa_column=Column(JSON, nullable=nullable))
+
+
+class SchemaInfo(SQLModel, table=True):
+    # One row: the schema version this database was created or migrated to.
+    id: int = Field(default=1, primary_key=True)
+    version: int
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class User(SQLModel, table=True):
+    # A person or an AI judge that votes; `role` decides what each handler lets it do.
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(index=True, unique=True, max_length=64)
+    role: str = Field(max_length=16)
+    kind: str = Field(default="human", max_length=8)
+    password_hash: str | None = Field(default=None)
+    disabled: bool = Field(default=False)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Run(SQLModel, table=True):
+    # One piece of long work (generation, training, judging): its config, status, log and metrics.
+    id: int | None = Field(default=None, primary_key=True)
+    kind: str = Field(index=True, max_length=16)
+    status: str = Field(default="pending", max_length=16)
+    config: dict = json_column(default_factory=dict)
+    metrics: dict = json_column(default_factory=dict)
+    log_path: str | None = None
+    error: str | None = Field(default=None, sa_column=Column(Text))
+    output_model_id: int | None = Field(default=None, foreign_key="modelversion.id")
+    created_at: datetime = Field(default_factory=utcnow)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class ModelVersion(SQLModel, table=True):
+    # A model the workspace knows by name: where its weights are, what it came from, how good it is.
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(index=True, unique=True, max_length=128)
+    kind: str = Field(max_length=16)
+    base: str = Field(max_length=512)  # the reference it was built from ("default", a hub id, a path)
+    path: str | None = None  # local weights (full model or adapter); None = resolve `base`
+    parent_id: int | None = Field(default=None, foreign_key="modelversion.id")
+    run_id: int | None = Field(default=None, foreign_key="run.id")
+    round: int | None = None
+    licence: str | None = Field(default=None, max_length=128)
+    metrics: dict = json_column(default_factory=dict)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Round(SQLModel, table=True):
+    # One turn of the loop: which policy generated, which reward model scored, how many votes per item.
+    id: int | None = Field(default=None, primary_key=True)
+    number: int = Field(unique=True, index=True)
+    policy_id: int | None = Field(default=None, foreign_key="modelversion.id")
+    reward_id: int | None = Field(default=None, foreign_key="modelversion.id")
+    target_votes: int = 1
+    status: str = Field(default="open", max_length=16)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Prompt(SQLModel, table=True):
+    # A conversation to respond to: chat messages ending in a user turn; unique by content hash.
+    id: int | None = Field(default=None, primary_key=True)
+    messages: list = json_column(default_factory=list)
+    content_hash: str = Field(unique=True, index=True, max_length=64)
+    source: str = Field(default="", max_length=256)
+    split: str = Field(default="train", max_length=8)
+    tags: list = json_column(default_factory=list)
+    meta: dict = json_column(default_factory=dict)  # e.g. category, question_id, later turns
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Generation(SQLModel, table=True):
+    # One sampled response of one model version to one prompt, with how it was sampled.
+    id: int | None = Field(default=None, primary_key=True)
+    prompt_id: int = Field(foreign_key="prompt.id", index=True)
+    model_version_id: int | None = Field(default=None, foreign_key="modelversion.id", index=True)
+    text: str = Field(sa_column=Column(Text, nullable=False))
+    num_tokens: int = 0
+    finished: bool = True  # False: stopped by max_new_tokens before EOS
+    params: dict = json_column(default_factory=dict)
+    run_id: int | None = Field(default=None, foreign_key="run.id")
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Comparison(SQLModel, table=True):
+    # 2..K responses to one prompt, to be voted on `target_votes` times.
+    __table_args__ = (Index("ix_comparison_queue", "status", "priority", "id"),)
+    id: int | None = Field(default=None, primary_key=True)
+    prompt_id: int = Field(foreign_key="prompt.id", index=True)
+    round: int = Field(default=0, index=True)
+    target_votes: int = 1
+    num_votes: int = 0
+    status: str = Field(default="queued", max_length=16)
+    gold: str | None = Field(default=None, max_length=16)  # known answer for gold items
+    source: str = Field(default="queue", max_length=16)
+    priority: int = 0
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class ComparisonItem(SQLModel, table=True):
+    # The ordered generations of a comparison: position 0 is "a", 1 is "b", and so on.
+    comparison_id: int = Field(foreign_key="comparison.id", primary_key=True)
+    position: int = Field(primary_key=True)
+    generation_id: int = Field(foreign_key="generation.id", index=True)
+
+
+class Vote(SQLModel, table=True):
+    # One annotator's judgement of one comparison; the unique constraint makes "one vote each" a fact.
+    __table_args__ = (UniqueConstraint("comparison_id", "user_id", name="uq_vote_comparison_user"),)
+    id: int | None = Field(default=None, primary_key=True)
+    comparison_id: int = Field(foreign_key="comparison.id", index=True)
+    user_id: int = Field(foreign_key="user.id", index=True)
+    choice: str | None = Field(default=None, max_length=16)  # pairwise: a | b | tie | both_bad
+    ranking: list | None = json_column(nullable=True)  # K>2: positions, best first
+    shown_order: list = json_column(default_factory=list)  # positions in the order shown
+    ratings: dict = json_column(default_factory=dict)  # {position: {aspect: 1..5}}
+    rationale: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
+    seconds: float | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Lease(SQLModel, table=True):
+    # Which annotator holds which comparison until when, so two people are not handed the same slot.
+    __table_args__ = (UniqueConstraint("comparison_id", "user_id", name="uq_lease_comparison_user"),)
+    id: int | None = Field(default=None, primary_key=True)
+    comparison_id: int = Field(foreign_key="comparison.id", index=True)
+    user_id: int = Field(foreign_key="user.id", index=True)
+    expires_at: datetime = Field(index=True)

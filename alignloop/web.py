@@ -1,0 +1,245 @@
+"""One FastAPI app for everything a browser or a script talks to.
+
+Until the annotation, chat and admin UIs land, it serves login, a page listing the queued comparisons and a
+small JSON API. Login is required everywhere except /login and /healthz; roles are checked in each handler
+(`require_role`), never by hiding links. All model and user text goes through `html.escape`.
+The interactive API docs are off: they load scripts from a CDN, and nothing here reaches the network.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Form, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
+from sqlmodel import Session
+from starlette.middleware.sessions import SessionMiddleware
+
+from alignloop import __version__, crud
+from alignloop.config import Settings
+from alignloop.db import make_engine
+from alignloop.models import Comparison, Prompt, User
+
+log = logging.getLogger(__name__)
+
+PAGE_SIZE = 50
+MAX_FORM_CHARS = 1024
+
+
+class LoginRequired(Exception):
+    pass
+
+
+def create_app(settings: Settings, engine=None) -> FastAPI:
+    if not settings.secret_key:
+        raise ValueError("settings.secret_key is empty; run `alignloop init`")
+    app = FastAPI(title="alignloop", version=__version__, docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
+    app.state.settings = settings
+    app.state.engine = engine if engine is not None else make_engine(settings.db_url)
+    app.add_middleware(
+        SessionMiddleware, secret_key=settings.secret_key, session_cookie="alignloop_session", same_site="strict"
+    )
+    app.add_exception_handler(LoginRequired, _login_required)
+    app.add_exception_handler(Exception, _internal_error)
+    _register_routes(app)
+    return app
+
+
+# --- dependencies --------------------------------------------------------------------------------------------
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    with Session(request.app.state.engine, expire_on_commit=False) as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def current_user(request: Request, session: SessionDep) -> User:
+    user_id = request.session.get("user_id")
+    user = session.get(User, user_id) if user_id is not None else None
+    if user is None or user.disabled:
+        request.session.clear()
+        raise LoginRequired()
+    return user
+
+
+def require_role(*roles: str):
+    def check(user: Annotated[User, Depends(current_user)]) -> User:
+        if user.role not in roles:
+            raise HTTPException(status_code=403, detail=f"this needs the role {' or '.join(roles)}")
+        return user
+
+    return check
+
+
+UserDep = Annotated[User, Depends(current_user)]
+AdminDep = Annotated[User, Depends(require_role("admin"))]
+
+
+async def _login_required(request: Request, exc: LoginRequired):
+    if request.url.path.startswith("/api"):
+        return JSONResponse({"detail": "login required"}, status_code=401)
+    return RedirectResponse("/login", status_code=303)
+
+
+async def _internal_error(request: Request, exc: Exception):
+    log.exception("unhandled error on %s", request.url.path)
+    return JSONResponse({"detail": "internal error; the server log has the details"}, status_code=500)
+
+
+# --- pages ---------------------------------------------------------------------------------------------------
+
+STYLE = """
+body{font-family:system-ui,sans-serif;max-width:70rem;margin:1.5rem auto;padding:0 1rem;color:#222}
+header{display:flex;justify-content:space-between;align-items:center;border-bottom:1px solid #ddd}
+.card{border:1px solid #ddd;border-radius:8px;padding:.8rem 1rem;margin:1rem 0}
+.turn{white-space:pre-wrap;margin:.3rem 0}.role{font-weight:600;color:#555}
+.responses{display:grid;grid-template-columns:repeat(auto-fit,minmax(20rem,1fr));gap:.8rem}
+.response{background:#f7f7f9;border-radius:6px;padding:.6rem;white-space:pre-wrap}
+.meta{color:#777;font-size:.85rem}form.login{max-width:20rem;display:grid;gap:.5rem}
+"""
+
+
+def page(title: str, body: str, user: User | None = None) -> HTMLResponse:
+    who = (
+        f'<span class="meta">{html.escape(user.name)} ({user.role})</span> '
+        '<form method="post" action="/logout" style="display:inline"><button>Log out</button></form>'
+        if user
+        else ""
+    )
+    return HTMLResponse(
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)} · alignloop</title>"
+        f"<style>{STYLE}</style></head><body><header><h1>alignloop</h1><div>{who}</div></header>{body}</body></html>"
+    )
+
+
+def render_comparison(session: Session, comparison: Comparison) -> str:
+    prompt = session.get(Prompt, comparison.prompt_id)
+    turns = "".join(
+        f'<div class="turn"><span class="role">{html.escape(m["role"])}:</span> {html.escape(m["content"])}</div>'
+        for m in prompt.messages
+    )
+    items = crud.comparison_generations(session, comparison_id=comparison.id)
+    responses = "".join(
+        f'<div class="response"><div class="role">{chr(ord("A") + i)}</div>{html.escape(g.text)}</div>'
+        for i, g in enumerate(items)
+    )
+    meta = (
+        f"#{comparison.id} · round {comparison.round} · {comparison.num_votes}/{comparison.target_votes} votes"
+        f" · {comparison.status}"
+    )
+    return f'<div class="card"><div class="meta">{meta}</div>{turns}<div class="responses">{responses}</div></div>'
+
+
+def _register_routes(app: FastAPI) -> None:
+    @app.get("/healthz", include_in_schema=False)
+    def healthz():
+        return {"status": "ok", "version": __version__}
+
+    @app.get("/login", response_class=HTMLResponse, include_in_schema=False)
+    def login_form(error: str = ""):
+        message = '<p style="color:#b00">Wrong name or password.</p>' if error else ""
+        return page(
+            "Log in",
+            f"<h2>Log in</h2>{message}<form class='login' method='post' action='/login'>"
+            "<input name='username' placeholder='name' autofocus required maxlength='64'>"
+            "<input name='password' type='password' placeholder='password' required maxlength='1024'>"
+            "<button>Log in</button></form>",
+        )
+
+    @app.post("/login", include_in_schema=False)
+    def login(
+        request: Request,
+        session: SessionDep,
+        username: Annotated[str, Form(max_length=64)],
+        password: Annotated[str, Form(max_length=MAX_FORM_CHARS)],
+    ):
+        user = crud.authenticate(session, name=username, password=password)
+        if user is None:
+            return RedirectResponse("/login?error=1", status_code=303)
+        request.session.clear()
+        request.session["user_id"] = user.id
+        return RedirectResponse("/", status_code=303)
+
+    @app.post("/logout", include_in_schema=False)
+    def logout(request: Request):
+        request.session.clear()
+        return RedirectResponse("/login", status_code=303)
+
+    @app.get("/", include_in_schema=False)
+    def home(user: UserDep):
+        return RedirectResponse("/queue", status_code=303)
+
+    @app.get("/queue", response_class=HTMLResponse, include_in_schema=False)
+    def queue_page(user: UserDep, session: SessionDep, page_number: Annotated[int, Query(alias="page", ge=1)] = 1):
+        total = crud.count_comparisons(session, status="queued")
+        comparisons = crud.list_comparisons(
+            session, status="queued", limit=PAGE_SIZE, offset=(page_number - 1) * PAGE_SIZE
+        )
+        cards = "".join(render_comparison(session, c) for c in comparisons) or "<p>The queue is empty.</p>"
+        pages = (total + PAGE_SIZE - 1) // PAGE_SIZE
+        nav = f'<p class="meta">page {page_number} of {max(pages, 1)}'
+        if page_number < pages:
+            nav += f' · <a href="/queue?page={page_number + 1}">next</a>'
+        nav += "</p>"
+        return page("Queue", f"<h2>Queued comparisons ({total})</h2>{nav}{cards}", user)
+
+    @app.get("/api/comparisons", tags=["comparisons"])
+    def api_comparisons(
+        user: UserDep,
+        session: SessionDep,
+        status: Annotated[str | None, Query(pattern="^(queued|done|cancelled)$")] = None,
+        round: Annotated[int | None, Query(ge=0)] = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 100,
+        offset: Annotated[int, Query(ge=0)] = 0,
+    ) -> list[dict]:
+        """Comparisons with their prompt and responses (in position order: a, b, ...)."""
+        out = []
+        for c in crud.list_comparisons(session, status=status, round=round, limit=limit, offset=offset):
+            prompt = session.get(Prompt, c.prompt_id)
+            items = crud.comparison_generations(session, comparison_id=c.id)
+            out.append(
+                {
+                    "id": c.id,
+                    "round": c.round,
+                    "status": c.status,
+                    "num_votes": c.num_votes,
+                    "target_votes": c.target_votes,
+                    "prompt": prompt.messages,
+                    "responses": [{"generation_id": g.id, "text": g.text} for g in items],
+                }
+            )
+        return out
+
+    @app.get("/api/models", tags=["models"])
+    def api_models(user: UserDep, session: SessionDep) -> list[dict]:
+        """Registered model versions with their lineage (newest ancestor first)."""
+        return [
+            {
+                "id": v.id,
+                "name": v.name,
+                "kind": v.kind,
+                "base": v.base,
+                "round": v.round,
+                "licence": v.licence,
+                "run_id": v.run_id,
+                "lineage": [a.name for a in crud.model_lineage(session, model_id=v.id)[1:]],
+                "metrics": v.metrics,
+            }
+            for v in crud.list_model_versions(session)
+        ]
+
+    @app.get("/api/users", tags=["users"])
+    def api_users(user: AdminDep, session: SessionDep) -> list[dict]:
+        """Every user (admins only)."""
+        from sqlmodel import select
+
+        return [
+            {"id": u.id, "name": u.name, "role": u.role, "kind": u.kind, "disabled": u.disabled}
+            for u in session.exec(select(User).order_by(User.id)).all()
+        ]

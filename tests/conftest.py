@@ -1,0 +1,140 @@
+"""Shared fixtures: hermetic and offline. Tiny models are built from a config with a tokenizer trained here."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers / huggingface_hub are imported anywhere
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+from sqlalchemy import text  # noqa: E402
+from sqlmodel import Session  # noqa: E402
+
+from alignloop.db import create_schema, make_engine  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+POSTGRES_URL = os.environ.get("ALIGNLOOP_TEST_POSTGRES_URL")
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CORPUS = [
+    "The capital of France is Paris.",
+    "Write a short poem about the sea and the wind.",
+    "Explain what a hash table is to a beginner.",
+    "How do I bake bread at home? Mix flour, water, salt and yeast.",
+    "Python lists are mutable; tuples are not.",
+    "Thank you! Here is a summary of the meeting notes.",
+] * 20
+
+
+def pytest_collection_modifyitems(config, items):
+    if POSTGRES_URL or os.environ.get("ALIGNLOOP_REQUIRE_POSTGRES") == "1":
+        return
+    skip = pytest.mark.skip(reason="set ALIGNLOOP_TEST_POSTGRES_URL to run against PostgreSQL (.ci/run does)")
+    for item in items:
+        if "postgres" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def engine(request, tmp_path):
+    """A fresh, empty database: a SQLite file (WAL) or the real PostgreSQL server, tables dropped first."""
+    if request.param == "sqlite":
+        eng = make_engine(f"sqlite:///{tmp_path / 'test.db'}")
+    else:
+        if not POSTGRES_URL:
+            pytest.fail("ALIGNLOOP_REQUIRE_POSTGRES=1 but ALIGNLOOP_TEST_POSTGRES_URL is not set")
+        eng = make_engine(POSTGRES_URL)
+        with eng.begin() as conn:  # run <-> modelversion refer to each other, so drop the schema whole
+            conn.execute(text("DROP SCHEMA public CASCADE"))
+            conn.execute(text("CREATE SCHEMA public"))
+    create_schema(eng)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def session(engine):
+    with Session(engine, expire_on_commit=False) as s:
+        yield s
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A small byte-level BPE tokenizer with ChatML special tokens, trained in-process (no download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    fast.chat_template = CHATML
+    return fast
+
+
+def build_tiny_llama(tokenizer, seed: int = 0, **overrides):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.2,  # sharper logits than the default 0.02, so greedy choices are stable
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        **overrides,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_tokenizer):
+    return build_tiny_llama(tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_model, tiny_tokenizer):
+    """The tiny model saved as a local directory with an Apache-2.0 model card."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    (path / "README.md").write_text("---\nlicense: apache-2.0\n---\n# tiny test model\n")
+    return path
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    """An initialised SQLite workspace; returns (settings, engine, admin password)."""
+    from alignloop.cli import init_workspace
+    from alignloop.config import load_settings
+
+    monkeypatch.delenv("ALIGNLOOP_DATABASE_URL", raising=False)
+    path = tmp_path / "ws"
+    password = init_workspace(path)
+    settings = load_settings(path)
+    eng = make_engine(settings.db_url)
+    yield settings, eng, password
+    eng.dispose()
