@@ -1,0 +1,149 @@
+"""Batched generation on a tiny Llama: padding, EOS, determinism, and queueing comparisons."""
+
+import pytest
+import torch
+from sqlmodel import Session, select
+
+from alignloop import AlignloopError, crud
+from alignloop.generate import SamplingParams, generate, queue_comparisons, render
+from alignloop.models import Comparison, Generation, ModelVersion, Run
+
+PROMPTS = [
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "user", "content": "Explain what a hash table is to a beginner, with an example please."}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Write a poem about the sea"}],
+    [{"role": "user", "content": "The capital of France is"}],
+]
+
+
+def greedy(max_new_tokens=12):
+    return SamplingParams(max_new_tokens=max_new_tokens, temperature=0)
+
+
+def test_batched_greedy_matches_one_prompt_at_a_time(tiny_model, tiny_tokenizer):
+    """Left padding with the attention mask must not change what each prompt generates."""
+    batched = generate(tiny_model, tiny_tokenizer, PROMPTS, params=greedy(), batch_size=4, progress=False)
+    single = [generate(tiny_model, tiny_tokenizer, [p], params=greedy(), progress=False)[0] for p in PROMPTS]
+    assert len({len(render(tiny_tokenizer, p)) for p in PROMPTS}) == len(PROMPTS)  # really different lengths
+    for b, s in zip(batched, single, strict=True):
+        assert b[0].token_ids == s[0].token_ids
+
+
+def test_sampling_is_deterministic_under_a_seed(tiny_model, tiny_tokenizer):
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=1.0, seed=7)
+    first = generate(tiny_model, tiny_tokenizer, PROMPTS, params=params, num_samples=3, batch_size=5, progress=False)
+    again = generate(tiny_model, tiny_tokenizer, PROMPTS, params=params, num_samples=3, batch_size=5, progress=False)
+    other = generate(
+        tiny_model, tiny_tokenizer, PROMPTS, params=SamplingParams(max_new_tokens=10, temperature=1.0, top_p=1.0, seed=8),
+        num_samples=3, batch_size=5, progress=False,
+    )  # fmt: skip
+    ids = lambda results: [[c.token_ids for c in samples] for samples in results]  # noqa: E731
+    assert ids(first) == ids(again)
+    assert ids(first) != ids(other)
+    assert all(len(samples) == 3 for samples in first)
+    assert len({tuple(c.token_ids) for c in first[1]}) > 1  # samples of one prompt differ
+
+
+@pytest.fixture
+def eos_bias(tiny_model, tiny_tokenizer):
+    """Add a constant to the EOS logit, to force or forbid the end of a response."""
+    handles = []
+
+    def apply(value: float):
+        def hook(module, inputs, output):
+            output[..., tiny_tokenizer.eos_token_id] += value
+            return output
+
+        handles.append(tiny_model.lm_head.register_forward_hook(hook))
+
+    yield apply
+    for h in handles:
+        h.remove()
+
+
+def test_stops_at_eos(tiny_model, tiny_tokenizer, eos_bias):
+    eos_bias(1e4)
+    results = generate(tiny_model, tiny_tokenizer, PROMPTS, params=greedy(), num_samples=2, progress=False)
+    for samples in results:
+        for c in samples:
+            assert c.finished and c.token_ids == [tiny_tokenizer.eos_token_id] and c.text == ""
+
+
+def test_missing_eos_is_reported(tiny_model, tiny_tokenizer, eos_bias):
+    eos_bias(-1e4)
+    results = generate(tiny_model, tiny_tokenizer, PROMPTS, params=greedy(max_new_tokens=9), progress=False)
+    for (c,) in results:
+        assert not c.finished and c.num_tokens == 9 and c.text
+
+
+def test_rows_that_finish_early_are_cut_at_their_own_eos(tiny_model, tiny_tokenizer):
+    """In a batch, a row that ends early is padded afterwards; its text must stop at its EOS."""
+    params = SamplingParams(max_new_tokens=30, temperature=1.5, top_p=1.0, seed=3)
+    results = generate(tiny_model, tiny_tokenizer, PROMPTS * 4, params=params, batch_size=16, progress=False)
+    for (c,) in results:
+        eos = tiny_tokenizer.eos_token_id
+        assert eos not in c.token_ids[:-1]
+        assert c.finished == (c.token_ids[-1] == eos)
+
+
+def test_bad_sampling_parameters():
+    with pytest.raises(AlignloopError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(AlignloopError, match="max_new_tokens"):
+        SamplingParams(max_new_tokens=0)
+    with pytest.raises(AlignloopError, match="temperature"):
+        SamplingParams(temperature=-1)
+
+
+def test_queue_comparisons_records_everything(workspace, tiny_model_dir):
+    settings, engine, _ = workspace
+    with Session(engine) as s:
+        crud.add_prompts(
+            s, prompts=[crud.PromptCreate(messages=p) for p in PROMPTS] + [crud.PromptCreate(
+                messages=[{"role": "user", "content": "held out"}], split="eval")], source="t",
+        )  # fmt: skip
+        s.commit()
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=1)
+    summary = queue_comparisons(
+        engine, settings=settings, model_ref=str(tiny_model_dir), num_prompts=10, num_samples=3, round=0,
+        target_votes=2, params=params, progress=False,
+    )  # fmt: skip
+    assert summary["prompts"] == 4  # the eval prompt is not used
+    assert summary["comparisons"] + summary["identical"] == 4
+    with Session(engine) as s:
+        comparisons = s.exec(select(Comparison)).all()
+        assert len(comparisons) == summary["comparisons"] > 0
+        assert all(c.target_votes == 2 and c.status == "queued" for c in comparisons)
+        items = crud.comparison_generations(s, comparison_id=comparisons[0].id)
+        assert len(items) == 3
+        assert items[0].params == {"max_new_tokens": 8, "temperature": 1.0, "top_p": 0.9, "top_k": 0, "seed": 1}
+        version = s.exec(select(ModelVersion)).one()
+        assert (version.name, version.licence) == (str(tiny_model_dir), "apache-2.0")
+        assert all(g.model_version_id == version.id for g in s.exec(select(Generation)).all())
+        run = s.get(Run, summary["run_id"])
+        assert run.status == "succeeded" and run.metrics["comparisons"] == summary["comparisons"]
+
+    again = queue_comparisons(
+        engine, settings=settings, model_ref=str(tiny_model_dir), num_prompts=10, round=0, params=params, progress=False
+    )
+    assert again["prompts"] == 0  # every train prompt already has a comparison in round 0
+
+
+def test_a_failed_generation_marks_the_run_failed(workspace):
+    settings, engine, _ = workspace
+    with Session(engine) as s:
+        crud.add_prompts(s, prompts=[crud.PromptCreate(messages=PROMPTS[0])], source="t")
+        s.commit()
+    with pytest.raises(AlignloopError, match="not found"):
+        queue_comparisons(engine, settings=settings, model_ref="no-such-model", num_prompts=1, progress=False)
+    with Session(engine) as s:
+        (run,) = s.exec(select(Run)).all()
+        assert run.status == "failed" and "not found" in run.error
+        assert s.exec(select(Comparison)).first() is None
+
+
+def test_generation_runs_without_grad_and_leaves_the_model_in_eval(tiny_model, tiny_tokenizer):
+    generate(tiny_model, tiny_tokenizer, PROMPTS[:1], params=greedy(3), progress=False)
+    assert not tiny_model.training
+    assert all(p.grad is None for p in tiny_model.parameters())
+    assert torch.is_inference_mode_enabled() is False
