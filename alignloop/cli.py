@@ -7,7 +7,6 @@ unless ALIGNLOOP_DEBUG=1. The hub is offline unless the user set HF_HUB_OFFLINE 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import secrets
@@ -54,7 +53,9 @@ def init_workspace(path: Path, *, database_url: str = "") -> str:
     if path.exists() and not path.is_dir():
         raise AlignloopError(f"{path} exists and is not a directory")
     if path.is_dir() and any(path.iterdir()):
-        raise AlignloopError(f"{path} is not empty and not an alignloop workspace; choose an empty or new folder")
+        raise AlignloopError(
+            f"{path} is not empty and not an alignloop workspace; choose an empty or new folder"
+        )
     settings = new_settings(path, database_url=database_url)
     for folder in (path, settings.cache_dir, settings.runs_dir):
         folder.mkdir(parents=True, exist_ok=True)
@@ -90,7 +91,9 @@ def cmd_prompts_import(args) -> int:
         for p in prompts:
             p.split = args.split
     with session_scope(engine) as session:
-        added, duplicates = crud.add_prompts(session, prompts=prompts, source=args.source or Path(args.file).name)
+        added, duplicates = crud.add_prompts(
+            session, prompts=prompts, source=args.source or Path(args.file).name
+        )
     print(f"imported {len(added)} prompts from {args.file} ({duplicates} duplicates skipped)")
     return 0
 
@@ -139,7 +142,11 @@ def cmd_users_add(args) -> int:
         raise AlignloopError("a password needs at least 8 characters")
     with session_scope(engine) as session:
         crud.create_user(
-            session, name=args.name, role=args.role, kind=args.kind, password=password if args.kind == "human" else None
+            session,
+            name=args.name,
+            role=args.role,
+            kind=args.kind,
+            password=password if args.kind == "human" else None,
         )
     print(f"added {args.kind} user {args.name} ({args.role})")
     if args.kind == "human" and not args.password_stdin:
@@ -173,7 +180,10 @@ def cmd_export_prefs(args) -> int:
             rows = crud.raw_votes(session, rounds=args.round)
         else:
             rows = crud.preference_pairs(
-                session, include_ties=args.include_ties, include_both_bad=args.include_both_bad, rounds=args.round
+                session,
+                include_ties=args.include_ties,
+                include_both_bad=args.include_both_bad,
+                rounds=args.round,
             )
     if not rows:
         raise AlignloopError("nothing to export: no votes" + (" in the chosen rounds" if args.round else ""))
@@ -205,7 +215,9 @@ def cmd_demo(args) -> int:
     if not is_workspace(path):
         password = init_workspace(path)
         print(f"workspace ready at {path}")
-        print(f"admin login: admin / {password}   (shown once; `alignloop users passwd admin` sets a new one)")
+        print(
+            f"admin login: admin / {password}   (shown once; `alignloop users passwd admin` sets a new one)"
+        )
     else:
         print(f"using workspace {path} (forgot the admin password? `alignloop users passwd admin`)")
     settings, engine = open_workspace(args)
@@ -216,7 +228,9 @@ def cmd_demo(args) -> int:
         queued = crud.count_comparisons(session, round=0)
     print(f"sample prompts: {len(added)} new, {len(prompts) - len(added)} already there")
     if queued == 0:
-        print("generating round-0 comparisons with the embedded default model (SmolLM2-135M-Instruct, CPU)...")
+        print(
+            "generating round-0 comparisons with the embedded default model (SmolLM2-135M-Instruct, CPU)..."
+        )
         summary = queue_comparisons(
             engine,
             settings=settings,
@@ -226,7 +240,9 @@ def cmd_demo(args) -> int:
             round=0,
             params=SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.8, top_p=0.95, seed=0),
         )
-        print(f"queued {summary['comparisons']} comparisons ({summary['identical']} skipped: identical samples)")
+        print(
+            f"queued {summary['comparisons']} comparisons ({summary['identical']} skipped: identical samples)"
+        )
     else:
         print(f"round 0 already has {queued} comparisons")
     if args.no_serve:
@@ -265,7 +281,9 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p = prompts.add_parser("import", parents=[common], help="import prompts (all or nothing)")
     p.add_argument("file", help=".jsonl, .json or .csv")
-    p.add_argument("--format", default="auto", choices=["auto", "chat", "plain", "dolly", "alpaca", "mtbench"])
+    p.add_argument(
+        "--format", default="auto", choices=["auto", "chat", "plain", "dolly", "alpaca", "mtbench"]
+    )
     p.add_argument("--source", default=None, help="label stored with each prompt (default: file name)")
     p.add_argument("--split", default=None, choices=["train", "eval"], help="override every record's split")
     p.set_defaults(func=cmd_prompts_import)

@@ -72,7 +72,9 @@ def load_settings(workspace: str | os.PathLike | None = None) -> Settings:
     path = workspace_path(workspace)
     config_file = path / CONFIG_NAME
     if not config_file.is_file():
-        raise AlignloopError(f"{path} is not an alignloop workspace (no {CONFIG_NAME}); run `alignloop init` first")
+        raise AlignloopError(
+            f"{path} is not an alignloop workspace (no {CONFIG_NAME}); run `alignloop init` first"
+        )
     try:
         raw = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as exc:

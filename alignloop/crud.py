@@ -109,7 +109,9 @@ def prompt_hash(messages: Sequence[dict]) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def add_prompts(session: Session, *, prompts: Iterable[PromptCreate], source: str) -> tuple[list[Prompt], int]:
+def add_prompts(
+    session: Session, *, prompts: Iterable[PromptCreate], source: str
+) -> tuple[list[Prompt], int]:
     """Insert the prompts not already stored (by content hash). Returns (added, number of duplicates)."""
     added: list[Prompt] = []
     by_hash: dict[str, PromptCreate] = {}
@@ -126,12 +128,16 @@ def add_prompts(session: Session, *, prompts: Iterable[PromptCreate], source: st
     existing: set[str] = set()
     for start in range(0, len(hashes), 500):
         chunk = hashes[start : start + 500]
-        existing.update(session.exec(select(Prompt.content_hash).where(col(Prompt.content_hash).in_(chunk))).all())
+        existing.update(
+            session.exec(select(Prompt.content_hash).where(col(Prompt.content_hash).in_(chunk))).all()
+        )
     for h, p in by_hash.items():
         if h in existing:
             duplicates += 1
             continue
-        row = Prompt(messages=p.messages, content_hash=h, source=source, split=p.split, tags=p.tags, meta=p.meta)
+        row = Prompt(
+            messages=p.messages, content_hash=h, source=source, split=p.split, tags=p.tags, meta=p.meta
+        )
         session.add(row)
         added.append(row)
     session.flush()
@@ -240,7 +246,9 @@ def finish_run(
     return run
 
 
-def get_or_create_round(session: Session, *, number: int, target_votes: int = 1, policy_id: int | None = None) -> Round:
+def get_or_create_round(
+    session: Session, *, number: int, target_votes: int = 1, policy_id: int | None = None
+) -> Round:
     existing = session.exec(select(Round).where(Round.number == number)).first()
     if existing is not None:
         return existing
@@ -305,12 +313,19 @@ def create_comparison(
     if gold is not None:
         _check_choice(gold, len(generation_ids))
     comparison = Comparison(
-        prompt_id=prompt_id, round=round, target_votes=target_votes, source=source, priority=priority, gold=gold
+        prompt_id=prompt_id,
+        round=round,
+        target_votes=target_votes,
+        source=source,
+        priority=priority,
+        gold=gold,
     )
     session.add(comparison)
     session.flush()
     for position, generation_id in enumerate(generation_ids):
-        session.add(ComparisonItem(comparison_id=comparison.id, position=position, generation_id=generation_id))
+        session.add(
+            ComparisonItem(comparison_id=comparison.id, position=position, generation_id=generation_id)
+        )
     session.flush()
     return comparison
 
@@ -334,7 +349,12 @@ def list_comparisons(
     limit: int = 100,
     offset: int = 0,
 ) -> list[Comparison]:
-    query = select(Comparison).order_by(col(Comparison.priority).desc(), Comparison.id).offset(offset).limit(limit)
+    query = (
+        select(Comparison)
+        .order_by(col(Comparison.priority).desc(), Comparison.id)
+        .offset(offset)
+        .limit(limit)
+    )
     if status is not None:
         query = query.where(Comparison.status == status)
     if round is not None:
@@ -455,7 +475,11 @@ def preference_pairs(
     asked for, and then carry `outcome` so a trainer can filter them.
     """
     excluded = set(exclude_user_ids)
-    query = select(Vote, Comparison).join(Comparison, Comparison.id == Vote.comparison_id).order_by(Vote.comparison_id)
+    query = (
+        select(Vote, Comparison)
+        .join(Comparison, Comparison.id == Vote.comparison_id)
+        .order_by(Vote.comparison_id)
+    )
     if rounds is not None:
         query = query.where(col(Comparison.round).in_(list(rounds)))
     votes_by_comparison: dict[int, list[Vote]] = defaultdict(list)
@@ -475,7 +499,9 @@ def preference_pairs(
         choices = Counter(v.choice for v in votes if v.choice is not None)
         rankings = [v.ranking for v in votes if v.ranking is not None]
         if rankings:
-            mean_rank = {pos: sum(r.index(pos) for r in rankings) / len(rankings) for pos in range(len(items))}
+            mean_rank = {
+                pos: sum(r.index(pos) for r in rankings) / len(rankings) for pos in range(len(items))
+            }
             order = sorted(range(len(items)), key=lambda pos: mean_rank[pos])
             for i, better in enumerate(order):
                 for worse in order[i + 1 :]:
@@ -487,7 +513,8 @@ def preference_pairs(
                             "chosen": _assistant(items[better].text),
                             "rejected": _assistant(items[worse].text),
                             "outcome": "ranked",
-                            "agreement": sum(r.index(better) < r.index(worse) for r in rankings) / len(rankings),
+                            "agreement": sum(r.index(better) < r.index(worse) for r in rankings)
+                            / len(rankings),
                             "num_votes": len(rankings),
                         }
                     )

@@ -94,7 +94,8 @@ def generate(
     rendered = [render(tokenizer, messages) for messages in prompts]
     # Longest first: similar lengths share a batch, and the slowest batch shows up early in the progress bar.
     jobs = sorted(
-        ((p, s) for p in range(len(prompts)) for s in range(num_samples)), key=lambda job: (-len(rendered[job[0]]), job)
+        ((p, s) for p in range(len(prompts)) for s in range(num_samples)),
+        key=lambda job: (-len(rendered[job[0]]), job),
     )
     results: list[list[Completion | None]] = [[None] * num_samples for _ in prompts]
     bar = tqdm(total=len(jobs), desc="generating", unit="seq", disable=not progress)
@@ -105,7 +106,9 @@ def generate(
         attention_mask = torch.zeros((B, T), dtype=torch.long)
         for row, (p, _) in enumerate(batch):
             ids = rendered[p]
-            input_ids[row, T - len(ids) :] = torch.tensor(ids)  # left padding: every row ends where decoding starts
+            input_ids[row, T - len(ids) :] = torch.tensor(
+                ids
+            )  # left padding: every row ends where decoding starts
             attention_mask[row, T - len(ids) :] = 1
         torch.manual_seed(params.seed * 1_000_003 + batch_index)
         out = model.generate(

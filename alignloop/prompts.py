@@ -35,7 +35,10 @@ MAX_ERRORS_SHOWN = 20
 class ImportFileError(AlignloopError):
     def __init__(self, path: Path, errors: list[tuple[int, str]], unit: str = "line"):
         self.path, self.errors = path, errors
-        shown = "\n".join(f"  {path}:{n}: {reason}" if n else f"  {path}: {reason}" for n, reason in errors[:MAX_ERRORS_SHOWN])
+        shown = "\n".join(
+            f"  {path}:{n}: {reason}" if n else f"  {path}: {reason}"
+            for n, reason in errors[:MAX_ERRORS_SHOWN]
+        )
         more = f"\n  ... and {len(errors) - MAX_ERRORS_SHOWN} more" if len(errors) > MAX_ERRORS_SHOWN else ""
         noun = "problem" if len(errors) == 1 else "problems"
         super().__init__(f"{path}: {len(errors)} {noun}, nothing imported\n{shown}{more}")
@@ -60,7 +63,9 @@ def read_text(path: Path) -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
-        raise ImportFileError(path, [(line, f"not valid UTF-8 (byte 0x{data[exc.start]:02x}); re-save the file as UTF-8")]) from None
+        raise ImportFileError(
+            path, [(line, f"not valid UTF-8 (byte 0x{data[exc.start]:02x}); re-save the file as UTF-8")]
+        ) from None
 
 
 def parse_prompt_file(path: str | Path, *, fmt: str = "auto") -> list[PromptCreate]:
@@ -108,9 +113,13 @@ def _json_array_records(path: Path, text: str) -> list[tuple[int, object]]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ImportFileError(path, [(exc.lineno, f"invalid JSON: {exc.msg} at column {exc.colno}")]) from None
+        raise ImportFileError(
+            path, [(exc.lineno, f"invalid JSON: {exc.msg} at column {exc.colno}")]
+        ) from None
     if not isinstance(data, list):
-        raise ImportFileError(path, [(1, "a .json file must hold an array of records (use .jsonl for JSON Lines)")])
+        raise ImportFileError(
+            path, [(1, "a .json file must hold an array of records (use .jsonl for JSON Lines)")]
+        )
     return [(i, record) for i, record in enumerate(data, start=1)]
 
 
@@ -118,14 +127,20 @@ def _csv_records(path: Path, text: str) -> list[tuple[int, object]]:
     reader = csv.DictReader(io.StringIO(text, newline=""))
     header = reader.fieldnames or []
     if not ({"prompt", "instruction", "messages"} & set(header)):
-        raise ImportFileError(path, [(1, f"CSV header needs a 'prompt' or 'instruction' column, found {header}")])
+        raise ImportFileError(
+            path, [(1, f"CSV header needs a 'prompt' or 'instruction' column, found {header}")]
+        )
     records: list[tuple[int, object]] = []
     try:
         for row in reader:
             if None in row:
-                records.append((reader.line_num, RecordError(f"more fields than the {len(header)} in the header")))
+                records.append(
+                    (reader.line_num, RecordError(f"more fields than the {len(header)} in the header"))
+                )
             elif any(value is None for value in row.values()):
-                records.append((reader.line_num, RecordError(f"fewer fields than the {len(header)} in the header")))
+                records.append(
+                    (reader.line_num, RecordError(f"fewer fields than the {len(header)} in the header"))
+                )
             else:
                 clean = {k: v for k, v in row.items() if v != ""}
                 if "messages" in clean:
@@ -158,7 +173,12 @@ def _messages(value: object) -> list[dict]:
         raise RecordError("'messages' must be a non-empty list of {role, content}")
     out = []
     for i, m in enumerate(value):
-        if not isinstance(m, dict) or set(m) - {"role", "content", "name"} or "role" not in m or "content" not in m:
+        if (
+            not isinstance(m, dict)
+            or set(m) - {"role", "content", "name"}
+            or "role" not in m
+            or "content" not in m
+        ):
             raise RecordError(f"message {i} must be an object with 'role' and 'content'")
         if m["role"] not in ROLES:
             raise RecordError(f"message {i} has role {m['role']!r}; expected one of {', '.join(ROLES)}")
@@ -181,7 +201,9 @@ def _detect(record: dict) -> str:
         return "alpaca" if "input" in record or "output" in record else "dolly"
     if "prompt" in record:
         return "plain"
-    raise RecordError(f"no prompt field: expected one of messages, prompt, instruction, turns (found {sorted(record)})")
+    raise RecordError(
+        f"no prompt field: expected one of messages, prompt, instruction, turns (found {sorted(record)})"
+    )
 
 
 def to_prompt(record: object, *, fmt: str = "auto") -> PromptCreate:
@@ -203,7 +225,11 @@ def to_prompt(record: object, *, fmt: str = "auto") -> PromptCreate:
             tags = tags or [str(category)]
     elif kind == "mtbench":
         turns = record.get("turns")
-        if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
+        if (
+            not isinstance(turns, list)
+            or not turns
+            or not all(isinstance(t, str) and t.strip() for t in turns)
+        ):
             raise RecordError("'turns' must be a non-empty list of non-empty strings")
         messages = [{"role": "user", "content": turns[0].strip()}]
         meta = {k: record[k] for k in ("question_id", "category") if k in record}

@@ -205,7 +205,9 @@ def _find(ref: str, *, settings: Settings, session) -> ModelSource:
         if (local / "adapter_config.json").is_file():
             base_ref = json.loads((local / "adapter_config.json").read_text())["base_model_name_or_path"]
             base = _find(base_ref, settings=settings, session=session)
-            return ModelSource(ref=ref, path=local.resolve(), licence=read_licence(local) or base.licence, base=base)
+            return ModelSource(
+                ref=ref, path=local.resolve(), licence=read_licence(local) or base.licence, base=base
+            )
         if not (local / "config.json").is_file():
             raise AlignloopError(f"{local} is a directory but holds no model (no config.json)")
         return ModelSource(ref=ref, path=local.resolve(), licence=read_licence(local))
@@ -252,7 +254,9 @@ def load_causal_lm(source: ModelSource, *, dtype=None) -> LoadedModel:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
-    return LoadedModel(ref=source.ref, path=source.path, model=model, tokenizer=tokenizer, licence=source.licence)
+    return LoadedModel(
+        ref=source.ref, path=source.path, model=model, tokenizer=tokenizer, licence=source.licence
+    )
 
 
 def _has_tokenizer(path: Path) -> bool:

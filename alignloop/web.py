@@ -36,11 +36,16 @@ class LoginRequired(Exception):
 def create_app(settings: Settings, engine=None) -> FastAPI:
     if not settings.secret_key:
         raise ValueError("settings.secret_key is empty; run `alignloop init`")
-    app = FastAPI(title="alignloop", version=__version__, docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
+    app = FastAPI(
+        title="alignloop", version=__version__, docs_url=None, redoc_url=None, openapi_url="/api/openapi.json"
+    )
     app.state.settings = settings
     app.state.engine = engine if engine is not None else make_engine(settings.db_url)
     app.add_middleware(
-        SessionMiddleware, secret_key=settings.secret_key, session_cookie="alignloop_session", same_site="strict"
+        SessionMiddleware,
+        secret_key=settings.secret_key,
+        session_cookie="alignloop_session",
+        same_site="strict",
     )
     app.add_exception_handler(LoginRequired, _login_required)
     app.add_exception_handler(Exception, _internal_error)
@@ -176,7 +181,9 @@ def _register_routes(app: FastAPI) -> None:
         return RedirectResponse("/queue", status_code=303)
 
     @app.get("/queue", response_class=HTMLResponse, include_in_schema=False)
-    def queue_page(user: UserDep, session: SessionDep, page_number: Annotated[int, Query(alias="page", ge=1)] = 1):
+    def queue_page(
+        user: UserDep, session: SessionDep, page_number: Annotated[int, Query(alias="page", ge=1)] = 1
+    ):
         total = crud.count_comparisons(session, status="queued")
         comparisons = crud.list_comparisons(
             session, status="queued", limit=PAGE_SIZE, offset=(page_number - 1) * PAGE_SIZE

@@ -18,7 +18,15 @@ def run(*args, workspace=None):
 
 
 def test_help_for_every_command(capsys):
-    for command in (["init"], ["demo"], ["prompts", "import"], ["generate"], ["users", "add"], ["serve"], ["export", "prefs"]):
+    for command in (
+        ["init"],
+        ["demo"],
+        ["prompts", "import"],
+        ["generate"],
+        ["users", "add"],
+        ["serve"],
+        ["export", "prefs"],
+    ):
         with pytest.raises(SystemExit) as info:
             main([*command, "--help"])
         assert info.value.code == 0
@@ -58,7 +66,9 @@ def test_users_add_and_passwd(workspace, capsys):
     settings, engine, _ = workspace
     assert run("users", "add", "ann", "--role", "annotator", workspace=settings.workspace) == 0
     password = capsys.readouterr().out.split("password: ")[1].split()[0]
-    assert run("users", "add", "judge", "--role", "annotator", "--kind", "ai", workspace=settings.workspace) == 0
+    assert (
+        run("users", "add", "judge", "--role", "annotator", "--kind", "ai", workspace=settings.workspace) == 0
+    )
     assert run("users", "add", "ann", "--role", "annotator", workspace=settings.workspace) == 1
     assert "already exists" in capsys.readouterr().err
     with Session(engine) as s:
@@ -118,8 +128,13 @@ def test_refused_licence_and_missing_model_are_one_line(workspace, tmp_path, tin
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "hello"}\n')
     env = {**os.environ, "ALIGNLOOP_HOME": str(settings.workspace)}
-    subprocess.run([sys.executable, "-m", "alignloop.cli", "prompts", "import", str(prompts)], env=env, check=True)
-    for model, message in [(str(nc), "licensed 'cc-by-nc-sa-4.0'"), ("nope/missing", "not in the local hub cache")]:
+    subprocess.run(
+        [sys.executable, "-m", "alignloop.cli", "prompts", "import", str(prompts)], env=env, check=True
+    )
+    for model, message in [
+        (str(nc), "licensed 'cc-by-nc-sa-4.0'"),
+        ("nope/missing", "not in the local hub cache"),
+    ]:
         proc = subprocess.run(
             [sys.executable, "-m", "alignloop.cli", "generate", "--model", model, "--prompts", "1"],
             capture_output=True, text=True, env=env, timeout=300,

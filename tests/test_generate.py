@@ -31,8 +31,12 @@ def test_batched_greedy_matches_one_prompt_at_a_time(tiny_model, tiny_tokenizer)
 
 def test_sampling_is_deterministic_under_a_seed(tiny_model, tiny_tokenizer):
     params = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=1.0, seed=7)
-    first = generate(tiny_model, tiny_tokenizer, PROMPTS, params=params, num_samples=3, batch_size=5, progress=False)
-    again = generate(tiny_model, tiny_tokenizer, PROMPTS, params=params, num_samples=3, batch_size=5, progress=False)
+    first = generate(
+        tiny_model, tiny_tokenizer, PROMPTS, params=params, num_samples=3, batch_size=5, progress=False
+    )
+    again = generate(
+        tiny_model, tiny_tokenizer, PROMPTS, params=params, num_samples=3, batch_size=5, progress=False
+    )
     other = generate(
         tiny_model, tiny_tokenizer, PROMPTS, params=SamplingParams(max_new_tokens=10, temperature=1.0, top_p=1.0, seed=8),
         num_samples=3, batch_size=5, progress=False,
@@ -116,7 +120,13 @@ def test_queue_comparisons_records_everything(workspace, tiny_model_dir):
         assert all(c.target_votes == 2 and c.status == "queued" for c in comparisons)
         items = crud.comparison_generations(s, comparison_id=comparisons[0].id)
         assert len(items) == 3
-        assert items[0].params == {"max_new_tokens": 8, "temperature": 1.0, "top_p": 0.9, "top_k": 0, "seed": 1}
+        assert items[0].params == {
+            "max_new_tokens": 8,
+            "temperature": 1.0,
+            "top_p": 0.9,
+            "top_k": 0,
+            "seed": 1,
+        }
         version = s.exec(select(ModelVersion)).one()
         assert (version.name, version.licence) == (str(tiny_model_dir), "apache-2.0")
         assert all(g.model_version_id == version.id for g in s.exec(select(Generation)).all())
@@ -124,7 +134,13 @@ def test_queue_comparisons_records_everything(workspace, tiny_model_dir):
         assert run.status == "succeeded" and run.metrics["comparisons"] == summary["comparisons"]
 
     again = queue_comparisons(
-        engine, settings=settings, model_ref=str(tiny_model_dir), num_prompts=10, round=0, params=params, progress=False
+        engine,
+        settings=settings,
+        model_ref=str(tiny_model_dir),
+        num_prompts=10,
+        round=0,
+        params=params,
+        progress=False,
     )
     assert again["prompts"] == 0  # every train prompt already has a comparison in round 0
 

@@ -3,12 +3,12 @@
 import json
 
 import pytest
+from conftest import SHARED_DATA
 from sqlmodel import Session
 
 from alignloop import crud
 from alignloop.cli import main
 from alignloop.prompts import ImportFileError, parse_prompt_file
-from conftest import SHARED_DATA
 
 
 def write(path, text: str | bytes):
@@ -43,7 +43,12 @@ def test_plain_and_chat_jsonl(tmp_path):
 
 
 def test_dolly_puts_context_into_the_user_turn(tmp_path):
-    record = {"instruction": "Summarise this.", "context": "A long text.", "response": "Short.", "category": "summarization"}
+    record = {
+        "instruction": "Summarise this.",
+        "context": "A long text.",
+        "response": "Short.",
+        "category": "summarization",
+    }
     prompts = parse_prompt_file(write(tmp_path / "d.jsonl", jsonl(record)), fmt="dolly")
     assert prompts[0].messages == [{"role": "user", "content": "Summarise this.\n\nA long text."}]
     assert prompts[0].meta == {"category": "summarization"} and prompts[0].tags == ["summarization"]
@@ -72,7 +77,9 @@ def test_vicuna_bench_questions_import(tmp_path):
 
 
 def test_mtbench_keeps_later_turns_in_meta(tmp_path):
-    f = write(tmp_path / "q.jsonl", jsonl({"question_id": 81, "category": "writing", "turns": ["First?", "Then?"]}))
+    f = write(
+        tmp_path / "q.jsonl", jsonl({"question_id": 81, "category": "writing", "turns": ["First?", "Then?"]})
+    )
     (prompt,) = parse_prompt_file(f)
     assert prompt.messages == [{"role": "user", "content": "First?"}]
     assert prompt.meta["later_turns"] == ["Then?"]
@@ -98,7 +105,15 @@ MALFORMED = {
         "last message must be from the user",
     ),
     "late system message": (
-        jsonl({"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}, {"role": "user", "content": "c"}]}),
+        jsonl(
+            {
+                "messages": [
+                    {"role": "user", "content": "a"},
+                    {"role": "system", "content": "b"},
+                    {"role": "user", "content": "c"},
+                ]
+            }
+        ),
         1,
         "system message may only come first",
     ),
@@ -117,7 +132,7 @@ def test_malformed_jsonl_reports_line_and_reason(tmp_path, case):
     f = write(tmp_path / "bad.jsonl", content)
     with pytest.raises(ImportFileError) as info:
         parse_prompt_file(f)
-    assert (line, ) == (info.value.errors[0][0],)
+    assert (line,) == (info.value.errors[0][0],)
     assert reason in info.value.errors[0][1]
     assert f"{f}:{line}:" in str(info.value) and "nothing imported" in str(info.value)
 

@@ -83,12 +83,18 @@ def test_registered_version_resolves_including_adapters(workspace, tmp_path, tin
 
     settings, engine, _ = workspace
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    peft_model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model = get_peft_model(
+        base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     adapter = tmp_path / "adapter"
     peft_model.save_pretrained(adapter)
     with Session(engine) as s:
-        parent = crud.register_model(s, name="base-v0", kind="policy", base=str(tiny_model_dir), path=str(tiny_model_dir))
-        crud.register_model(s, name="round1", kind="policy", base=str(tiny_model_dir), path=str(adapter), parent_id=parent.id)
+        parent = crud.register_model(
+            s, name="base-v0", kind="policy", base=str(tiny_model_dir), path=str(tiny_model_dir)
+        )
+        crud.register_model(
+            s, name="round1", kind="policy", base=str(tiny_model_dir), path=str(adapter), parent_id=parent.id
+        )
         crud.register_model(s, name="alias", kind="policy", base=str(tiny_model_dir))
         s.commit()
         loaded = resolve("round1", settings=settings, session=s)

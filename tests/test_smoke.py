@@ -30,7 +30,9 @@ def test_default_model_answers_and_is_cached_as_safetensors(workspace):
 
     # The second load reads the cache: same weights, no GGUF de-quantisation.
     again = resolve("default", settings=settings)
-    for (name, a), (_, b) in zip(loaded.model.state_dict().items(), again.model.state_dict().items(), strict=True):
+    for (name, a), (_, b) in zip(
+        loaded.model.state_dict().items(), again.model.state_dict().items(), strict=True
+    ):
         assert torch.equal(a, b), name
 
 

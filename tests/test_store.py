@@ -12,13 +12,19 @@ from alignloop.db import create_schema, make_engine, schema_version, session_sco
 from alignloop.models import SCHEMA_VERSION, Comparison, SchemaInfo, Vote
 
 
-def make_comparison(session, *, num_items=2, target_votes=1, text_prefix="answer", prompt="Why is the sky blue?"):
+def make_comparison(
+    session, *, num_items=2, target_votes=1, text_prefix="answer", prompt="Why is the sky blue?"
+):
     (prompt_row,), _ = crud.add_prompts(
         session, prompts=[crud.PromptCreate(messages=[{"role": "user", "content": prompt}])], source="test"
     )
-    version = crud.get_model_version(session, name="m") or crud.register_model(session, name="m", kind="policy", base="m")
+    version = crud.get_model_version(session, name="m") or crud.register_model(
+        session, name="m", kind="policy", base="m"
+    )
     gens = [
-        crud.add_generation(session, prompt_id=prompt_row.id, model_version_id=version.id, text=f"{text_prefix} {i}")
+        crud.add_generation(
+            session, prompt_id=prompt_row.id, model_version_id=version.id, text=f"{text_prefix} {i}"
+        )
         for i in range(num_items)
     ]
     return crud.create_comparison(
@@ -38,7 +44,17 @@ def test_schema_creation_is_idempotent_and_versioned(engine):
     assert create_schema(engine) == SCHEMA_VERSION
     assert schema_version(engine) == SCHEMA_VERSION
     tables = set(inspect(engine).get_table_names())
-    assert {"user", "prompt", "generation", "comparison", "comparisonitem", "vote", "lease", "run", "round"} <= tables
+    assert {
+        "user",
+        "prompt",
+        "generation",
+        "comparison",
+        "comparisonitem",
+        "vote",
+        "lease",
+        "run",
+        "round",
+    } <= tables
     with Session(engine) as s:
         assert len(s.exec(select(SchemaInfo)).all()) == 1
 
@@ -91,7 +107,9 @@ def test_prompts_are_deduplicated_by_content(session):
 def test_model_lineage_is_queryable(session):
     run = crud.create_run(session, kind="rl", config={"algo": "ppo"})
     base = crud.register_model(session, name="base", kind="policy", base="default", licence="apache-2.0")
-    r1 = crud.register_model(session, name="r1", kind="policy", base="default", parent_id=base.id, round=1, run_id=run.id)
+    r1 = crud.register_model(
+        session, name="r1", kind="policy", base="default", parent_id=base.id, round=1, run_id=run.id
+    )
     r2 = crud.register_model(session, name="r2", kind="policy", base="default", parent_id=r1.id, round=2)
     assert [m.name for m in crud.model_lineage(session, model_id=r2.id)] == ["r2", "r1", "base"]
     assert run.output_model_id == r1.id
@@ -128,7 +146,9 @@ def test_vote_rules(session):
         crud.record_vote(session, comparison_id=comparison.id, user_id=ann.id)
     with pytest.raises(AlignloopError, match="shown_order"):
         crud.record_vote(session, comparison_id=comparison.id, user_id=ann.id, choice="a", shown_order=[0, 0])
-    vote = crud.record_vote(session, comparison_id=comparison.id, user_id=ann.id, choice="b", shown_order=[1, 0])
+    vote = crud.record_vote(
+        session, comparison_id=comparison.id, user_id=ann.id, choice="b", shown_order=[1, 0]
+    )
     assert vote.shown_order == [1, 0]
     session.refresh(comparison)
     assert (comparison.num_votes, comparison.status) == (1, "done")

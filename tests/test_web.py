@@ -16,7 +16,9 @@ def app_client(workspace):
     with Session(engine) as s:
         crud.create_user(s, name="ann", role="annotator", password="annotator-pass")
         (prompt,), _ = crud.add_prompts(
-            s, prompts=[crud.PromptCreate(messages=[{"role": "user", "content": f"Prompt {XSS}"}])], source="t"
+            s,
+            prompts=[crud.PromptCreate(messages=[{"role": "user", "content": f"Prompt {XSS}"}])],
+            source="t",
         )
         gens = [crud.add_generation(s, prompt_id=prompt.id, text=f"Response {i} {XSS}") for i in range(2)]
         crud.create_comparison(s, prompt_id=prompt.id, generation_ids=[g.id for g in gens])
@@ -50,7 +52,9 @@ def test_queue_page_shows_comparisons_as_inert_text(app_client):
     page = client.get("/queue")
     assert page.status_code == 200
     assert "Queued comparisons (1)" in page.text
-    assert "<script>" not in page.text and "onerror=alert" not in page.text.replace("onerror=alert(1)&gt;", "")
+    assert "<script>" not in page.text and "onerror=alert" not in page.text.replace(
+        "onerror=alert(1)&gt;", ""
+    )
     assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in page.text
     data = client.get("/api/comparisons", params={"status": "queued"}).json()
     assert data[0]["responses"][1]["text"] == f"Response 1 {XSS}"

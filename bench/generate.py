@@ -1,0 +1,102 @@
+"""Benchmark: tokens/s of `alignloop.generate` (batched, left-padded, KV cache) against a naive loop that calls
+`model.generate` once per prompt, on the default model and 32 Vicuna-bench prompts, both in this run.
+
+    .venv/bin/python bench/generate.py [--prompts 32] [--max-new-tokens 64] [--batch-size 32]
+
+Prints both throughputs and, last, the ratio batched / naive (the issue's target: at least 4x).
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from alignloop.config import new_settings  # noqa: E402
+from alignloop.generate import SamplingParams, generate, render, stop_token_ids  # noqa: E402
+from alignloop.registry import resolve  # noqa: E402
+
+QUESTIONS = Path(__file__).resolve().parents[2] / "shared" / "data" / "vicuna_bench_questions.jsonl"
+
+
+@torch.inference_mode()
+def naive_loop(model, tokenizer, prompts, params: SamplingParams) -> int:
+    """The baseline most scripts start from: one `model.generate` call per prompt, batch size 1."""
+    stops = stop_token_ids(model, tokenizer)
+    tokens = 0
+    torch.manual_seed(params.seed)
+    for messages in prompts:
+        ids = torch.tensor([render(tokenizer, messages)])
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=True,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            max_new_tokens=params.max_new_tokens,
+            eos_token_id=stops,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        tokens += out.shape[1] - ids.shape[1]
+    return tokens
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--workspace", default=None, help="reuse a workspace's model cache (default: a temp one)"
+    )
+    args = parser.parse_args()
+
+    questions = [json.loads(line) for line in QUESTIONS.read_text().splitlines()][: args.prompts]
+    prompts = [[{"role": "user", "content": q["turns"][0]}] for q in questions]
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.7, top_p=0.9, seed=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = new_settings(Path(args.workspace or tmp))
+        loaded = resolve("default", settings=settings)
+        model, tokenizer = loaded.model, loaded.tokenizer
+        print(
+            f"model: SmolLM2-135M-Instruct fp32 on {torch.get_num_threads()} CPU threads; {len(prompts)} prompts, "
+            f"max_new_tokens={args.max_new_tokens}, temperature={params.temperature}, top_p={params.top_p}"
+        )
+
+        generate(
+            model, tokenizer, prompts[:2], params=SamplingParams(max_new_tokens=4), progress=False
+        )  # warm-up
+
+        start = time.perf_counter()
+        naive_tokens = naive_loop(model, tokenizer, prompts, params)
+        naive_s = time.perf_counter() - start
+        naive_tps = naive_tokens / naive_s
+        print(
+            f"naive loop (model.generate per prompt): {naive_tokens} tokens in {naive_s:.1f}s = {naive_tps:.1f} tok/s"
+        )
+
+        start = time.perf_counter()
+        results = generate(
+            model, tokenizer, prompts, params=params, batch_size=args.batch_size, progress=False
+        )
+        batched_s = time.perf_counter() - start
+        batched_tokens = sum(c.num_tokens for samples in results for c in samples)
+        batched_tps = batched_tokens / batched_s
+        print(
+            f"alignloop.generate (batch {args.batch_size}): {batched_tokens} tokens in {batched_s:.1f}s "
+            f"= {batched_tps:.1f} tok/s"
+        )
+    print(f"ratio alignloop.generate / naive loop: {batched_tps / naive_tps:.2f}x")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
