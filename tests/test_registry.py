@@ -115,3 +115,27 @@ def test_missing_models_give_one_clear_line(workspace, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(AlignloopError, match="holds no model"):
         locate(str(tmp_path / "empty"), settings=settings)
+
+
+def test_hub_id_resolves_from_the_local_hub_cache(workspace, tmp_path, tiny_model_dir):
+    """A hub id the user downloaded earlier loads offline from the standard hub cache layout."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    settings, _, _ = workspace
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--acme--tiny-chat"
+    shutil.copytree(tiny_model_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    code = (
+        "from alignloop.config import load_settings; from alignloop.registry import resolve;"
+        f"m = resolve('acme/tiny-chat', settings=load_settings({str(settings.workspace)!r}));"
+        "print(m.licence, type(m.model).__name__, m.path.name)"
+    )
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["apache-2.0", "LlamaForCausalLM", commit]
