@@ -436,7 +436,8 @@ def record_vote(
                 update(Comparison)
                 .where(Comparison.id == comparison_id)
                 .where(Comparison.status == "queued")
-                .where(Comparison.num_votes < Comparison.target_votes)
+                # Gold items measure annotators, so every annotator answers them: they never fill up.
+                .where((Comparison.num_votes < Comparison.target_votes) | col(Comparison.gold).is_not(None))
                 .values(num_votes=Comparison.num_votes + 1)
             ).rowcount
             if counted != 1:
@@ -445,6 +446,7 @@ def record_vote(
                 update(Comparison)
                 .where(Comparison.id == comparison_id)
                 .where(Comparison.num_votes >= Comparison.target_votes)
+                .where(col(Comparison.gold).is_(None))
                 .values(status="done")
             )
     except IntegrityError:
@@ -473,8 +475,9 @@ def preference_pairs(
     Pairwise items take the plurality choice (a tie in the count yields no pair); K-way rankings are averaged
     per item and expanded into all K(K-1)/2 ordered pairs. Ties and both-bad outcomes are left out unless
     asked for, and then carry `outcome` so a trainer can filter them.
+    Votes of users marked `votes_excluded` by quality control are always left out.
     """
-    excluded = set(exclude_user_ids)
+    excluded = set(exclude_user_ids) | set(session.exec(select(User.id).where(User.votes_excluded)).all())
     query = (
         select(Vote, Comparison)
         .join(Comparison, Comparison.id == Vote.comparison_id)

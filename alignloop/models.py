@@ -51,6 +51,7 @@ class User(SQLModel, table=True):
     kind: str = Field(default="human", max_length=8)
     password_hash: str | None = Field(default=None)
     disabled: bool = Field(default=False)
+    votes_excluded: bool = Field(default=False)  # quality control: leave this user's votes out of exports
     created_at: datetime = Field(default_factory=utcnow)
 
 
@@ -132,6 +133,7 @@ class Comparison(SQLModel, table=True):
     gold: str | None = Field(default=None, max_length=16)  # known answer for gold items
     source: str = Field(default="queue", max_length=16)
     priority: int = 0
+    reward_margin: float | None = None  # |r_a - r_b| from the current reward model: small = uncertain
     created_at: datetime = Field(default_factory=utcnow)
 
 
@@ -164,3 +166,4 @@ class Lease(SQLModel, table=True):
     comparison_id: int = Field(foreign_key="comparison.id", index=True)
     user_id: int = Field(foreign_key="user.id", index=True)
     expires_at: datetime = Field(index=True)
+    skipped: bool = False  # the annotator passed on it: never offered to them again, holds no slot

@@ -1,0 +1,283 @@
+"""Assignment: which comparison an annotator gets next, under any number of concurrent annotators.
+
+Rules (each one tested with concurrent threads and processes on SQLite and PostgreSQL):
+- an annotator never gets a comparison they voted on or skipped;
+- a comparison is never handed out beyond its target: votes plus unexpired leases held by others stay at or
+  under `target_votes` (gold items are the exception: every annotator answers each one once);
+- leases expire (default 10 minutes), so an abandoned item returns to the pool;
+- order: a gold item when the annotator's gold share is due (default 5% of their items), then priority, then
+  reward-model uncertainty (smallest |r_a - r_b| first) when a reward model has scored the item, then oldest.
+
+How the "never beyond target" rule holds: a claim locks the candidate comparison row (PostgreSQL
+`FOR UPDATE SKIP LOCKED`; SQLite serialises write transactions with `BEGIN IMMEDIATE`), then counts votes and
+live leases in a fresh statement, which sees every claim committed before the lock was granted.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import and_, delete, exists, func, or_
+from sqlmodel import Session, col, select
+
+from alignloop import AlignloopError, crud
+from alignloop.models import Comparison, Lease, Prompt, User, Vote, utcnow
+
+LEASE_SECONDS = 600
+GOLD_SHARE = 0.05
+CANDIDATES_PER_CLAIM = 8
+CLAIM_ATTEMPTS = 50
+LABELS = "ABCDEFGHIJ"
+
+
+@dataclass
+class Item:
+    """A comparison as one annotator sees it: responses in their shown order, labelled A, B, ..."""
+
+    comparison_id: int
+    round: int
+    prompt: list[dict]
+    responses: list[str]  # in shown order
+    shown_order: list[int]  # shown_order[i] = position (0 = "a") of the i-th response shown
+    expires_at: datetime
+    gold: bool
+
+    @property
+    def labels(self) -> list[str]:
+        return list(LABELS[: len(self.responses)])
+
+
+@dataclass
+class Progress:
+    done_today: int
+    done_in_round: int
+    left: int  # items this annotator could still be given
+    round: int | None
+
+
+def shown_order_for(*, user_id: int, comparison_id: int, num_items: int) -> list[int]:
+    """The order one annotator sees a comparison's responses in: random, but the same on every reload."""
+    order = list(range(num_items))
+    random.Random(f"alignloop-order:{user_id}:{comparison_id}").shuffle(order)
+    return order
+
+
+def _as_utc(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def _live_lease(now: datetime):
+    return and_(Lease.expires_at > now, col(Lease.skipped).is_(False))
+
+
+def _available(user_id: int, now: datetime):
+    """Comparisons this user may be given now, as a WHERE clause (a fast pre-filter; the claim re-checks)."""
+    voted = exists().where(Vote.comparison_id == Comparison.id, Vote.user_id == user_id)
+    skipped = exists().where(Lease.comparison_id == Comparison.id, Lease.user_id == user_id, col(Lease.skipped))
+    held_by_others = (
+        select(func.count())
+        .select_from(Lease)
+        .where(Lease.comparison_id == Comparison.id, Lease.user_id != user_id, _live_lease(now))
+        .scalar_subquery()
+    )
+    has_room = or_(col(Comparison.gold).is_not(None), Comparison.num_votes + held_by_others < Comparison.target_votes)
+    return and_(Comparison.status == "queued", ~voted, ~skipped, has_room)
+
+
+def _gold_turn(session: Session, user_id: int, gold_share: float) -> bool:
+    """True when serving a gold item now keeps this annotator's gold share at `gold_share` (deterministic)."""
+    if gold_share <= 0:
+        return False
+    n = session.exec(select(func.count()).select_from(Vote).where(Vote.user_id == user_id)).one()
+    return math.floor((n + 1) * gold_share) > math.floor(n * gold_share)
+
+
+def next_item(
+    session: Session,
+    *,
+    user_id: int,
+    lease_seconds: int = LEASE_SECONDS,
+    gold_share: float = GOLD_SHARE,
+    round: int | None = None,
+    now: datetime | None = None,
+) -> Item | None:
+    """Lease the next comparison to this annotator and return it, or None when nothing is left for them.
+
+    An annotator who already holds a live lease gets that item back (a page reload must not burn items).
+    The caller commits; the lease is part of the caller's transaction.
+    """
+    now = now or utcnow()
+    held = session.exec(
+        select(Lease, Comparison)
+        .join(Comparison, Comparison.id == Lease.comparison_id)
+        .where(Lease.user_id == user_id, _live_lease(now), Comparison.status == "queued")
+        .where(~exists().where(Vote.comparison_id == Comparison.id, Vote.user_id == user_id))
+        .order_by(Lease.expires_at.desc())
+    ).first()
+    if held is not None:
+        lease, comparison = held
+        lease.expires_at = now + timedelta(seconds=lease_seconds)
+        session.add(lease)
+        session.flush()
+        return _item(session, comparison, user_id=user_id, expires_at=lease.expires_at)
+
+    base = select(Comparison).where(_available(user_id, now))
+    if round is not None:
+        base = base.where(Comparison.round == round)
+    ordered = base.order_by(
+        col(Comparison.priority).desc(),
+        col(Comparison.reward_margin).is_(None),  # scored items first, most uncertain first
+        col(Comparison.reward_margin),
+        Comparison.id,
+    )
+    queries = [ordered.where(col(Comparison.gold).is_(None))]
+    gold_query = ordered.where(col(Comparison.gold).is_not(None))
+    queries.insert(0 if _gold_turn(session, user_id, gold_share) else 1, gold_query)
+    for attempt in range(CLAIM_ATTEMPTS):
+        # A savepoint per attempt: rolling it back releases the row locks this attempt took, so an annotator
+        # who found every candidate locked by others does not sit on locks while waiting to try again.
+        savepoint = session.begin_nested()
+        for query in queries:
+            for comparison in session.exec(query.limit(CANDIDATES_PER_CLAIM).with_for_update(skip_locked=True)).all():
+                if _claim(session, comparison, user_id=user_id, now=now, lease_seconds=lease_seconds):
+                    savepoint.commit()
+                    return _item(session, comparison, user_id=user_id, expires_at=now + timedelta(seconds=lease_seconds))
+        savepoint.rollback()
+        # Nothing claimed: either nothing is left, or everything left was locked by concurrent claims.
+        if session.exec(select(func.count()).select_from(base.subquery())).one() == 0:
+            return None
+        time.sleep(0.005 * (attempt + 1))
+    return None
+
+
+def _claim(session: Session, comparison: Comparison, *, user_id: int, now: datetime, lease_seconds: int) -> bool:
+    """Insert this user's lease if the locked comparison still has room (counted afresh, under the lock)."""
+    session.refresh(comparison)
+    if comparison.gold is None:
+        held = session.exec(
+            select(func.count())
+            .select_from(Lease)
+            .where(Lease.comparison_id == comparison.id, Lease.user_id != user_id, _live_lease(now))
+        ).one()
+        if comparison.status != "queued" or comparison.num_votes + held >= comparison.target_votes:
+            return False
+    # Replace any stale (expired) lease of this user on this item.
+    session.execute(delete(Lease).where(Lease.comparison_id == comparison.id, Lease.user_id == user_id))
+    session.add(
+        Lease(comparison_id=comparison.id, user_id=user_id, expires_at=now + timedelta(seconds=lease_seconds))
+    )
+    session.flush()
+    return True
+
+
+def _item(session: Session, comparison: Comparison, *, user_id: int, expires_at: datetime) -> Item:
+    prompt = session.get(Prompt, comparison.prompt_id)
+    generations = crud.comparison_generations(session, comparison_id=comparison.id)
+    order = shown_order_for(user_id=user_id, comparison_id=comparison.id, num_items=len(generations))
+    return Item(
+        comparison_id=comparison.id,
+        round=comparison.round,
+        prompt=prompt.messages,
+        responses=[generations[pos].text for pos in order],
+        shown_order=order,
+        expires_at=_as_utc(expires_at),
+        gold=comparison.gold is not None,
+    )
+
+
+def submit_vote(
+    session: Session,
+    *,
+    user_id: int,
+    comparison_id: int,
+    choice: str | None = None,
+    ranking_labels: list[str] | None = None,
+    ratings: dict | None = None,
+    rationale: str = "",
+    seconds: float | None = None,
+) -> int:
+    """Record a vote given in terms of what the annotator saw, and release their lease. Returns the vote id.
+
+    `choice` is "a"/"b" for the first/second response *as shown* (or "tie"/"both_bad"); `ranking_labels` lists
+    shown labels best first ("C", "A", "B"). Both are mapped to stored positions with the annotator's shown
+    order, which the server derives itself, so position-bias statistics cannot be spoofed by a client.
+    `ratings` maps shown labels to {aspect: 1..5}.
+    """
+    num_items = len(crud.comparison_generations(session, comparison_id=comparison_id))
+    if num_items == 0:
+        raise AlignloopError(f"comparison {comparison_id} does not exist")
+    order = shown_order_for(user_id=user_id, comparison_id=comparison_id, num_items=num_items)
+    labels = LABELS[:num_items]
+
+    def position(label: str) -> int:
+        if not isinstance(label, str) or label.upper() not in labels:
+            raise AlignloopError(f"unknown response label {label!r}; expected one of {', '.join(labels)}")
+        return order[labels.index(label.upper())]
+
+    stored_choice = choice
+    if choice in ("a", "b"):
+        stored_choice = "ab"[position(choice.upper())] if num_items == 2 else choice
+    ranking = [position(label) for label in ranking_labels] if ranking_labels is not None else None
+    stored_ratings = {}
+    for label, aspects in (ratings or {}).items():
+        if not isinstance(aspects, dict) or not all(
+            isinstance(v, int) and 1 <= v <= 5 and isinstance(k, str) and len(k) <= 64 for k, v in aspects.items()
+        ):
+            raise AlignloopError("ratings must map each response label to {aspect: 1..5}")
+        stored_ratings[str(position(label))] = aspects
+    if len(rationale) > 5000:
+        raise AlignloopError("the rationale is limited to 5000 characters")
+    vote = crud.record_vote(
+        session,
+        comparison_id=comparison_id,
+        user_id=user_id,
+        choice=stored_choice,
+        ranking=ranking,
+        shown_order=order,
+        ratings=stored_ratings,
+        rationale=rationale.strip(),
+        seconds=seconds,
+    )
+    session.execute(delete(Lease).where(Lease.comparison_id == comparison_id, Lease.user_id == user_id))
+    session.flush()
+    return vote.id
+
+
+def skip(session: Session, *, user_id: int, comparison_id: int, now: datetime | None = None) -> None:
+    """Pass on an item: it frees its slot at once and is never offered to this annotator again."""
+    now = now or utcnow()
+    lease = session.exec(
+        select(Lease).where(Lease.comparison_id == comparison_id, Lease.user_id == user_id)
+    ).first()
+    if lease is None:
+        lease = Lease(comparison_id=comparison_id, user_id=user_id, expires_at=now)
+    lease.skipped = True
+    lease.expires_at = now
+    session.add(lease)
+    session.flush()
+
+
+def progress(session: Session, *, user_id: int, now: datetime | None = None) -> Progress:
+    now = now or utcnow()
+    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    current_round = session.exec(select(func.max(Comparison.round)).where(Comparison.status == "queued")).one()
+    mine = select(func.count()).select_from(Vote).where(Vote.user_id == user_id)
+    done_today = session.exec(mine.where(Vote.created_at >= midnight)).one()
+    done_in_round = 0
+    if current_round is not None:
+        done_in_round = session.exec(
+            mine.join(Comparison, Comparison.id == Vote.comparison_id).where(Comparison.round == current_round)
+        ).one()
+    left = session.exec(select(func.count()).select_from(Comparison).where(_available(user_id, now))).one()
+    return Progress(done_today=done_today, done_in_round=done_in_round, left=left, round=current_round)
+
+
+def active_annotator(session: Session, *, user_id: int) -> User:
+    user = session.get(User, user_id)
+    if user is None or user.disabled:
+        raise AlignloopError("this account is disabled")
+    return user
