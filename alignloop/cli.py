@@ -19,6 +19,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
+from sqlalchemy.exc import SQLAlchemyError  # noqa: E402
+
 from alignloop import AlignloopError, __version__  # noqa: E402
 from alignloop.config import (  # noqa: E402
     Settings,
@@ -347,6 +349,12 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("ALIGNLOOP_DEBUG") == "1":
             raise
         print(f"alignloop: error: {exc}", file=sys.stderr)
+        return 1
+    except SQLAlchemyError as exc:
+        if os.environ.get("ALIGNLOOP_DEBUG") == "1":
+            raise
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        print(f"alignloop: error: database: {reason} (ALIGNLOOP_DEBUG=1 shows the details)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("alignloop: interrupted", file=sys.stderr)

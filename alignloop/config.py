@@ -36,6 +36,7 @@ class Settings:
     )
     # --- annotation ---
     target_votes: int = field(default=1, metadata={"help": "Votes each comparison needs before it is done."})
+    guidelines: str = field(default="", metadata={"help": "Markdown shown to annotators; empty = built-in."})
     # --- generation defaults ---
     max_new_tokens: int = field(default=128, metadata={"help": "Tokens per sampled response."})
     temperature: float = field(default=0.8, metadata={"help": "Sampling temperature."})

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from sqlalchemy import event, text
+from sqlalchemy import event, inspect, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import StaticPool
@@ -21,8 +21,24 @@ from alignloop.models import SCHEMA_VERSION, SchemaInfo
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
-# version -> step that upgrades a database from `version - 1`. Empty until the first schema change.
-MIGRATIONS: dict[int, Callable[[Engine], None]] = {}
+
+def _add_columns(engine: Engine, table: str, columns: dict[str, str]) -> None:
+    """ALTER TABLE ... ADD COLUMN for each column the table lacks (so a half-applied step can be re-run)."""
+    with engine.begin() as conn:
+        present = {c["name"] for c in inspect(conn).get_columns(table)}
+        for name, ddl in columns.items():
+            if name not in present:
+                conn.execute(text(f'ALTER TABLE "{table}" ADD COLUMN {name} {ddl}'))
+
+
+def _v2_annotation_columns(engine: Engine) -> None:
+    _add_columns(engine, "user", {"votes_excluded": "BOOLEAN NOT NULL DEFAULT FALSE"})
+    _add_columns(engine, "comparison", {"reward_margin": "FLOAT"})
+    _add_columns(engine, "lease", {"skipped": "BOOLEAN NOT NULL DEFAULT FALSE"})
+
+
+# version -> step that upgrades a database from `version - 1`.
+MIGRATIONS: dict[int, Callable[[Engine], None]] = {2: _v2_annotation_columns}
 
 
 def make_engine(url: str, *, echo: bool = False) -> Engine:

@@ -26,6 +26,7 @@ from alignloop.models import Comparison, Prompt, User
 log = logging.getLogger(__name__)
 
 PAGE_SIZE = 50
+UI_PATHS = {"/annotate"}
 MAX_FORM_CHARS = 1024
 
 
@@ -41,16 +42,49 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.engine = engine if engine is not None else make_engine(settings.db_url)
+    app.add_exception_handler(LoginRequired, _login_required)
+    app.add_exception_handler(Exception, _internal_error)
+    _register_routes(app)
+    _mount_stages(app)
+    # Added last, so it is the outermost middleware and every other one (and Gradio) sees `request.session`.
     app.add_middleware(
         SessionMiddleware,
         secret_key=settings.secret_key,
         session_cookie="alignloop_session",
         same_site="strict",
     )
-    app.add_exception_handler(LoginRequired, _login_required)
-    app.add_exception_handler(Exception, _internal_error)
-    _register_routes(app)
     return app
+
+
+def _mount_stages(app: FastAPI) -> None:
+    """The stage UIs and APIs. Imported here, not at the top: the kernel must import without Gradio."""
+    import gradio as gr
+
+    from annotate import api as annotate_api
+    from annotate import app as annotate_app
+
+    app.include_router(annotate_api.router)
+    engine, settings = app.state.engine, app.state.settings
+
+    @app.middleware("http")
+    async def login_before_ui(request: Request, call_next):
+        # Gradio answers an anonymous visitor with a bare 401; send people to the login form instead.
+        if request.url.path.rstrip("/") in UI_PATHS and not request.session.get("user_id"):
+            return RedirectResponse("/login", status_code=303)
+        return await call_next(request)
+
+    gr.mount_gradio_app(
+        app,
+        annotate_app.build_ui(engine, settings),
+        path="/annotate",
+        auth_dependency=annotate_app.username_of(engine),
+        head=annotate_app.SHORTCUTS_JS,
+        footer_links=[],
+        show_error=True,
+        ssr_mode=False,
+        mcp_server=False,
+        enable_monitoring=False,
+    )
 
 
 # --- dependencies --------------------------------------------------------------------------------------------
@@ -169,7 +203,7 @@ def _register_routes(app: FastAPI) -> None:
             return RedirectResponse("/login?error=1", status_code=303)
         request.session.clear()
         request.session["user_id"] = user.id
-        return RedirectResponse("/", status_code=303)
+        return RedirectResponse("/annotate/" if user.role == "annotator" else "/", status_code=303)
 
     @app.post("/logout", include_in_schema=False)
     def logout(request: Request):

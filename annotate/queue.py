@@ -77,14 +77,18 @@ def _live_lease(now: datetime):
 def _available(user_id: int, now: datetime):
     """Comparisons this user may be given now, as a WHERE clause (a fast pre-filter; the claim re-checks)."""
     voted = exists().where(Vote.comparison_id == Comparison.id, Vote.user_id == user_id)
-    skipped = exists().where(Lease.comparison_id == Comparison.id, Lease.user_id == user_id, col(Lease.skipped))
+    skipped = exists().where(
+        Lease.comparison_id == Comparison.id, Lease.user_id == user_id, col(Lease.skipped)
+    )
     held_by_others = (
         select(func.count())
         .select_from(Lease)
         .where(Lease.comparison_id == Comparison.id, Lease.user_id != user_id, _live_lease(now))
         .scalar_subquery()
     )
-    has_room = or_(col(Comparison.gold).is_not(None), Comparison.num_votes + held_by_others < Comparison.target_votes)
+    has_room = or_(
+        col(Comparison.gold).is_not(None), Comparison.num_votes + held_by_others < Comparison.target_votes
+    )
     return and_(Comparison.status == "queued", ~voted, ~skipped, has_room)
 
 
@@ -142,10 +146,17 @@ def next_item(
         # who found every candidate locked by others does not sit on locks while waiting to try again.
         savepoint = session.begin_nested()
         for query in queries:
-            for comparison in session.exec(query.limit(CANDIDATES_PER_CLAIM).with_for_update(skip_locked=True)).all():
+            for comparison in session.exec(
+                query.limit(CANDIDATES_PER_CLAIM).with_for_update(skip_locked=True)
+            ).all():
                 if _claim(session, comparison, user_id=user_id, now=now, lease_seconds=lease_seconds):
                     savepoint.commit()
-                    return _item(session, comparison, user_id=user_id, expires_at=now + timedelta(seconds=lease_seconds))
+                    return _item(
+                        session,
+                        comparison,
+                        user_id=user_id,
+                        expires_at=now + timedelta(seconds=lease_seconds),
+                    )
         savepoint.rollback()
         # Nothing claimed: either nothing is left, or everything left was locked by concurrent claims.
         if session.exec(select(func.count()).select_from(base.subquery())).one() == 0:
@@ -154,7 +165,9 @@ def next_item(
     return None
 
 
-def _claim(session: Session, comparison: Comparison, *, user_id: int, now: datetime, lease_seconds: int) -> bool:
+def _claim(
+    session: Session, comparison: Comparison, *, user_id: int, now: datetime, lease_seconds: int
+) -> bool:
     """Insert this user's lease if the locked comparison still has room (counted afresh, under the lock)."""
     session.refresh(comparison)
     if comparison.gold is None:
@@ -225,7 +238,8 @@ def submit_vote(
     stored_ratings = {}
     for label, aspects in (ratings or {}).items():
         if not isinstance(aspects, dict) or not all(
-            isinstance(v, int) and 1 <= v <= 5 and isinstance(k, str) and len(k) <= 64 for k, v in aspects.items()
+            isinstance(v, int) and 1 <= v <= 5 and isinstance(k, str) and len(k) <= 64
+            for k, v in aspects.items()
         ):
             raise AlignloopError("ratings must map each response label to {aspect: 1..5}")
         stored_ratings[str(position(label))] = aspects
@@ -264,13 +278,17 @@ def skip(session: Session, *, user_id: int, comparison_id: int, now: datetime | 
 def progress(session: Session, *, user_id: int, now: datetime | None = None) -> Progress:
     now = now or utcnow()
     midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
-    current_round = session.exec(select(func.max(Comparison.round)).where(Comparison.status == "queued")).one()
+    current_round = session.exec(
+        select(func.max(Comparison.round)).where(Comparison.status == "queued")
+    ).one()
     mine = select(func.count()).select_from(Vote).where(Vote.user_id == user_id)
     done_today = session.exec(mine.where(Vote.created_at >= midnight)).one()
     done_in_round = 0
     if current_round is not None:
         done_in_round = session.exec(
-            mine.join(Comparison, Comparison.id == Vote.comparison_id).where(Comparison.round == current_round)
+            mine.join(Comparison, Comparison.id == Vote.comparison_id).where(
+                Comparison.round == current_round
+            )
         ).one()
     left = session.exec(select(func.count()).select_from(Comparison).where(_available(user_id, now))).one()
     return Progress(done_today=done_today, done_in_round=done_in_round, left=left, round=current_round)

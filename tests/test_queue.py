@@ -14,13 +14,20 @@ from annotate import queue
 
 
 def seed(session, n, *, target_votes=1, gold=None, priority=0, num_items=2, prefix="q"):
-    version = crud.get_model_version(session, name="m") or crud.register_model(session, name="m", kind="policy", base="m")
+    version = crud.get_model_version(session, name="m") or crud.register_model(
+        session, name="m", kind="policy", base="m"
+    )
     out = []
     for i in range(n):
         (p,), _ = crud.add_prompts(
-            session, prompts=[crud.PromptCreate(messages=[{"role": "user", "content": f"{prefix} {i}"}])], source="t"
+            session,
+            prompts=[crud.PromptCreate(messages=[{"role": "user", "content": f"{prefix} {i}"}])],
+            source="t",
         )
-        gens = [crud.add_generation(session, prompt_id=p.id, model_version_id=version.id, text=f"{prefix}{i}-{k}") for k in range(num_items)]
+        gens = [
+            crud.add_generation(session, prompt_id=p.id, model_version_id=version.id, text=f"{prefix}{i}-{k}")
+            for k in range(num_items)
+        ]
         out.append(
             crud.create_comparison(
                 session, prompt_id=p.id, generation_ids=[g.id for g in gens], target_votes=target_votes,
@@ -133,7 +140,13 @@ def test_rankings_and_bad_votes(session):
     with pytest.raises(AlignloopError, match="unknown response label"):
         queue.submit_vote(session, user_id=ann.id, comparison_id=c.id, ranking_labels=["A", "B", "Z"])
     with pytest.raises(AlignloopError, match="ratings must map"):
-        queue.submit_vote(session, user_id=ann.id, comparison_id=c.id, ranking_labels=["A", "B", "C"], ratings={"A": {"x": 9}})
+        queue.submit_vote(
+            session,
+            user_id=ann.id,
+            comparison_id=c.id,
+            ranking_labels=["A", "B", "C"],
+            ratings={"A": {"x": 9}},
+        )
     queue.submit_vote(session, user_id=ann.id, comparison_id=c.id, ranking_labels=["C", "A", "B"])
     vote = session.exec(select(Vote)).one()
     assert vote.ranking == [item.shown_order[2], item.shown_order[0], item.shown_order[1]]

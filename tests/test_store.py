@@ -287,3 +287,20 @@ def test_preference_pairs_take_the_majority(session):
     assert len(crud.preference_pairs(session, exclude_user_ids=[users[0].id, users[1].id])) == 1
     raw = crud.raw_votes(session)
     assert len(raw) == 6 and {r["annotator"] for r in raw} == {"u0", "u1", "u2"}
+
+
+def test_a_version_1_database_is_migrated(engine):
+    """A workspace made before the annotation columns existed is upgraded in place, data kept."""
+    with session_scope(engine) as s:
+        make_comparison(s)
+    with engine.begin() as conn:
+        conn.execute(text('ALTER TABLE "user" DROP COLUMN votes_excluded'))
+        conn.execute(text("ALTER TABLE comparison DROP COLUMN reward_margin"))
+        conn.execute(text("ALTER TABLE lease DROP COLUMN skipped"))
+        conn.execute(text("UPDATE schemainfo SET version = 1"))
+    assert create_schema(engine) == SCHEMA_VERSION == schema_version(engine)
+    columns = {c["name"] for c in inspect(engine).get_columns("comparison")}
+    assert "reward_margin" in columns
+    with Session(engine) as s:
+        assert len(s.exec(select(Comparison)).all()) == 1
+        assert crud.create_user(s, name="after", role="annotator").votes_excluded is False

@@ -1,0 +1,100 @@
+"""REST endpoints for annotation: the same queue and vote path as the browser page, for scripts and load tests."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Response
+from pydantic import BaseModel, Field
+
+from alignloop import AlignloopError, crud
+from alignloop.models import User
+from alignloop.web import SessionDep, require_role
+from annotate import queue
+
+router = APIRouter(prefix="/api/annotate", tags=["annotate"])
+AnnotatorDep = Annotated[User, Depends(require_role("annotator", "admin"))]
+
+
+class ItemOut(BaseModel):
+    comparison_id: int
+    round: int
+    prompt: list[dict]
+    responses: list[dict]  # [{"label": "A", "text": ...}] in shown order
+    expires_at: str
+
+
+class VoteIn(BaseModel):
+    comparison_id: int
+    choice: Literal["a", "b", "tie", "both_bad"] | None = Field(
+        default=None, description="'a'/'b' = the first/second response as shown"
+    )
+    ranking: list[str] | None = Field(default=None, max_length=10, description="shown labels, best first")
+    ratings: dict[str, dict[str, int]] = Field(default_factory=dict, description="label -> {aspect: 1..5}")
+    rationale: str = Field(default="", max_length=5000)
+    seconds: float | None = Field(default=None, ge=0, le=86_400)
+
+
+class VoteOut(BaseModel):
+    vote_id: int
+    progress: dict
+
+
+def _progress(session, user_id: int) -> dict:
+    return queue.progress(session, user_id=user_id).__dict__
+
+
+@router.get(
+    "/next", response_model=ItemOut, responses={204: {"description": "nothing left for this annotator"}}
+)
+def next_item(user: AnnotatorDep, session: SessionDep):
+    """Lease the next comparison to the caller (the same one again while their lease lives)."""
+    item = queue.next_item(session, user_id=user.id)
+    session.commit()
+    if item is None:
+        return Response(status_code=204)
+    return ItemOut(
+        comparison_id=item.comparison_id,
+        round=item.round,
+        prompt=item.prompt,
+        responses=[
+            {"label": label, "text": text} for label, text in zip(item.labels, item.responses, strict=True)
+        ],
+        expires_at=item.expires_at.isoformat(),
+    )
+
+
+@router.post("/vote", response_model=VoteOut, status_code=201)
+def vote(body: VoteIn, user: AnnotatorDep, session: SessionDep):
+    """Vote on a comparison in the terms it was shown to the caller."""
+    try:
+        vote_id = queue.submit_vote(
+            session,
+            user_id=user.id,
+            comparison_id=body.comparison_id,
+            choice=body.choice,
+            ranking_labels=body.ranking,
+            ratings=body.ratings,
+            rationale=body.rationale,
+            seconds=body.seconds,
+        )
+    except (crud.DuplicateVoteError, crud.ComparisonClosedError) as exc:
+        session.rollback()
+        raise HTTPException(status_code=409, detail=str(exc)) from None
+    except AlignloopError as exc:
+        session.rollback()
+        raise HTTPException(status_code=422, detail=str(exc)) from None
+    session.commit()
+    return VoteOut(vote_id=vote_id, progress=_progress(session, user.id))
+
+
+@router.post("/skip", status_code=204)
+def skip(comparison_id: int, user: AnnotatorDep, session: SessionDep):
+    queue.skip(session, user_id=user.id, comparison_id=comparison_id)
+    session.commit()
+    return Response(status_code=204)
+
+
+@router.get("/progress")
+def progress(user: AnnotatorDep, session: SessionDep) -> dict:
+    return _progress(session, user.id)
