@@ -195,6 +195,48 @@ def cmd_export_prefs(args) -> int:
     return 0
 
 
+def cmd_prefs_import(args) -> int:
+    from alignloop.db import session_scope
+    from annotate.io import import_preferences
+
+    _, engine = open_workspace(args)
+    with session_scope(engine) as session:
+        report = import_preferences(session, path=args.file, round=args.round)
+    print(f"{args.file}: {report.summary()}")
+    for line, reason in report.skipped[:20]:
+        print(f"  skipped line {line}: {reason}")
+    return 0
+
+
+def cmd_judge_run(args) -> int:
+    from annotate.judge import LocalJudge, OpenAIJudge, run_judge
+
+    settings, engine = open_workspace(args)
+    if args.openai_base_url:
+        if not args.openai_model:
+            raise AlignloopError("--openai-model is required with --openai-base-url")
+        judge = OpenAIJudge(
+            base_url=args.openai_base_url, model=args.openai_model, api_key=os.environ.get(args.api_key_env)
+        )
+    else:
+        from sqlmodel import Session
+
+        from alignloop import registry
+
+        with Session(engine) as session:
+            source = registry.locate(
+                args.model or settings.default_policy, settings=settings, session=session
+            )
+        loaded = registry.load_causal_lm(source)
+        judge = LocalJudge(loaded.model, loaded.tokenizer)
+    counts = run_judge(engine, judge=judge, user_name=args.user, max_items=args.max_items)
+    print(
+        f"judge {args.user}: {counts['votes']} votes (a {counts['a']}, b {counts['b']}, tie {counts['tie']}, "
+        f"ranked {counts['ranked']}; {counts['lost']} taken by others meanwhile)"
+    )
+    return 0
+
+
 def cmd_serve(args) -> int:
     import uvicorn
 
@@ -318,6 +360,26 @@ def make_parser() -> argparse.ArgumentParser:
     p = users.add_parser("passwd", parents=[common], help="set a new random password (printed once)")
     p.add_argument("name")
     p.set_defaults(func=cmd_users_passwd)
+
+    prefs = sub.add_parser("prefs", help="external preference data").add_subparsers(
+        dest="prefs_command", required=True, metavar="ACTION"
+    )
+    p = prefs.add_parser("import", parents=[common], help="import HH-RLHF or TRL preference pairs as votes")
+    p.add_argument("file", help=".jsonl: HH-RLHF chosen/rejected text, or TRL prompt/chosen/rejected")
+    p.add_argument("--round", type=int, default=0)
+    p.set_defaults(func=cmd_prefs_import)
+
+    judge = sub.add_parser("judge", help="RLAIF: an AI annotator").add_subparsers(
+        dest="judge_command", required=True, metavar="ACTION"
+    )
+    p = judge.add_parser("run", parents=[common], help="vote on queued comparisons as an AI judge")
+    p.add_argument("--user", default="ai-judge", help="the judge's (AI) user; created if missing")
+    p.add_argument("--model", default=None, help="local judge model reference (default: the default policy)")
+    p.add_argument("--openai-base-url", default=None, help="use an OpenAI-compatible endpoint instead")
+    p.add_argument("--openai-model", default=None)
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    p.add_argument("--max-items", type=int, default=None)
+    p.set_defaults(func=cmd_judge_run)
 
     export = sub.add_parser("export", help="export data").add_subparsers(
         dest="export_command", required=True, metavar="WHAT"

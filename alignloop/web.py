@@ -60,10 +60,12 @@ def _mount_stages(app: FastAPI) -> None:
     """The stage UIs and APIs. Imported here, not at the top: the kernel must import without Gradio."""
     import gradio as gr
 
+    from annotate import admin as annotate_admin
     from annotate import api as annotate_api
     from annotate import app as annotate_app
 
     app.include_router(annotate_api.router)
+    app.include_router(annotate_admin.router)
     engine, settings = app.state.engine, app.state.settings
 
     @app.middleware("http")

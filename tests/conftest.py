@@ -62,8 +62,7 @@ def session(engine):
         yield s
 
 
-@pytest.fixture(scope="session")
-def tiny_tokenizer():
+def build_tiny_tokenizer():
     """A small byte-level BPE tokenizer with ChatML special tokens, trained in-process (no download)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -82,6 +81,11 @@ def tiny_tokenizer():
     )
     fast.chat_template = CHATML
     return fast
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return build_tiny_tokenizer()
 
 
 def build_tiny_llama(tokenizer, seed: int = 0, **overrides):

@@ -116,8 +116,8 @@ def test_gold_share_and_gold_items_for_everyone(session):
 
 def test_votes_are_given_in_shown_terms_and_stored_by_position(session):
     (ann,) = users(session, 1)
-    comparisons = seed(session, 12)
-    for c in comparisons:
+    seed(session, 12)
+    for _ in range(12):
         item = queue.next_item(session, user_id=ann.id, gold_share=0)
         shown_first_position = item.shown_order[0]
         queue.submit_vote(
