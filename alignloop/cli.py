@@ -245,7 +245,10 @@ def cmd_serve(args) -> int:
     settings, engine = open_workspace(args)
     app = create_app(settings, engine)
     print(f"alignloop {__version__} serving {settings.workspace} on http://{args.host}:{args.port}")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", server_header=False)
+    # Browsers hold Gradio's event streams open; without a bound, a shutdown waits for them indefinitely.
+    uvicorn.run(
+        app, host=args.host, port=args.port, log_level="info", server_header=False, timeout_graceful_shutdown=5
+    )
     return 0
 
 
