@@ -243,12 +243,16 @@ def cmd_serve(args) -> int:
     from alignloop.web import create_app
 
     settings, engine = open_workspace(args)
-    app = create_app(settings, engine)
+    workers = getattr(args, "workers", 1)
     print(f"alignloop {__version__} serving {settings.workspace} on http://{args.host}:{args.port}")
     # Browsers hold Gradio's event streams open; without a bound, a shutdown waits for them indefinitely.
-    uvicorn.run(
-        app, host=args.host, port=args.port, log_level="info", server_header=False, timeout_graceful_shutdown=5
-    )
+    options = {"host": args.host, "port": args.port, "log_level": "info", "server_header": False}
+    options["timeout_graceful_shutdown"] = 5
+    if workers > 1:  # separate processes, each building the app from the workspace named in the environment
+        os.environ["ALIGNLOOP_HOME"] = str(settings.workspace)
+        uvicorn.run("alignloop.web:app_from_env", factory=True, workers=workers, **options)
+    else:
+        uvicorn.run(create_app(settings, engine), **options)
     return 0
 
 
@@ -399,6 +403,9 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", parents=[common], help="run the web app")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
+    p.add_argument(
+        "--workers", type=int, default=1, help="web worker processes (one Python process uses one core)"
+    )
     p.set_defaults(func=cmd_serve)
     return parser
 

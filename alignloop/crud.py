@@ -14,7 +14,7 @@ from datetime import datetime
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import func, update
+from sqlalchemy import and_, case, exists, func, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, SQLModel, col, select
 
@@ -77,14 +77,18 @@ def get_user(session: Session, *, name: str) -> User | None:
 def authenticate(session: Session, *, name: str, password: str) -> User | None:
     """The enabled user with this name and password, else None (same answer for every kind of failure)."""
     user = get_user(session, name=name)
+    return user if check_password(user, password) else None
+
+
+def check_password(user: User | None, password: str) -> bool:
+    """Argon2 verification; needs no database, so callers can run it outside any transaction."""
     if user is None or user.disabled or not user.password_hash:
         _hasher.hash(password)  # spend the same time as a real check, so timing does not reveal names
-        return None
+        return False
     try:
-        _hasher.verify(user.password_hash, password)
+        return _hasher.verify(user.password_hash, password)
     except (VerificationError, InvalidHashError):
-        return None
-    return user
+        return False
 
 
 def set_password(session: Session, *, user: User, password: str) -> None:
@@ -397,14 +401,23 @@ def record_vote(
     ratings: dict | None = None,
     rationale: str = "",
     seconds: float | None = None,
+    num_items: int | None = None,
 ) -> Vote:
-    """Store one vote and count it, atomically: never two votes by one user, never past the target."""
-    comparison = session.get(Comparison, comparison_id)
-    if comparison is None:
+    """Store one vote and count it, atomically: never two votes by one user, never past the target.
+
+    `num_items` (the comparison's number of responses) saves a query when the caller knows it. Refused votes
+    raise before anything is written, except when the same user votes twice at the same instant on
+    PostgreSQL: then the database's unique constraint stops the second, DuplicateVoteError is raised and the
+    caller's transaction must be rolled back.
+    """
+    if num_items is None:
+        num_items = session.exec(
+            select(func.count())
+            .select_from(ComparisonItem)
+            .where(ComparisonItem.comparison_id == comparison_id)
+        ).one()
+    if num_items == 0:
         raise AlignloopError(f"comparison {comparison_id} does not exist")
-    num_items = session.exec(
-        select(func.count()).select_from(ComparisonItem).where(ComparisonItem.comparison_id == comparison_id)
-    ).one()
     if (choice is None) == (ranking is None):
         raise AlignloopError("a vote has either a choice or a ranking")
     if choice is not None:
@@ -416,42 +429,46 @@ def record_vote(
     if seconds is not None and seconds < 0:
         raise AlignloopError("seconds cannot be negative")
 
-    # The conditional UPDATE is the gate: it succeeds for at most `target_votes` voters, whatever the
-    # concurrency, and the unique constraint on (comparison, user) rejects a second vote by the same user.
+    # One conditional UPDATE is the gate: it counts the vote only while the comparison has room (gold items
+    # always do: every annotator answers them) and this user has not voted on it, whatever the concurrency.
+    already_voted = exists().where(Vote.comparison_id == comparison_id, Vote.user_id == user_id)
+    counted = session.execute(
+        update(Comparison)
+        .where(Comparison.id == comparison_id, Comparison.status == "queued", ~already_voted)
+        .where((Comparison.num_votes < Comparison.target_votes) | col(Comparison.gold).is_not(None))
+        .values(
+            num_votes=Comparison.num_votes + 1,
+            status=case(
+                (
+                    and_(Comparison.num_votes + 1 >= Comparison.target_votes, col(Comparison.gold).is_(None)),
+                    "done",
+                ),
+                else_=Comparison.status,
+            ),
+        )
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if counted != 1:
+        if session.exec(
+            select(Vote.id).where(Vote.comparison_id == comparison_id, Vote.user_id == user_id)
+        ).first():
+            raise DuplicateVoteError(f"user {user_id} has already voted on comparison {comparison_id}")
+        raise ComparisonClosedError(f"comparison {comparison_id} already has all the votes it needs")
+    vote = Vote(
+        comparison_id=comparison_id,
+        user_id=user_id,
+        choice=choice,
+        ranking=list(ranking) if ranking is not None else None,
+        shown_order=shown,
+        ratings=ratings or {},
+        rationale=rationale,
+        seconds=seconds,
+    )
+    session.add(vote)
     try:
-        with session.begin_nested():
-            vote = Vote(
-                comparison_id=comparison_id,
-                user_id=user_id,
-                choice=choice,
-                ranking=list(ranking) if ranking is not None else None,
-                shown_order=shown,
-                ratings=ratings or {},
-                rationale=rationale,
-                seconds=seconds,
-            )
-            session.add(vote)
-            session.flush()
-            counted = session.execute(
-                update(Comparison)
-                .where(Comparison.id == comparison_id)
-                .where(Comparison.status == "queued")
-                # Gold items measure annotators, so every annotator answers them: they never fill up.
-                .where((Comparison.num_votes < Comparison.target_votes) | col(Comparison.gold).is_not(None))
-                .values(num_votes=Comparison.num_votes + 1)
-            ).rowcount
-            if counted != 1:
-                raise ComparisonClosedError(f"comparison {comparison_id} already has all the votes it needs")
-            session.execute(
-                update(Comparison)
-                .where(Comparison.id == comparison_id)
-                .where(Comparison.num_votes >= Comparison.target_votes)
-                .where(col(Comparison.gold).is_(None))
-                .values(status="done")
-            )
-    except IntegrityError:
+        session.flush()
+    except IntegrityError:  # the unique constraint caught a simultaneous second vote by the same user
         raise DuplicateVoteError(f"user {user_id} has already voted on comparison {comparison_id}") from None
-    session.refresh(comparison)
     return vote
 
 

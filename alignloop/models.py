@@ -10,11 +10,13 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, Index, Text, UniqueConstraint
+from sqlalchemy import JSON, Column, Index, Text, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
 # Bump when a table changes and add the step to `db.MIGRATIONS`.
 SCHEMA_VERSION = 2
+
+UNSCORED = 1e300  # sorts comparisons without a reward margin after every scored one
 
 ROLES = ("admin", "annotator", "reviewer")
 USER_KINDS = ("human", "ai")
@@ -123,7 +125,17 @@ class Generation(SQLModel, table=True):
 
 class Comparison(SQLModel, table=True):
     # 2..K responses to one prompt, to be voted on `target_votes` times.
-    __table_args__ = (Index("ix_comparison_queue", "status", "priority", "id"),)
+    __table_args__ = (
+        # The annotation queue's exact ORDER BY (see annotate.queue): a claim reads a few index entries
+        # instead of sorting every queued comparison.
+        Index(
+            "ix_comparison_queue_order",
+            "status",
+            text("priority DESC"),
+            text(f"coalesce(reward_margin, {UNSCORED})"),
+            "id",
+        ),
+    )
     id: int | None = Field(default=None, primary_key=True)
     prompt_id: int = Field(foreign_key="prompt.id", index=True)
     round: int = Field(default=0, index=True)

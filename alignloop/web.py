@@ -8,9 +8,10 @@ The interactive API docs are off: they load scripts from a CDN, and nothing here
 
 from __future__ import annotations
 
+import asyncio
 import html
 import logging
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Form, HTTPException, Query, Request
@@ -26,6 +27,7 @@ from alignloop.models import Comparison, Prompt, User
 log = logging.getLogger(__name__)
 
 PAGE_SIZE = 50
+POSTGRES_DB_SLOTS = 16  # below the engine's pool size + overflow (30)
 UI_PATHS = {"/annotate"}
 MAX_FORM_CHARS = 1024
 
@@ -42,6 +44,8 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.engine = engine if engine is not None else make_engine(settings.db_url)
+    sqlite = app.state.engine.dialect.name == "sqlite"
+    app.state.db_slots = asyncio.Semaphore(1 if sqlite else POSTGRES_DB_SLOTS)
     app.add_exception_handler(LoginRequired, _login_required)
     app.add_exception_handler(Exception, _internal_error)
     _register_routes(app)
@@ -54,6 +58,13 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
         same_site="strict",
     )
     return app
+
+
+def app_from_env() -> FastAPI:
+    """Factory for `uvicorn --factory` and `alignloop serve --workers N`: the workspace is $ALIGNLOOP_HOME."""
+    from alignloop.config import load_settings
+
+    return create_app(load_settings())
 
 
 def _mount_stages(app: FastAPI) -> None:
@@ -92,17 +103,31 @@ def _mount_stages(app: FastAPI) -> None:
 # --- dependencies --------------------------------------------------------------------------------------------
 
 
-def get_session(request: Request) -> Iterator[Session]:
-    with Session(request.app.state.engine, expire_on_commit=False) as session:
-        yield session
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    """One session per request, held only while the handler runs.
+
+    Requests queue for a database slot on the event loop (`app.state.db_slots`): one slot with SQLite, which
+    runs one write transaction at a time anyway and whose busy handler wakes waiters with back-off sleeps,
+    so queueing here is both fairer and faster; several with PostgreSQL. The teardown is async so it never
+    waits for a worker thread: under load every worker could be waiting for the lock it would release.
+    """
+    async with request.app.state.db_slots:
+        session = Session(request.app.state.engine, expire_on_commit=False)
+        try:
+            yield session
+        finally:
+            session.close()
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
 def current_user(request: Request, session: SessionDep) -> User:
     user_id = request.session.get("user_id")
     user = session.get(User, user_id) if user_id is not None else None
+    # End this read now: FastAPI runs the handler in another worker-thread hop, and with SQLite a transaction
+    # left open here would hold the write lock while every worker waits for it.
+    session.commit()
     if user is None or user.disabled:
         request.session.clear()
         raise LoginRequired()
@@ -200,8 +225,9 @@ def _register_routes(app: FastAPI) -> None:
         username: Annotated[str, Form(max_length=64)],
         password: Annotated[str, Form(max_length=MAX_FORM_CHARS)],
     ):
-        user = crud.authenticate(session, name=username, password=password)
-        if user is None:
+        user = crud.get_user(session, name=username)
+        session.commit()  # the slow argon2 check below runs outside any transaction
+        if not crud.check_password(user, password):
             return RedirectResponse("/login?error=1", status_code=303)
         request.session.clear()
         request.session["user_id"] = user.id

@@ -37,22 +37,12 @@ class VoteIn(BaseModel):
 
 class VoteOut(BaseModel):
     vote_id: int
-    progress: dict
+    next: ItemOut | None = Field(description="the caller's next item, already leased (null: nothing left)")
 
 
-def _progress(session, user_id: int) -> dict:
-    return queue.progress(session, user_id=user_id).__dict__
-
-
-@router.get(
-    "/next", response_model=ItemOut, responses={204: {"description": "nothing left for this annotator"}}
-)
-def next_item(user: AnnotatorDep, session: SessionDep):
-    """Lease the next comparison to the caller (the same one again while their lease lives)."""
-    item = queue.next_item(session, user_id=user.id)
-    session.commit()
+def _item_out(item: queue.Item | None) -> ItemOut | None:
     if item is None:
-        return Response(status_code=204)
+        return None
     return ItemOut(
         comparison_id=item.comparison_id,
         round=item.round,
@@ -64,9 +54,21 @@ def next_item(user: AnnotatorDep, session: SessionDep):
     )
 
 
+NOTHING_LEFT = {204: {"description": "nothing left for this annotator"}}
+
+
+@router.get("/next", response_model=ItemOut, responses=NOTHING_LEFT)
+def next_item(user: AnnotatorDep, session: SessionDep):
+    """Lease the next comparison to the caller (the same one again while their lease lives)."""
+    item = queue.next_item(session, user_id=user.id)
+    session.commit()
+    return Response(status_code=204) if item is None else _item_out(item)
+
+
 @router.post("/vote", response_model=VoteOut, status_code=201)
 def vote(body: VoteIn, user: AnnotatorDep, session: SessionDep):
-    """Vote on a comparison in the terms it was shown to the caller."""
+    """Vote on a comparison in the terms it was shown to the caller. The reply carries the caller's next item,
+    leased in the same transaction: fetch-and-vote in one round trip."""
     try:
         vote_id = queue.submit_vote(
             session,
@@ -84,12 +86,14 @@ def vote(body: VoteIn, user: AnnotatorDep, session: SessionDep):
     except AlignloopError as exc:
         session.rollback()
         raise HTTPException(status_code=422, detail=str(exc)) from None
+    item = queue.next_item(session, user_id=user.id)
     session.commit()
-    return VoteOut(vote_id=vote_id, progress=_progress(session, user.id))
+    return VoteOut(vote_id=vote_id, next=_item_out(item))
 
 
 @router.post("/skip", status_code=204)
 def skip(comparison_id: int, user: AnnotatorDep, session: SessionDep):
+    """Pass on an item: it is never offered to the caller again."""
     queue.skip(session, user_id=user.id, comparison_id=comparison_id)
     session.commit()
     return Response(status_code=204)
@@ -97,4 +101,5 @@ def skip(comparison_id: int, user: AnnotatorDep, session: SessionDep):
 
 @router.get("/progress")
 def progress(user: AnnotatorDep, session: SessionDep) -> dict:
-    return _progress(session, user.id)
+    """Votes today and in the current round, and how many items are left for the caller."""
+    return queue.progress(session, user_id=user.id).__dict__

@@ -21,11 +21,21 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import and_, delete, exists, func, or_
+from sqlalchemy import and_, delete, exists, func, or_, text
 from sqlmodel import Session, col, select
 
 from alignloop import AlignloopError, crud
-from alignloop.models import Comparison, Lease, Prompt, User, Vote, utcnow
+from alignloop.models import (
+    UNSCORED,
+    Comparison,
+    ComparisonItem,
+    Generation,
+    Lease,
+    Prompt,
+    User,
+    Vote,
+    utcnow,
+)
 
 LEASE_SECONDS = 600
 GOLD_SHARE = 0.05
@@ -132,31 +142,34 @@ def next_item(
     base = select(Comparison).where(_available(user_id, now))
     if round is not None:
         base = base.where(Comparison.round == round)
+    # Matches the index ix_comparison_queue_order exactly; unscored items sort after every scored one.
     ordered = base.order_by(
-        col(Comparison.priority).desc(),
-        col(Comparison.reward_margin).is_(None),  # scored items first, most uncertain first
-        col(Comparison.reward_margin),
-        Comparison.id,
+        text("priority DESC"), text(f"coalesce(reward_margin, {UNSCORED})"), col(Comparison.id)
     )
     queries = [ordered.where(col(Comparison.gold).is_(None))]
     gold_query = ordered.where(col(Comparison.gold).is_not(None))
     queries.insert(0 if _gold_turn(session, user_id, gold_share) else 1, gold_query)
-    for attempt in range(CLAIM_ATTEMPTS):
-        # A savepoint per attempt: rolling it back releases the row locks this attempt took, so an annotator
-        # who found every candidate locked by others does not sit on locks while waiting to try again.
-        savepoint = session.begin_nested()
+    # On PostgreSQL each attempt runs in a savepoint: rolling it back releases the row locks the attempt took,
+    # so an annotator who found every candidate locked does not sit on locks while waiting to retry. SQLite
+    # has no row locks (write transactions are serialised), so it needs neither savepoint nor retry.
+    postgres = session.get_bind().dialect.name == "postgresql"
+    for attempt in range(CLAIM_ATTEMPTS if postgres else 1):
+        savepoint = session.begin_nested() if postgres else None
         for query in queries:
             for comparison in session.exec(
                 query.limit(CANDIDATES_PER_CLAIM).with_for_update(skip_locked=True)
             ).all():
                 if _claim(session, comparison, user_id=user_id, now=now, lease_seconds=lease_seconds):
-                    savepoint.commit()
+                    if savepoint is not None:
+                        savepoint.commit()
                     return _item(
                         session,
                         comparison,
                         user_id=user_id,
                         expires_at=now + timedelta(seconds=lease_seconds),
                     )
+        if savepoint is None:
+            return None
         savepoint.rollback()
         # Nothing claimed: either nothing is left, or everything left was locked by concurrent claims.
         if session.exec(select(func.count()).select_from(base.subquery())).one() == 0:
@@ -168,34 +181,51 @@ def next_item(
 def _claim(
     session: Session, comparison: Comparison, *, user_id: int, now: datetime, lease_seconds: int
 ) -> bool:
-    """Insert this user's lease if the locked comparison still has room (counted afresh, under the lock)."""
-    session.refresh(comparison)
+    """Lease the locked comparison to this user if it still has room, counted afresh under the lock."""
     if comparison.gold is None:
         held = session.exec(
             select(func.count())
             .select_from(Lease)
             .where(Lease.comparison_id == comparison.id, Lease.user_id != user_id, _live_lease(now))
         ).one()
-        if comparison.status != "queued" or comparison.num_votes + held >= comparison.target_votes:
+        if comparison.num_votes + held >= comparison.target_votes:
             return False
-    # Replace any stale (expired) lease of this user on this item.
-    session.execute(delete(Lease).where(Lease.comparison_id == comparison.id, Lease.user_id == user_id))
-    session.add(
-        Lease(comparison_id=comparison.id, user_id=user_id, expires_at=now + timedelta(seconds=lease_seconds))
+    # One statement whether or not this user holds an expired lease on the item.
+    expires = now + timedelta(seconds=lease_seconds)
+    insert = _dialect_insert(session)(Lease).values(
+        comparison_id=comparison.id, user_id=user_id, expires_at=expires, skipped=False
     )
-    session.flush()
+    session.execute(
+        insert.on_conflict_do_update(
+            index_elements=["comparison_id", "user_id"], set_={"expires_at": expires, "skipped": False}
+        )
+    )
     return True
 
 
+def _dialect_insert(session: Session):
+    if session.get_bind().dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert
+
+
 def _item(session: Session, comparison: Comparison, *, user_id: int, expires_at: datetime) -> Item:
-    prompt = session.get(Prompt, comparison.prompt_id)
-    generations = crud.comparison_generations(session, comparison_id=comparison.id)
-    order = shown_order_for(user_id=user_id, comparison_id=comparison.id, num_items=len(generations))
+    rows = session.exec(
+        select(ComparisonItem.position, Generation.text, Prompt.messages)
+        .join(Generation, Generation.id == ComparisonItem.generation_id)
+        .join(Prompt, Prompt.id == Generation.prompt_id)
+        .where(ComparisonItem.comparison_id == comparison.id)
+        .order_by(ComparisonItem.position)
+    ).all()
+    texts = [text for _, text, _ in rows]
+    order = shown_order_for(user_id=user_id, comparison_id=comparison.id, num_items=len(texts))
     return Item(
         comparison_id=comparison.id,
         round=comparison.round,
-        prompt=prompt.messages,
-        responses=[generations[pos].text for pos in order],
+        prompt=rows[0][2],
+        responses=[texts[pos] for pos in order],
         shown_order=order,
         expires_at=_as_utc(expires_at),
         gold=comparison.gold is not None,
@@ -220,7 +250,9 @@ def submit_vote(
     order, which the server derives itself, so position-bias statistics cannot be spoofed by a client.
     `ratings` maps shown labels to {aspect: 1..5}.
     """
-    num_items = len(crud.comparison_generations(session, comparison_id=comparison_id))
+    num_items = session.exec(
+        select(func.count()).select_from(ComparisonItem).where(ComparisonItem.comparison_id == comparison_id)
+    ).one()
     if num_items == 0:
         raise AlignloopError(f"comparison {comparison_id} does not exist")
     order = shown_order_for(user_id=user_id, comparison_id=comparison_id, num_items=num_items)
@@ -255,6 +287,7 @@ def submit_vote(
         ratings=stored_ratings,
         rationale=rationale.strip(),
         seconds=seconds,
+        num_items=num_items,
     )
     session.execute(delete(Lease).where(Lease.comparison_id == comparison_id, Lease.user_id == user_id))
     session.flush()

@@ -19,8 +19,12 @@ from alignloop import crud
 from alignloop.models import Vote
 
 CHROMIUM = "/usr/bin/chromium"
-XSS_PROMPT = "Tell me about <script>window.__pwned = 1; alert('prompt')</script> <img src=x onerror=\"alert('img')\">"
-XSS_RESPONSE = "<b>bold?</b><svg onload=\"alert('svg')\"></svg> <a href=\"javascript:alert('link')\">click</a>"
+XSS_PROMPT = (
+    "Tell me about <script>window.__pwned = 1; alert('prompt')</script> <img src=x onerror=\"alert('img')\">"
+)
+XSS_RESPONSE = (
+    "<b>bold?</b><svg onload=\"alert('svg')\"></svg> <a href=\"javascript:alert('link')\">click</a>"
+)
 
 pytestmark = pytest.mark.browser
 
@@ -56,8 +60,13 @@ def live_server(workspace):
         crud.create_user(s, name="ann", role="annotator", password="annotator-pass")
         for i in range(3):
             text = XSS_PROMPT if i == 0 else f"Question number {i}"
-            (p,), _ = crud.add_prompts(s, prompts=[crud.PromptCreate(messages=[{"role": "user", "content": text}])], source="t")
-            gens = [crud.add_generation(s, prompt_id=p.id, text=XSS_RESPONSE if i == 0 else f"Answer {i}{k}") for k in "xy"]
+            (p,), _ = crud.add_prompts(
+                s, prompts=[crud.PromptCreate(messages=[{"role": "user", "content": text}])], source="t"
+            )
+            gens = [
+                crud.add_generation(s, prompt_id=p.id, text=XSS_RESPONSE if i == 0 else f"Answer {i}{k}")
+                for k in "xy"
+            ]
             crud.create_comparison(s, prompt_id=p.id, generation_ids=[g.id for g in gens])
         s.commit()
     port = free_port()
@@ -65,7 +74,9 @@ def live_server(workspace):
     cmd = [exe] if exe else [sys.executable, "-m", "alignloop.cli"]
     log = open(settings.workspace / "serve.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
-        [*cmd, "serve", "--port", str(port), "--workspace", str(settings.workspace)], stdout=log, stderr=subprocess.STDOUT
+        [*cmd, "serve", "--port", str(port), "--workspace", str(settings.workspace)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
