@@ -237,6 +237,30 @@ def cmd_judge_run(args) -> int:
     return 0
 
 
+def cmd_argilla(args) -> int:
+    from annotate.argilla_sync import connect, pull, push
+
+    _, engine = open_workspace(args)
+    api_key = os.environ.get(args.api_key_env)
+    if not api_key:
+        raise AlignloopError(f"set ${args.api_key_env} to your Argilla API key")
+    client = connect(args.url, api_key)
+    if args.argilla_command == "push":
+        summary = push(
+            engine, client, dataset_name=args.dataset, workspace=args.argilla_workspace, round=args.round
+        )
+        print(
+            f"pushed {summary.pushed} comparisons ({summary.skipped_k_way} with more than two responses skipped)"
+        )
+    else:
+        summary = pull(engine, client, dataset_name=args.dataset, workspace=args.argilla_workspace)
+        print(
+            f"pulled {summary.pulled} votes ({summary.already_present} already present, "
+            f"{summary.not_counted} on comparisons that were already complete)"
+        )
+    return 0
+
+
 def cmd_serve(args) -> int:
     import uvicorn
 
@@ -387,6 +411,24 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
     p.add_argument("--max-items", type=int, default=None)
     p.set_defaults(func=cmd_judge_run)
+
+    argilla = sub.add_parser("argilla", help="sync with an Argilla 2.x server").add_subparsers(
+        dest="argilla_command", required=True, metavar="ACTION"
+    )
+    for action, text in (
+        ("push", "send open pairwise comparisons"),
+        ("pull", "record submitted responses as votes"),
+    ):
+        p = argilla.add_parser(action, parents=[common], help=text)
+        p.add_argument("--url", required=True, help="Argilla API URL, e.g. http://argilla.internal:6900")
+        p.add_argument(
+            "--api-key-env", default="ARGILLA_API_KEY", help="environment variable holding the key"
+        )
+        p.add_argument("--dataset", required=True, help="Argilla dataset name")
+        p.add_argument("--argilla-workspace", required=True, help="Argilla workspace name")
+        if action == "push":
+            p.add_argument("--round", type=int, default=None)
+        p.set_defaults(func=cmd_argilla)
 
     export = sub.add_parser("export", help="export data").add_subparsers(
         dest="export_command", required=True, metavar="WHAT"
