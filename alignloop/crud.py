@@ -14,7 +14,7 @@ from datetime import datetime
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import and_, case, exists, func, update
+from sqlalchemy import and_, bindparam, case, exists, func, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, SQLModel, col, select
 
@@ -390,6 +390,25 @@ def _check_permutation(name: str, value: Sequence[int], num_items: int) -> None:
         raise AlignloopError(f"{name} must order all {num_items} responses exactly once, got {list(value)!r}")
 
 
+# Built once with bind parameters (cid, uid): this runs for every vote.
+_VOTE_GATE = (
+    update(Comparison)
+    .where(Comparison.id == bindparam("cid"), Comparison.status == "queued")
+    .where(~exists().where(Vote.comparison_id == bindparam("cid"), Vote.user_id == bindparam("uid")))
+    .where((Comparison.num_votes < Comparison.target_votes) | col(Comparison.gold).is_not(None))
+    .values(
+        num_votes=Comparison.num_votes + 1,
+        status=case(
+            (
+                and_(Comparison.num_votes + 1 >= Comparison.target_votes, col(Comparison.gold).is_(None)),
+                "done",
+            ),
+            else_=Comparison.status,
+        ),
+    )
+)
+
+
 def record_vote(
     session: Session,
     *,
@@ -431,23 +450,7 @@ def record_vote(
 
     # One conditional UPDATE is the gate: it counts the vote only while the comparison has room (gold items
     # always do: every annotator answers them) and this user has not voted on it, whatever the concurrency.
-    already_voted = exists().where(Vote.comparison_id == comparison_id, Vote.user_id == user_id)
-    counted = session.execute(
-        update(Comparison)
-        .where(Comparison.id == comparison_id, Comparison.status == "queued", ~already_voted)
-        .where((Comparison.num_votes < Comparison.target_votes) | col(Comparison.gold).is_not(None))
-        .values(
-            num_votes=Comparison.num_votes + 1,
-            status=case(
-                (
-                    and_(Comparison.num_votes + 1 >= Comparison.target_votes, col(Comparison.gold).is_(None)),
-                    "done",
-                ),
-                else_=Comparison.status,
-            ),
-        )
-        .execution_options(synchronize_session=False)
-    ).rowcount
+    counted = session.connection().execute(_VOTE_GATE, {"cid": comparison_id, "uid": user_id}).rowcount
     if counted != 1:
         if session.exec(
             select(Vote.id).where(Vote.comparison_id == comparison_id, Vote.user_id == user_id)

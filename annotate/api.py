@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Response
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from alignloop import AlignloopError, crud
@@ -40,18 +41,18 @@ class VoteOut(BaseModel):
     next: ItemOut | None = Field(description="the caller's next item, already leased (null: nothing left)")
 
 
-def _item_out(item: queue.Item | None) -> ItemOut | None:
+def _item_dict(item: queue.Item | None) -> dict | None:
     if item is None:
         return None
-    return ItemOut(
-        comparison_id=item.comparison_id,
-        round=item.round,
-        prompt=item.prompt,
-        responses=[
+    return {
+        "comparison_id": item.comparison_id,
+        "round": item.round,
+        "prompt": item.prompt,
+        "responses": [
             {"label": label, "text": text} for label, text in zip(item.labels, item.responses, strict=True)
         ],
-        expires_at=item.expires_at.isoformat(),
-    )
+        "expires_at": item.expires_at.isoformat(),
+    }
 
 
 NOTHING_LEFT = {204: {"description": "nothing left for this annotator"}}
@@ -62,7 +63,7 @@ def next_item(user: AnnotatorDep, session: SessionDep):
     """Lease the next comparison to the caller (the same one again while their lease lives)."""
     item = queue.next_item(session, user_id=user.id)
     session.commit()
-    return Response(status_code=204) if item is None else _item_out(item)
+    return Response(status_code=204) if item is None else JSONResponse(_item_dict(item))
 
 
 @router.post("/vote", response_model=VoteOut, status_code=201)
@@ -88,7 +89,8 @@ def vote(body: VoteIn, user: AnnotatorDep, session: SessionDep):
         raise HTTPException(status_code=422, detail=str(exc)) from None
     item = queue.next_item(session, user_id=user.id)
     session.commit()
-    return VoteOut(vote_id=vote_id, next=_item_out(item))
+    # A Response returned directly skips FastAPI's second validation of `response_model` (still documented).
+    return JSONResponse({"vote_id": vote_id, "next": _item_dict(item)}, status_code=201)
 
 
 @router.post("/skip", status_code=204)
