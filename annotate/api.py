@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Response
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
@@ -59,15 +59,15 @@ NOTHING_LEFT = {204: {"description": "nothing left for this annotator"}}
 
 
 @router.get("/next", response_model=ItemOut, responses=NOTHING_LEFT)
-def next_item(user: AnnotatorDep, session: SessionDep):
+def next_item(request: Request, user: AnnotatorDep, session: SessionDep):
     """Lease the next comparison to the caller (the same one again while their lease lives)."""
-    item = queue.next_item(session, user_id=user.id)
+    item = queue.next_item(session, user_id=user.id, **queue.queue_options(request.app.state.settings))
     session.commit()
     return Response(status_code=204) if item is None else JSONResponse(_item_dict(item))
 
 
 @router.post("/vote", response_model=VoteOut, status_code=201)
-def vote(body: VoteIn, user: AnnotatorDep, session: SessionDep):
+def vote(body: VoteIn, request: Request, user: AnnotatorDep, session: SessionDep):
     """Vote on a comparison in the terms it was shown to the caller. The reply carries the caller's next item,
     leased in the same transaction: fetch-and-vote in one round trip."""
     try:
@@ -87,7 +87,7 @@ def vote(body: VoteIn, user: AnnotatorDep, session: SessionDep):
     except AlignloopError as exc:
         session.rollback()
         raise HTTPException(status_code=422, detail=str(exc)) from None
-    item = queue.next_item(session, user_id=user.id)
+    item = queue.next_item(session, user_id=user.id, **queue.queue_options(request.app.state.settings))
     session.commit()
     # A Response returned directly skips FastAPI's second validation of `response_model` (still documented).
     return JSONResponse({"vote_id": vote_id, "next": _item_dict(item)}, status_code=201)

@@ -23,7 +23,6 @@ from alignloop.models import User
 from annotate import queue
 
 MAX_RESPONSES = 4
-DEFAULT_ASPECTS = ("helpfulness", "harmlessness", "honesty")
 DEFAULT_GUIDELINES = """\
 **Compare the responses to the conversation and pick the better one.**
 
@@ -76,7 +75,8 @@ def _progress_md(progress: queue.Progress) -> str:
 
 
 def build_ui(engine, settings: Settings) -> gr.Blocks:
-    aspects = list(DEFAULT_ASPECTS)
+    aspects = list(settings.aspects)
+    options = queue.queue_options(settings)
     guidelines = settings.guidelines or DEFAULT_GUIDELINES
 
     with gr.Blocks(title="alignloop · annotate", analytics_enabled=False) as demo:
@@ -139,7 +139,7 @@ def build_ui(engine, settings: Settings) -> gr.Blocks:
         def load_next(request: gr.Request, message: str = ""):
             with session_scope(engine) as session:
                 user = _user(session, request)
-                item = queue.next_item(session, user_id=user.id)
+                item = queue.next_item(session, user_id=user.id, **options)
                 progress = queue.progress(session, user_id=user.id)
             return show(item, progress, message)
 

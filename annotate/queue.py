@@ -171,6 +171,11 @@ def _gold_turn(session: Session, user_id: int, gold_share: float) -> bool:
     return math.floor((n + 1) * gold_share) > math.floor(n * gold_share)
 
 
+def queue_options(settings) -> dict:
+    """The workspace's queue settings as `next_item` keyword arguments."""
+    return {"lease_seconds": int(settings.lease_minutes * 60), "gold_share": settings.gold_share}
+
+
 def next_item(
     session: Session,
     *,

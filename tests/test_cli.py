@@ -142,3 +142,21 @@ def test_refused_licence_and_missing_model_are_one_line(workspace, tmp_path, tin
         assert proc.returncode == 1
         errors = [line for line in proc.stderr.splitlines() if line.startswith("alignloop: error:")]
         assert len(errors) == 1 and message in errors[0] and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("gold_share: 2", "gold_share must be in [0, 1]"),
+        ("aspects: []", "aspects must be a list"),
+        ("lease_minutes: 0", "lease_minutes and target_votes positive"),
+        ("colour: blue", "unknown setting(s) colour"),
+        ("{{{", "not valid YAML"),
+    ],
+)
+def test_bad_config_is_one_clear_line(workspace, line, message, capsys):
+    settings, _, _ = workspace
+    config = settings.workspace / "config.yaml"
+    config.write_text(config.read_text() + "\n" + line + "\n" if line != "{{{" else line)
+    assert run("users", "add", "x", "--role", "annotator", workspace=settings.workspace) == 1
+    assert message in capsys.readouterr().err
