@@ -40,6 +40,8 @@ format: $(VENV)/.installed-dev
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/generate.py
+	$(BIN)/python bench/load_default.py
+	$(BIN)/python bench/annotate_load.py
 
 clean:
 	rm -rf $(VENV) alignloop-data .pytest_cache

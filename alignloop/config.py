@@ -41,8 +41,12 @@ class Settings:
         default_factory=lambda: ["helpfulness", "harmlessness", "honesty"],
         metadata={"help": "Per-response rating aspects (1-5) on the annotation page."},
     )
-    gold_share: float = field(default=0.05, metadata={"help": "Share of each annotator's items that are gold."})
-    lease_minutes: float = field(default=10, metadata={"help": "How long an item stays reserved for its annotator."})
+    gold_share: float = field(
+        default=0.05, metadata={"help": "Share of each annotator's items that are gold."}
+    )
+    lease_minutes: float = field(
+        default=10, metadata={"help": "How long an item stays reserved for its annotator."}
+    )
     # --- generation defaults ---
     max_new_tokens: int = field(default=128, metadata={"help": "Tokens per sampled response."})
     temperature: float = field(default=0.8, metadata={"help": "Sampling temperature."})
@@ -94,8 +98,14 @@ def load_settings(workspace: str | os.PathLike | None = None) -> Settings:
         raise AlignloopError(f"{config_file}: unknown setting(s) {', '.join(unknown)}")
     settings = Settings(workspace=path, **raw)
     if not 0 <= settings.gold_share <= 1 or settings.lease_minutes <= 0 or settings.target_votes < 1:
-        raise AlignloopError(f"{config_file}: gold_share must be in [0, 1], lease_minutes and target_votes positive")
-    if not settings.aspects or len(settings.aspects) > 6 or not all(isinstance(a, str) and a for a in settings.aspects):
+        raise AlignloopError(
+            f"{config_file}: gold_share must be in [0, 1], lease_minutes and target_votes positive"
+        )
+    if (
+        not settings.aspects
+        or len(settings.aspects) > 6
+        or not all(isinstance(a, str) and a for a in settings.aspects)
+    ):
         raise AlignloopError(f"{config_file}: aspects must be a list of 1 to 6 names")
     if url := os.environ.get("ALIGNLOOP_DATABASE_URL"):
         settings.database_url = url

@@ -238,9 +238,15 @@ def _register_routes(app: FastAPI) -> None:
         request.session.clear()
         return RedirectResponse("/login", status_code=303)
 
-    @app.get("/", include_in_schema=False)
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def home(user: UserDep):
-        return RedirectResponse("/queue", status_code=303)
+        links = [("/queue", "Queue", "the comparisons waiting for votes")]
+        if user.role in ("annotator", "admin"):
+            links.insert(0, ("/annotate/", "Annotate", "compare responses, one item at a time (keys 1-4, S)"))
+        if user.role == "admin":
+            links.append(("/admin", "Admin", "annotation quality: agreement, gold accuracy, position bias"))
+        items = "".join(f'<li><a href="{href}">{label}</a> — {text}</li>' for href, label, text in links)
+        return page("Home", f"<h2>Welcome, {html.escape(user.name)}</h2><ul>{items}</ul>", user)
 
     @app.get("/queue", response_class=HTMLResponse, include_in_schema=False)
     def queue_page(

@@ -49,6 +49,8 @@ def test_wrong_password_is_refused(app_client):
 def test_queue_page_shows_comparisons_as_inert_text(app_client):
     client, password = app_client
     assert login(client, "admin", password).headers["location"] == "/"
+    home = client.get("/")
+    assert all(link in home.text for link in ('href="/annotate/"', 'href="/queue"', 'href="/admin"'))
     page = client.get("/queue")
     assert page.status_code == 200
     assert "Queued comparisons (1)" in page.text
