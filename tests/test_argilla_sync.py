@@ -5,12 +5,9 @@ run; `argilla_standin.py` replays the documented REST API that the client uses (
 loudly on any call it does not know.
 """
 
-import socket
-import threading
-
 import pytest
-import uvicorn
 from argilla_standin import make_standin
+from conftest import serve_in_thread
 from sqlmodel import Session, select
 from test_queue import seed
 
@@ -25,17 +22,8 @@ API_KEY = "alignloop-test-key"
 @pytest.fixture
 def argilla_server():
     app, state = make_standin(API_KEY)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        pass
-    yield f"http://127.0.0.1:{port}", state
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serve_in_thread(app) as url:
+        yield url, state
     assert state["unhandled"] == [], (
         f"the client called endpoints the stand-in does not implement: {state['unhandled']}"
     )

@@ -6,13 +6,13 @@ prompts and responses carrying HTML/JS payloads are shown as text and nothing ex
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 
 import httpx
 import pytest
+from conftest import free_port
 from sqlmodel import Session, select
 
 from alignloop import crud
@@ -45,12 +45,6 @@ def browser():
         )  # fmt: skip
         yield b
         b.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

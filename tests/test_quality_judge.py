@@ -1,9 +1,7 @@
 """Quality statistics, the admin page's remedies, and the AI judge voting through the queue."""
 
-import threading
-
 import pytest
-import uvicorn
+from conftest import serve_in_thread
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlmodel import Session, select
@@ -152,7 +150,6 @@ def fake_openai_endpoint():
     It stands in for whatever OpenAI-compatible endpoint a user configures; the client under test is the real
     `openai` package."""
     import re
-    import socket
 
     app = FastAPI()
     seen = []
@@ -170,17 +167,8 @@ def fake_openai_endpoint():
             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
         }  # fmt: skip
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        pass
-    yield f"http://127.0.0.1:{port}/v1", seen
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serve_in_thread(app) as url:
+        yield f"{url}/v1", seen
 
 
 def test_openai_compatible_judge(engine, fake_openai_endpoint):

@@ -3,7 +3,6 @@
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -11,6 +10,7 @@ import time
 import httpx
 import pytest
 import torch
+from conftest import free_port
 
 from alignloop.generate import SamplingParams, generate
 from alignloop.registry import DEFAULT_CACHE_NAME, resolve
@@ -34,12 +34,6 @@ def test_default_model_answers_and_is_cached_as_safetensors(workspace):
         loaded.model.state_dict().items(), again.model.state_dict().items(), strict=True
     ):
         assert torch.equal(a, b), name
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_demo_generates_and_serves(tmp_path):
