@@ -261,6 +261,26 @@ def cmd_argilla(args) -> int:
     return 0
 
 
+def cmd_sft_train(args) -> int:
+    from sft.train import load_config, train
+
+    settings, engine = open_workspace(args)
+    config = load_config(
+        args.config, data=args.data or None, method=args.method, base=args.base, max_steps=args.max_steps,
+        name=args.name, merge=args.merge or None, from_chosen=args.from_chosen or None,
+        from_chat_edits=args.from_chat_edits or None,
+    )  # fmt: skip
+    summary = train(engine, settings, config)
+    losses = summary["held_out_loss"]
+    held = ", ".join(f"{k} {v:.3f}" for k, v in losses.items()) or "none held out"
+    print(
+        f"registered {summary['model']} (run {summary['run_id']}): {summary['method']}, "
+        f"{summary['trainable_params']:,} of {summary['total_params']:,} parameters trained, "
+        f"loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}; held-out loss: {held}"
+    )
+    return 0
+
+
 def cmd_serve(args) -> int:
     import uvicorn
 
@@ -429,6 +449,25 @@ def make_parser() -> argparse.ArgumentParser:
         if action == "push":
             p.add_argument("--round", type=int, default=None)
         p.set_defaults(func=cmd_argilla)
+
+    sft = sub.add_parser("sft", help="instruction tuning with PEFT (L2)").add_subparsers(
+        dest="sft_command", required=True, metavar="ACTION"
+    )
+    p = sft.add_parser(
+        "train", parents=[common], help="tune a model on instruction data; registers the result"
+    )
+    p.add_argument("--config", default=None, help="YAML with SFTRunConfig fields (configs/sft/*.yaml)")
+    p.add_argument("--data", nargs="+", default=None, help="dolly / alpaca / chat .jsonl files")
+    p.add_argument("--from-chosen", action="store_true", help="add chosen responses of voted comparisons")
+    p.add_argument("--from-chat-edits", action="store_true", help="add reviewers' edited chat answers")
+    p.add_argument("--method", default=None, choices=["lora", "prefix", "ia3", "full"])
+    p.add_argument(
+        "--base", default=None, help="model reference to tune (default: the config's, else 'default')"
+    )
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--name", default=None, help="name of the registered model version")
+    p.add_argument("--merge", action="store_true", help="save a merged standalone model (lora, ia3)")
+    p.set_defaults(func=cmd_sft_train)
 
     export = sub.add_parser("export", help="export data").add_subparsers(
         dest="export_command", required=True, metavar="WHAT"

@@ -72,6 +72,11 @@ def render(tokenizer, messages: Sequence[dict]) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def _is_prompt_learning(model) -> bool:
+    config = getattr(model, "active_peft_config", None)
+    return bool(getattr(config, "is_prompt_learning", False))
+
+
 @torch.inference_mode()
 def generate(
     model,
@@ -87,6 +92,8 @@ def generate(
     params = params or SamplingParams()
     if num_samples < 1 or batch_size < 1:
         raise AlignloopError("num_samples and batch_size must be at least 1")
+    if _is_prompt_learning(model):
+        batch_size = 1  # virtual tokens (prefix tuning) meet left padding in the wrong places: one at a time
     stops = stop_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     device = next(model.parameters()).device

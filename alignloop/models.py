@@ -179,3 +179,16 @@ class Lease(SQLModel, table=True):
     user_id: int = Field(foreign_key="user.id", index=True)
     expires_at: datetime = Field(index=True)
     skipped: bool = False  # the annotator passed on it: never offered to them again, holds no slot
+
+
+class ChatFeedback(SQLModel, table=True):
+    # A reviewer's verdict on one chat reply: thumbs up/down and, optionally, the better answer they wrote.
+    # Edited answers become SFT data; an up/down pair on the same conversation becomes preference data.
+    id: int | None = Field(default=None, primary_key=True)
+    user_id: int = Field(foreign_key="user.id", index=True)
+    model_version_id: int | None = Field(default=None, foreign_key="modelversion.id", index=True)
+    messages: list = json_column(default_factory=list)  # the conversation up to and including the user turn
+    response: str = Field(sa_column=Column(Text, nullable=False))
+    rating: int | None = None  # +1 thumbs up, -1 thumbs down
+    edited: str | None = Field(default=None, sa_column=Column(Text))
+    created_at: datetime = Field(default_factory=utcnow)

@@ -1,0 +1,321 @@
+"""Instruction tuning (L2): adapt a model to your instructions with LoRA, prefix tuning, IA3 or full fine-tuning.
+
+    alignloop sft train --config configs/sft/default.yaml --data dolly.jsonl [--method lora|prefix|ia3|full]
+
+Phases, in order: validate the config and read all data (nothing is written if anything is wrong); open a
+`Run`; split off held-out prompts per category; load the base from the registry; wrap it with the PEFT method;
+sample a few held-out answers; train with TRL's `SFTTrainer` (loss on the assistant's tokens only, via
+prompt/completion examples); measure held-out loss per category; sample again; save the adapter (or a merged
+model) and register it as a `ModelVersion` of kind `sft`, which the registry, `generate`, reward and RL
+stages accept as a base by name.
+
+Departures from TRL's defaults, on purpose: activation checkpointing is off (it disables the KV cache, and
+prefix tuning passes its virtual tokens through that cache: with it on, the attention mask and the keys
+disagree in length); training runs on the CPU in float32 unless a GPU is present.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import yaml
+from datasets import Dataset
+from sqlmodel import Session
+from trl import SFTConfig, SFTTrainer
+
+from alignloop import AlignloopError, crud, registry
+from alignloop.config import Settings
+from alignloop.db import session_scope
+from alignloop.generate import SamplingParams, generate
+from sft.data import Example, chosen_examples, edited_examples, parse_instruction_file, split_held_out
+
+log = logging.getLogger(__name__)
+METHODS = ("lora", "prefix", "ia3", "full")
+
+
+@dataclass
+class SFTRunConfig:
+    # --- data ---
+    data: list[str] = field(
+        default_factory=list, metadata={"help": "Instruction files (dolly, alpaca, chat)."}
+    )
+    from_chosen: bool = field(
+        default=False, metadata={"help": "Add the chosen responses of voted comparisons."}
+    )
+    from_chat_edits: bool = field(default=False, metadata={"help": "Add reviewers' edited chat answers."})
+    held_out_fraction: float = field(
+        default=0.1, metadata={"help": "Share of prompts per category held out."}
+    )
+    max_examples: int | None = field(
+        default=None, metadata={"help": "Use at most this many training examples."}
+    )
+    # --- model ---
+    base: str = field(default="default", metadata={"help": "Model reference to tune."})
+    method: str = field(default="lora", metadata={"help": "lora | prefix | ia3 | full"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        metadata={"help": "LoRA target modules."},
+    )
+    num_virtual_tokens: int = field(default=16, metadata={"help": "Prefix tuning: virtual tokens per layer."})
+    ia3_target_modules: list[str] = field(
+        default_factory=lambda: ["k_proj", "v_proj", "down_proj"], metadata={"help": "IA3 target modules."}
+    )
+    ia3_feedforward_modules: list[str] = field(
+        default_factory=lambda: ["down_proj"], metadata={"help": "IA3 modules scaled on their input."}
+    )
+    # --- training ---
+    max_steps: int = field(default=200, metadata={"help": "Optimizer steps."})
+    learning_rate: float | None = field(
+        default=None, metadata={"help": "Default: per method (see LEARNING_RATES)."}
+    )
+    per_device_train_batch_size: int = field(default=4, metadata={"help": "Examples per step and device."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Steps accumulated per update."})
+    max_length: int = field(default=512, metadata={"help": "Tokens per example (prompt + completion)."})
+    logging_steps: int = field(default=5, metadata={"help": "Log metrics every this many steps."})
+    seed: int = field(default=0, metadata={"help": "Random seed."})
+    # --- output ---
+    name: str | None = field(
+        default=None, metadata={"help": "Model version name (default: sft-<method>-run<id>)."}
+    )
+    merge: bool = field(
+        default=False, metadata={"help": "Merge the adapter into a standalone model (LoRA, IA3)."}
+    )
+    num_samples: int = field(
+        default=3, metadata={"help": "Held-out prompts answered before and after, in the report."}
+    )
+    sample_max_new_tokens: int = field(default=64, metadata={"help": "Tokens per sample answer."})
+
+
+# Adapters tolerate (and need) far larger steps than full fine-tuning.
+LEARNING_RATES = {"lora": 2e-4, "prefix": 3e-3, "ia3": 3e-3, "full": 2e-5}
+
+
+def load_config(path: str | Path | None, **overrides) -> SFTRunConfig:
+    raw: dict = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise AlignloopError(f"{path}: cannot read the SFT config ({exc.__class__.__name__})") from None
+    known = {f.name for f in fields(SFTRunConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise AlignloopError(f"{path}: unknown SFT setting(s) {', '.join(unknown)}")
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    config = SFTRunConfig(**raw)
+    if config.method not in METHODS:
+        raise AlignloopError(f"method must be one of {', '.join(METHODS)}, not {config.method!r}")
+    if config.merge and config.method not in ("lora", "ia3"):
+        raise AlignloopError(f"--merge works for lora and ia3 adapters, not {config.method}")
+    if (
+        config.max_steps < 1
+        or config.per_device_train_batch_size < 1
+        or not 0 <= config.held_out_fraction < 1
+    ):
+        raise AlignloopError("max_steps and batch size must be positive and held_out_fraction in [0, 1)")
+    return config
+
+
+def peft_config(config: SFTRunConfig):
+    from peft import IA3Config, LoraConfig, PrefixTuningConfig, TaskType
+
+    if config.method == "lora":
+        return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                          target_modules=config.target_modules, task_type=TaskType.CAUSAL_LM)  # fmt: skip
+    if config.method == "prefix":
+        return PrefixTuningConfig(num_virtual_tokens=config.num_virtual_tokens, task_type=TaskType.CAUSAL_LM)
+    if config.method == "ia3":
+        return IA3Config(target_modules=config.ia3_target_modules, feedforward_modules=config.ia3_feedforward_modules,
+                         task_type=TaskType.CAUSAL_LM)  # fmt: skip
+    return None  # full fine-tuning
+
+
+def collect_examples(engine, config: SFTRunConfig) -> list[Example]:
+    examples = [e for path in config.data for e in parse_instruction_file(path)]
+    with Session(engine) as session:
+        if config.from_chosen:
+            examples += chosen_examples(session)
+        if config.from_chat_edits:
+            examples += edited_examples(session)
+    if not examples:
+        raise AlignloopError("no training data: give --data files, --from-chosen or --from-chat-edits")
+    return examples
+
+
+class RunLogger:
+    """A TrainerCallback (duck-typed) writing every logged step to the Run row and to a JSON Lines file."""
+
+    def __init__(self, engine, run_id: int, path: Path):
+        self.engine, self.run_id, self.path = engine, run_id, path
+
+    def __getattr__(self, name):  # every other TrainerCallback event: nothing to do
+        if name.startswith("on_"):
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        entry = {"step": state.global_step, "time": time.time(), **(logs or {})}
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+        with session_scope(self.engine) as session:
+            run = session.get(crud.Run, self.run_id)
+            history = list(run.metrics.get("history", [])) + [entry]
+            run.metrics = {**run.metrics, "history": history, "step": state.global_step}
+            session.add(run)
+
+
+def train(engine, settings: Settings, config: SFTRunConfig, *, progress: bool = True) -> dict:
+    # 1. Everything that can be wrong with the input is found before anything is written.
+    examples = collect_examples(engine, config)
+    train_examples, held_out = split_held_out(examples, fraction=config.held_out_fraction, seed=config.seed)
+    if config.max_examples:
+        train_examples = train_examples[: config.max_examples]
+    with Session(engine) as session:
+        source = registry.locate(config.base, settings=settings, session=session)
+        base_version = crud.get_model_version(session, name=config.base)
+
+    with session_scope(engine) as session:
+        run = crud.create_run(session, kind="sft", config=asdict(config))
+    run_dir = settings.runs_dir / f"run{run.id}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        summary = _fit(
+            engine, config, run.id, run_dir, source, base_version, train_examples, held_out, progress
+        )
+    except BaseException as exc:
+        with session_scope(engine) as session:
+            crud.finish_run(
+                session, run=session.get(crud.Run, run.id), status="failed", error=str(exc)[:2000]
+            )
+        raise
+    return summary
+
+
+def _fit(engine, config, run_id, run_dir, source, base_version, train_examples, held_out, progress) -> dict:
+    torch.manual_seed(config.seed)
+    # 2. The base model, wrapped by the method. A base that is itself an adapter is merged first.
+    loaded = registry.load_causal_lm(source)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    if source.base is not None:
+        model = model.merge_and_unload()
+    sample_prompts = [e.prompt for e in held_out[: config.num_samples]]
+    before = _samples(model, tokenizer, sample_prompts, config)
+
+    cuda = torch.cuda.is_available()
+    args = SFTConfig(
+        output_dir=str(run_dir / "trainer"),
+        max_steps=config.max_steps,
+        learning_rate=config.learning_rate or LEARNING_RATES[config.method],
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        per_device_eval_batch_size=config.per_device_train_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        max_length=config.max_length,
+        logging_steps=config.logging_steps,
+        seed=config.seed,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=not cuda,
+        bf16=cuda and torch.cuda.is_bf16_supported(),
+        activation_checkpointing=False,  # see the module docstring
+        disable_tqdm=not progress,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list([e.row() for e in train_examples]),
+        processing_class=tokenizer,
+        peft_config=peft_config(config),
+        callbacks=[RunLogger(engine, run_id, run_dir / "metrics.jsonl")],
+    )
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in trainer.model.parameters())
+    start = time.perf_counter()
+    trainer.train()
+    train_seconds = time.perf_counter() - start
+
+    # 3. Held-out loss per category (completion tokens only, as in training).
+    eval_loss: dict[str, float] = {}
+    categories = sorted({e.category for e in held_out})
+    for category in categories:
+        subset = Dataset.from_list([e.row() for e in held_out if e.category == category])
+        eval_loss[category] = trainer.evaluate(eval_dataset=subset)["eval_loss"]
+    if held_out:
+        eval_loss["all"] = trainer.evaluate(eval_dataset=Dataset.from_list([e.row() for e in held_out]))[
+            "eval_loss"
+        ]
+
+    # 4. Save and register.
+    tuned = trainer.model
+    after = _samples(tuned, tokenizer, sample_prompts, config)
+    out = run_dir / "model"
+    if config.merge:
+        tuned = tuned.merge_and_unload()
+    tuned.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    if config.method != "full" and not config.merge:
+        _point_adapter_at(out, source)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    metrics = {
+        "method": config.method, "train_examples": len(train_examples), "held_out_examples": len(held_out),
+        "trainable_params": trainable, "total_params": total, "train_seconds": round(train_seconds, 2),
+        "seconds_per_step": round(train_seconds / config.max_steps, 4), "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None, "held_out_loss": eval_loss,
+    }  # fmt: skip
+    report = _report(config, metrics, sample_prompts, before, after)
+    (run_dir / "report.md").write_text(report, encoding="utf-8")
+    with session_scope(engine) as session:
+        name = config.name or f"sft-{config.method}-run{run_id}"
+        version = crud.register_model(
+            session, name=name, kind="sft", base=config.base if config.method != "full" and not config.merge else name,
+            path=str(out), parent_id=base_version.id if base_version else None, run_id=run_id,
+            licence=source.licence, metrics=metrics,
+        )  # fmt: skip
+        run = session.get(crud.Run, run_id)
+        crud.finish_run(session, run=run, status="succeeded", metrics=metrics)
+        run.log_path = str(run_dir / "metrics.jsonl")
+        session.add(run)
+    return {"run_id": run_id, "model": name, "model_version_id": version.id, "path": str(out), **metrics,
+            "samples_before": before, "samples_after": after}  # fmt: skip
+
+
+def _point_adapter_at(adapter_dir: Path, source) -> None:
+    """Record the base's local path in adapter_config.json, so the adapter also loads outside the registry."""
+    config_file = adapter_dir / "adapter_config.json"
+    data = json.loads(config_file.read_text())
+    data["base_model_name_or_path"] = str(source.base.path if source.base is not None else source.path)
+    config_file.write_text(json.dumps(data, indent=2))
+
+
+def _samples(model, tokenizer, prompts: list[list[dict]], config: SFTRunConfig) -> list[str]:
+    if not prompts:
+        return []
+    was_training = model.training
+    model.eval()
+    params = SamplingParams(max_new_tokens=config.sample_max_new_tokens, temperature=0)
+    answers = [
+        samples[0].text for samples in generate(model, tokenizer, prompts, params=params, progress=False)
+    ]
+    model.train(was_training)
+    return answers
+
+
+def _report(config, metrics, prompts, before, after) -> str:
+    lines = [
+        f"# SFT run: {config.method} on {config.base}",
+        "",
+        "```json",
+        json.dumps(metrics, indent=2),
+        "```",
+        "",
+    ]
+    for prompt, b, a in zip(prompts, before, after, strict=True):
+        lines += [f"## {prompt[-1]['content'][:200]}", "", f"**before:** {b}", "", f"**after:** {a}", ""]
+    return "\n".join(lines)

@@ -1,0 +1,173 @@
+"""Instruction tuning on a tiny model: every PEFT method learns, touches only its own parameters, reloads exactly."""
+
+import json
+
+import pytest
+import torch
+from sqlmodel import Session, select
+
+from alignloop import crud
+from alignloop.cli import main
+from alignloop.generate import SamplingParams, generate
+from alignloop.models import ChatFeedback, ModelVersion, Run
+from alignloop.prompts import ImportFileError
+from alignloop.registry import resolve
+from sft.data import parse_instruction_file, split_held_out
+from sft.train import load_config, train
+
+CATEGORIES = ["open_qa", "brainstorming"]
+
+
+@pytest.fixture
+def dolly_file(tmp_path):
+    rows = [
+        {"instruction": f"What is item {i}?", "context": "" if i % 2 else f"Item {i} is blue.",
+         "response": f"Item {i} is a blue thing.", "category": CATEGORIES[i % 2]}
+        for i in range(12)
+    ]  # fmt: skip
+    path = tmp_path / "dolly.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_formats_become_prompt_completion(tmp_path):
+    f = tmp_path / "mixed.jsonl"
+    f.write_text(
+        json.dumps({"instruction": "Add", "input": "2 and 3", "output": "5"}) + "\n"
+        + json.dumps({"instruction": "Summarise", "context": "Long text.", "response": "Short.", "category": "summarization"}) + "\n"
+        + json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}) + "\n"
+    )  # fmt: skip
+    alpaca, dolly, chat = parse_instruction_file(f)
+    assert alpaca.row() == {
+        "prompt": [{"role": "user", "content": "Add\n\n2 and 3"}],
+        "completion": [{"role": "assistant", "content": "5"}],
+    }
+    assert (dolly.prompt[0]["content"], dolly.category) == ("Summarise\n\nLong text.", "summarization")
+    assert (chat.prompt, chat.completion) == ([{"role": "user", "content": "Hi"}], "Hello!")
+
+
+@pytest.mark.parametrize(
+    "line, reason",
+    [
+        ('{"instruction": "x"', "invalid JSON"),
+        ('{"instruction": "Do it"}', "missing field 'response' \\(dolly\\) or 'output'"),
+        ('{"messages": [{"role": "user", "content": "only a question"}]}', "must hold the conversation"),
+        (
+            '{"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "q2"}]}',
+            "assistant's",
+        ),
+        ('{"text": "free text"}', "no instruction data"),
+    ],
+)
+def test_malformed_data_trains_nothing(workspace, tmp_path, line, reason, capsys):
+    settings, engine, _ = workspace
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"instruction": "ok", "response": "fine"}\n' + line + "\n")
+    with pytest.raises(ImportFileError, match=reason):
+        parse_instruction_file(f)
+    assert main(["sft", "train", "--data", str(f), "--workspace", str(settings.workspace)]) == 1
+    assert "bad.jsonl:2:" in capsys.readouterr().err
+    with Session(engine) as s:
+        assert s.exec(select(Run)).all() == [] and s.exec(select(ModelVersion)).all() == []
+    assert not any(settings.runs_dir.iterdir())
+
+
+def test_held_out_split_is_by_prompt_and_per_category(dolly_file):
+    examples = parse_instruction_file(dolly_file)
+    train_set, held = split_held_out(examples, fraction=0.25, seed=0)
+    assert {e.category for e in held} == set(CATEGORIES)
+    assert not {crud.prompt_hash(e.prompt) for e in held} & {crud.prompt_hash(e.prompt) for e in train_set}
+
+
+def base_weights(model_dir) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    return {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(model_dir).state_dict().items()}
+
+
+@pytest.mark.parametrize("method", ["lora", "prefix", "ia3", "full"])
+def test_each_method_learns_and_reloads_exactly(workspace, tiny_model_dir, dolly_file, method):
+    settings, engine, _ = workspace
+    config = load_config(
+        "configs/sft/tiny.yaml", data=[str(dolly_file)], base=str(tiny_model_dir), method=method,
+        max_steps=30, learning_rate=3e-2 if method != "full" else 3e-3, name=f"tiny-{method}",
+    )  # fmt: skip
+    summary = train(engine, settings, config, progress=False)
+
+    assert summary["final_loss"] < summary["first_loss"]  # it learns on a small overfit set
+    assert set(summary["held_out_loss"]) == {*CATEGORIES, "all"}
+    assert len(summary["samples_before"]) == len(summary["samples_after"]) == 2
+    before = base_weights(tiny_model_dir)
+    with Session(engine) as s:
+        version = crud.get_model_version(s, name=f"tiny-{method}")
+        run = s.get(Run, summary["run_id"])
+        assert version.kind == "sft" and version.run_id == run.id and run.status == "succeeded"
+        assert [h["step"] for h in run.metrics["history"] if "loss" in h][:2] == [2, 4]
+        loaded = resolve(f"tiny-{method}", settings=settings, session=s)
+    if method == "full":
+        assert summary["trainable_params"] == summary["total_params"]
+        assert any(not torch.equal(before[k], v) for k, v in loaded.model.state_dict().items() if k in before)
+    else:
+        assert summary["trainable_params"] < summary["total_params"] / 5
+        # Only the adapter changed: the base weights under it are the originals (LoRA keeps them as base_layer).
+        base = {
+            k.replace(".base_layer", ""): v for k, v in loaded.model.get_base_model().state_dict().items()
+        }
+        for key, value in before.items():
+            assert torch.equal(base[key], value), key
+    # Batched generation gives what one-at-a-time generation gives, prefix tuning included.
+    prompts = [
+        [{"role": "user", "content": "Hi"}],
+        [{"role": "user", "content": "What is item 3? Tell me more."}],
+    ]
+    greedy = SamplingParams(max_new_tokens=6, temperature=0)
+    batched = generate(loaded.model, loaded.tokenizer, prompts, params=greedy, batch_size=2, progress=False)
+    single = [
+        generate(loaded.model, loaded.tokenizer, [p], params=greedy, progress=False)[0] for p in prompts
+    ]
+    assert [b[0].token_ids for b in batched] == [s[0].token_ids for s in single]
+    # The saved model reloads to the outputs the trained one gave: compare with the registry's second load.
+    with Session(engine) as s:
+        again = resolve(f"tiny-{method}", settings=settings, session=s)
+    ids = torch.tensor([[1, 20, 30, 40, 50]])
+    with torch.no_grad():
+        assert torch.allclose(
+            loaded.model(input_ids=ids).logits, again.model(input_ids=ids).logits, atol=1e-5
+        )
+        reference = loaded.model.get_base_model() if method != "full" else None
+        if reference is not None and method != "prefix":  # the adapter really changes the outputs
+            with loaded.model.disable_adapter():
+                plain = loaded.model(input_ids=ids).logits
+            assert not torch.allclose(plain, again.model(input_ids=ids).logits, atol=1e-4)
+
+
+def test_sft_on_chosen_and_chat_edits_via_cli(workspace, tiny_model_dir, capsys):
+    from test_queue import seed, users
+
+    settings, engine, _ = workspace
+    with Session(engine) as s:
+        comparisons = seed(s, 6)
+        (ann,) = users(s, 1)
+        for c in comparisons:
+            crud.record_vote(s, comparison_id=c.id, user_id=ann.id, choice="a")
+        s.add(ChatFeedback(user_id=ann.id, messages=[{"role": "user", "content": "Hi?"}], response="meh", rating=-1,
+                           edited="Hello! How can I help?"))  # fmt: skip
+        s.commit()
+    code = main([
+        "sft", "train", "--config", "configs/sft/tiny.yaml", "--from-chosen", "--from-chat-edits",
+        "--base", str(tiny_model_dir), "--max-steps", "4", "--name", "tiny-chosen", "--workspace", str(settings.workspace),
+    ])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0 and "registered tiny-chosen" in out
+    with Session(engine) as s:
+        metrics = crud.get_model_version(s, name="tiny-chosen").metrics
+    assert metrics["train_examples"] + metrics["held_out_examples"] == 7
+
+
+def test_bad_sft_settings_are_refused():
+    from alignloop import AlignloopError
+
+    with pytest.raises(AlignloopError, match="method must be one of"):
+        load_config(None, method="adapterz")
+    with pytest.raises(AlignloopError, match="--merge works for lora and ia3"):
+        load_config(None, method="prefix", merge=True)
