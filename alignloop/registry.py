@@ -145,6 +145,7 @@ def default_gguf_path() -> Path:
 def materialise_gguf(gguf_file: Path, out_dir: Path) -> Path:
     """De-quantise a GGUF model once and save it (weights, tokenizer, licence card) as safetensors."""
     if (out_dir / "model.safetensors").is_file():
+        _drop_gguf_quantization(out_dir)  # caches written before this was fixed
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out_dir) + ".lock"):  # two processes starting at once materialise it once
@@ -156,7 +157,12 @@ def materialise_gguf(gguf_file: Path, out_dir: Path) -> Path:
         licence = _gguf_licence(gguf_file)
         tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
         loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-        model = AutoModelForCausalLM.from_config(loaded.config)
+        config = loaded.config
+        # The weights are de-quantised floats now; a leftover GGUF quantization_config would make every
+        # later load claim the model is quantized, and trainers refuse to fine-tune it.
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config)
         model.load_state_dict(loaded.state_dict())
         model.generation_config = loaded.generation_config
         tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -167,6 +173,14 @@ def materialise_gguf(gguf_file: Path, out_dir: Path) -> Path:
         (tmp / "README.md").write_text(f"---\n{yaml.safe_dump(card)}---\n", encoding="utf-8")
         tmp.rename(out_dir)  # atomic: a half-written cache is never mistaken for a finished one
     return out_dir
+
+
+def _drop_gguf_quantization(model_dir: Path) -> None:
+    config_file = model_dir / "config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    if config.get("quantization_config", {}).get("quant_method") == "gguf":
+        del config["quantization_config"]
+        config_file.write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
 def locate(

@@ -24,6 +24,9 @@ def test_default_model_answers_and_is_cached_as_safetensors(workspace):
     cache = settings.cache_dir / "models" / DEFAULT_CACHE_NAME
     assert loaded.path == cache and (cache / "model.safetensors").is_file()
     assert loaded.licence == "apache-2.0"
+    assert not getattr(
+        loaded.model, "is_quantized", False
+    )  # de-quantised floats: trainable, full fine-tuning too
     question = [{"role": "user", "content": "What is the capital of France?"}]
     (answer,), = generate(loaded.model, loaded.tokenizer, [question], params=SamplingParams(max_new_tokens=20, temperature=0), progress=False)  # fmt: skip
     assert "Paris" in answer.text and answer.finished
