@@ -16,7 +16,7 @@ from typing import Annotated
 
 from fastapi import Depends, FastAPI, Form, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
-from sqlmodel import Session
+from sqlmodel import Session, select
 from starlette.middleware.sessions import SessionMiddleware
 
 from alignloop import __version__, crud
@@ -221,12 +221,13 @@ def _register_routes(app: FastAPI) -> None:
     @app.post("/login", include_in_schema=False)
     def login(
         request: Request,
-        session: SessionDep,
         username: Annotated[str, Form(max_length=64)],
         password: Annotated[str, Form(max_length=MAX_FORM_CHARS)],
     ):
-        user = crud.get_user(session, name=username)
-        session.commit()  # the slow argon2 check below runs outside any transaction
+        # A short session of its own rather than a request slot: the argon2 check below is slow on purpose,
+        # and other requests should not queue behind it.
+        with Session(request.app.state.engine, expire_on_commit=False) as session:
+            user = crud.get_user(session, name=username)
         if not crud.check_password(user, password):
             return RedirectResponse("/login?error=1", status_code=303)
         request.session.clear()
@@ -312,8 +313,6 @@ def _register_routes(app: FastAPI) -> None:
     @app.get("/api/users", tags=["users"])
     def api_users(user: AdminDep, session: SessionDep) -> list[dict]:
         """Every user (admins only)."""
-        from sqlmodel import select
-
         return [
             {"id": u.id, "name": u.name, "role": u.role, "kind": u.kind, "disabled": u.disabled}
             for u in session.exec(select(User).order_by(User.id)).all()

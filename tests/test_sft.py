@@ -171,3 +171,28 @@ def test_bad_sft_settings_are_refused():
         load_config(None, method="adapterz")
     with pytest.raises(AlignloopError, match="--merge works for lora and ia3"):
         load_config(None, method="prefix", merge=True)
+
+
+def test_merged_lora_is_a_standalone_model_with_the_adapters_outputs(workspace, tiny_model_dir, dolly_file):
+    settings, engine, _ = workspace
+    common = {"data": [str(dolly_file)], "base": str(tiny_model_dir), "method": "lora", "max_steps": 10,
+              "learning_rate": 3e-2}  # fmt: skip
+    adapter = train(
+        engine, settings, load_config("configs/sft/tiny.yaml", name="as-adapter", **common), progress=False
+    )
+    merged = train(
+        engine,
+        settings,
+        load_config("configs/sft/tiny.yaml", name="merged", merge=True, **common),
+        progress=False,
+    )
+    merged_dir = settings.runs_dir / f"run{merged['run_id']}" / "model"
+    assert (merged_dir / "config.json").is_file() and not (merged_dir / "adapter_config.json").exists()
+    ids = torch.tensor([[1, 20, 30, 40, 50]])
+    with Session(engine) as s, torch.no_grad():
+        a = resolve("as-adapter", settings=settings, session=s).model(input_ids=ids).logits
+        m = resolve("merged", settings=settings, session=s).model(input_ids=ids).logits
+    assert torch.allclose(
+        a, m, atol=1e-4
+    )  # same seed, same data: merging changes the packaging, not the model
+    assert adapter["trainable_params"] == merged["trainable_params"]
