@@ -73,13 +73,7 @@ def parse_prompt_file(path: str | Path, *, fmt: str = "auto") -> list[PromptCrea
     if fmt not in FORMATS:
         raise AlignloopError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     text = read_text(path)
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        records = _csv_records(path, text)
-    elif suffix == ".json":
-        records = _json_array_records(path, text)
-    else:
-        records = _jsonl_records(path, text)
+    records = _csv_records(path, text) if path.suffix.lower() == ".csv" else read_json_records(path, text)
     prompts: list[PromptCreate] = []
     errors: list[tuple[int, str]] = []
     for line, record in records:
@@ -97,8 +91,24 @@ def parse_prompt_file(path: str | Path, *, fmt: str = "auto") -> list[PromptCrea
     return prompts
 
 
-def _jsonl_records(path: Path, text: str) -> list[tuple[int, object]]:
-    records = []
+def read_json_records(path: Path, text: str | None = None) -> list[tuple[int, object]]:
+    """(line, record) pairs of a JSON Lines file, or (index, record) of a .json array. A line that is not valid
+    JSON comes back as a RecordError in place of its record, so callers report every bad line at once."""
+    path = Path(path)
+    text = read_text(path) if text is None else text
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ImportFileError(
+                path, [(exc.lineno, f"invalid JSON: {exc.msg} at column {exc.colno}")]
+            ) from None
+        if not isinstance(data, list):
+            raise ImportFileError(
+                path, [(1, "a .json file must hold an array of records (use .jsonl for JSON Lines)")]
+            )
+        return list(enumerate(data, start=1))
+    records: list[tuple[int, object]] = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -107,20 +117,6 @@ def _jsonl_records(path: Path, text: str) -> list[tuple[int, object]]:
         except json.JSONDecodeError as exc:
             records.append((number, RecordError(f"invalid JSON: {exc.msg} at column {exc.colno}")))
     return records
-
-
-def _json_array_records(path: Path, text: str) -> list[tuple[int, object]]:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ImportFileError(
-            path, [(exc.lineno, f"invalid JSON: {exc.msg} at column {exc.colno}")]
-        ) from None
-    if not isinstance(data, list):
-        raise ImportFileError(
-            path, [(1, "a .json file must hold an array of records (use .jsonl for JSON Lines)")]
-        )
-    return [(i, record) for i, record in enumerate(data, start=1)]
 
 
 def _csv_records(path: Path, text: str) -> list[tuple[int, object]]:

@@ -17,7 +17,6 @@ data carries no position artefact. Importing the same pair twice adds nothing.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections import Counter
@@ -28,7 +27,7 @@ from sqlmodel import Session, select
 
 from alignloop import AlignloopError, crud
 from alignloop.models import Comparison, Prompt
-from alignloop.prompts import ImportFileError, read_text
+from alignloop.prompts import ImportFileError, RecordError, read_json_records
 
 IMPORT_USER = "import"
 HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
@@ -134,15 +133,12 @@ def to_pair(record: object, line: int) -> PreferencePair:
 
 def parse_preference_file(path: str | Path) -> tuple[list[PreferencePair], list[tuple[int, str]]]:
     path = Path(path)
-    text = read_text(path)
     pairs, skipped, errors = [], [], []
-    for number, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
+    for number, record in read_json_records(path):
         try:
-            pairs.append(to_pair(json.loads(raw), number))
-        except json.JSONDecodeError as exc:
-            errors.append((number, f"invalid JSON: {exc.msg} at column {exc.colno}"))
+            if isinstance(record, RecordError):
+                raise AlignloopError(str(record))
+            pairs.append(to_pair(record, number))
         except SkipPair as exc:
             skipped.append((number, str(exc)))
         except AlignloopError as exc:

@@ -15,7 +15,6 @@ A file with any malformed record raises ImportFileError (file, line, reason) bef
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from collections import defaultdict
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from sqlmodel import Session, col, select
 
 from alignloop import crud
 from alignloop.models import ChatFeedback
-from alignloop.prompts import ImportFileError, RecordError, _messages, _text, read_text
+from alignloop.prompts import ImportFileError, RecordError, _messages, _text, read_json_records
 
 
 @dataclass
@@ -73,21 +72,7 @@ def to_example(record: object) -> Example:
 
 def parse_instruction_file(path: str | Path) -> list[Example]:
     path = Path(path)
-    text = read_text(path)
-    if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ImportFileError(path, [(exc.lineno, f"invalid JSON: {exc.msg}")]) from None
-        records = list(enumerate(data, start=1)) if isinstance(data, list) else [(1, data)]
-    else:
-        records = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    records.append((number, json.loads(line)))
-                except json.JSONDecodeError as exc:
-                    records.append((number, RecordError(f"invalid JSON: {exc.msg} at column {exc.colno}")))
+    records = read_json_records(path)
     examples, errors = [], []
     for number, record in records:
         try:
