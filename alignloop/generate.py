@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from alignloop import AlignloopError, crud
 from alignloop.config import Settings
 from alignloop.db import session_scope
-from alignloop.models import Comparison, ModelVersion, Prompt
+from alignloop.models import Comparison, ModelVersion, Prompt, Run
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +217,7 @@ def queue_comparisons(
         )
     except BaseException as exc:
         with session_scope(engine) as session:
-            crud.finish_run(session, run=session.get(type(run), run.id), status="failed", error=str(exc))
+            crud.finish_run(session, run=session.get(Run, run.id), status="failed", error=str(exc))
         raise
 
     rng = random.Random(params.seed)
@@ -254,5 +254,5 @@ def queue_comparisons(
         num_tokens = sum(c.num_tokens for samples in completions for c in samples)
         unfinished = sum(not c.finished for samples in completions for c in samples)
         metrics = {"comparisons": summary["comparisons"], "tokens": num_tokens, "unfinished": unfinished}
-        crud.finish_run(session, run=session.get(type(run), run.id), status="succeeded", metrics=metrics)
+        crud.finish_run(session, run=session.get(Run, run.id), status="succeeded", metrics=metrics)
     return summary

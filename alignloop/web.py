@@ -125,8 +125,8 @@ SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 def current_user(request: Request, session: SessionDep) -> User:
     user_id = request.session.get("user_id")
     user = session.get(User, user_id) if user_id is not None else None
-    # End this read now: FastAPI runs the handler in another worker-thread hop, and with SQLite a transaction
-    # left open here would hold the write lock while every worker waits for it.
+    # End this read's transaction here rather than carry it across the worker-thread hop to the handler:
+    # with SQLite every transaction holds the write lock, and nothing needs it held in between.
     session.commit()
     if user is None or user.disabled:
         request.session.clear()

@@ -137,6 +137,11 @@ def _candidates(*, gold: bool, by_round: bool):
     return query.order_by(*_QUEUE_ORDER).limit(CANDIDATES_PER_CLAIM).with_for_update(skip_locked=True)
 
 
+# How many comparisons a user may be given now: for progress, and to tell "nothing left" from "all locked".
+_NUM_AVAILABLE = {
+    0: select(func.count()).select_from(Comparison).where(AVAILABLE),
+    1: select(func.count()).select_from(Comparison).where(AVAILABLE, Comparison.round == bindparam("round")),
+}
 _CANDIDATES = {
     (gold, by_round): _candidates(gold=gold, by_round=by_round) for gold in (0, 1) for by_round in (0, 1)
 }
@@ -220,10 +225,7 @@ def next_item(
             return None
         savepoint.rollback()
         # Nothing claimed: either nothing is left, or everything left was locked by concurrent claims.
-        available = select(func.count()).select_from(Comparison).where(AVAILABLE)
-        if round is not None:
-            available = available.where(Comparison.round == round)
-        if session.exec(available, params=params).one() == 0:
+        if session.exec(_NUM_AVAILABLE[by_round], params=params).one() == 0:
             return None
         time.sleep(0.005 * (attempt + 1))
     return None
@@ -346,8 +348,7 @@ def progress(session: Session, *, user_id: int, now: datetime | None = None) -> 
                 Comparison.round == current_round
             )
         ).one()
-    available = select(func.count()).select_from(Comparison).where(AVAILABLE)
-    left = session.exec(available, params={"user_id": user_id, "now": now}).one()
+    left = session.exec(_NUM_AVAILABLE[0], params={"user_id": user_id, "now": now}).one()
     return Progress(done_today=done_today, done_in_round=done_in_round, left=left, round=current_round)
 
 

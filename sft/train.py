@@ -26,12 +26,14 @@ import torch
 import yaml
 from datasets import Dataset
 from sqlmodel import Session
+from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from alignloop import AlignloopError, crud, registry
 from alignloop.config import Settings
 from alignloop.db import session_scope
 from alignloop.generate import SamplingParams, generate
+from alignloop.models import Run
 from sft.data import Example, chosen_examples, edited_examples, parse_instruction_file, split_held_out
 
 log = logging.getLogger(__name__)
@@ -150,23 +152,18 @@ def collect_examples(engine, config: SFTRunConfig) -> list[Example]:
     return examples
 
 
-class RunLogger:
-    """A TrainerCallback (duck-typed) writing every logged step to the Run row and to a JSON Lines file."""
+class RunLogger(TrainerCallback):
+    """Writes every logged step to the Run row and to a JSON Lines file."""
 
     def __init__(self, engine, run_id: int, path: Path):
         self.engine, self.run_id, self.path = engine, run_id, path
-
-    def __getattr__(self, name):  # every other TrainerCallback event: nothing to do
-        if name.startswith("on_"):
-            return lambda *args, **kwargs: None
-        raise AttributeError(name)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         entry = {"step": state.global_step, "time": time.time(), **(logs or {})}
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(entry) + "\n")
         with session_scope(self.engine) as session:
-            run = session.get(crud.Run, self.run_id)
+            run = session.get(Run, self.run_id)
             history = list(run.metrics.get("history", [])) + [entry]
             run.metrics = {**run.metrics, "history": history, "step": state.global_step}
             session.add(run)
@@ -192,9 +189,7 @@ def train(engine, settings: Settings, config: SFTRunConfig, *, progress: bool = 
         )
     except BaseException as exc:
         with session_scope(engine) as session:
-            crud.finish_run(
-                session, run=session.get(crud.Run, run.id), status="failed", error=str(exc)[:2000]
-            )
+            crud.finish_run(session, run=session.get(Run, run.id), status="failed", error=str(exc)[:2000])
         raise
     return summary
 
@@ -274,11 +269,11 @@ def _fit(engine, config, run_id, run_dir, source, base_version, train_examples, 
     with session_scope(engine) as session:
         name = config.name or f"sft-{config.method}-run{run_id}"
         version = crud.register_model(
-            session, name=name, kind="sft", base=config.base if config.method != "full" and not config.merge else name,
+            session, name=name, kind="sft", base=config.base,
             path=str(out), parent_id=base_version.id if base_version else None, run_id=run_id,
             licence=source.licence, metrics=metrics,
         )  # fmt: skip
-        run = session.get(crud.Run, run_id)
+        run = session.get(Run, run_id)
         crud.finish_run(session, run=run, status="succeeded", metrics=metrics)
         run.log_path = str(run_dir / "metrics.jsonl")
         session.add(run)
