@@ -18,7 +18,10 @@ from sqlmodel import Session  # noqa: E402
 
 from alignloop.db import create_schema, make_engine  # noqa: E402
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# The project's shared data (HH-RLHF and Vicuna-bench samples) lives beside the checkout, never inside it.
+SHARED_DATA = Path(
+    os.environ.get("ALIGNLOOP_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data"
+)
 POSTGRES_URL = os.environ.get("ALIGNLOOP_TEST_POSTGRES_URL")
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n'}}"
@@ -56,6 +59,14 @@ def serve_in_thread(app):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def pytest_sessionstart(session):
+    if not (SHARED_DATA / "hh_harmless_dev.jsonl").is_file():
+        raise pytest.UsageError(
+            f"the tests read the project's shared data from {SHARED_DATA}, which is missing: clone the repository "
+            "beside the project's shared/ folder, or set ALIGNLOOP_SHARED_DATA to its data/ directory"
+        )
 
 
 def pytest_collection_modifyitems(config, items):
