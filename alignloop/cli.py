@@ -7,6 +7,7 @@ unless ALIGNLOOP_DEBUG=1. The hub is offline unless the user set HF_HUB_OFFLINE 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import secrets
@@ -281,6 +282,60 @@ def cmd_sft_train(args) -> int:
     return 0
 
 
+def cmd_reward_train(args) -> int:
+    from reward.train import load_config, train
+
+    settings, engine = open_workspace(args)
+    config = load_config(
+        args.config, data=args.data or None, base=args.base, method=args.method, max_steps=args.max_steps,
+        max_seconds=args.max_seconds, name=args.name, eval_data=args.eval_data or None,
+        from_workspace=False if args.no_votes else None, gold_weights=args.gold_weights or None,
+    )  # fmt: skip
+    summary = train(engine, settings, config)
+    enc = summary["encoding"]
+    accuracy = "no held-out pairs" if summary["accuracy"] is None else (
+        f"held-out accuracy {summary['accuracy']:.3f}, ECE {summary['ece']:.3f}")  # fmt: skip
+    print(
+        f"registered {summary['model']} (run {summary['run_id']}): {summary['train_pairs']} pairs, "
+        f"{summary['steps']} steps in {summary['train_seconds']:.0f} s; {accuracy}; "
+        f"truncated: {enc['prompt_truncated']} prompts, {enc['response_truncated']} responses, 0 pairs dropped"
+        + (f"; report {summary['report']}" if summary["report"] else "")
+    )
+    return 0
+
+
+def cmd_reward_eval(args) -> int:
+    from sqlmodel import Session
+
+    from reward import evaluate as reward_eval
+    from reward.data import file_pairs, workspace_pairs
+    from reward.score import RewardModel
+
+    settings, engine = open_workspace(args)
+    with Session(engine) as session:
+        pairs = (
+            [p for path in args.data for p in file_pairs(path)[0]] if args.data else workspace_pairs(session)
+        )
+        if not pairs:
+            raise AlignloopError("nothing to evaluate on: no voted pairs in the workspace and no --data file")
+        scorer = RewardModel.load(args.model, settings=settings, session=session)
+    metrics = reward_eval.evaluate(scorer, pairs)
+    print(
+        f"{args.model}: accuracy {metrics['accuracy']:.3f} on {metrics['pairs']} pairs, ECE {metrics['ece']:.3f}, "
+        f"reward~length correlation {metrics['length_correlation']:.2f} (prefers the longer side "
+        f"{metrics['prefers_longer']:.0%}, humans {metrics['humans_prefer_longer']:.0%})"
+    )
+    for source, m in metrics["by_source"].items():
+        print(f"  {source}: accuracy {m['accuracy']:.3f} on {m['pairs']} pairs")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "evaluation.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+        reward_eval.save_report(metrics, out / "report.png", title=args.model)
+        print(f"report: {out / 'report.png'}")
+    return 0
+
+
 def cmd_serve(args) -> int:
     import uvicorn
 
@@ -468,6 +523,31 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="name of the registered model version")
     p.add_argument("--merge", action="store_true", help="save a merged standalone model (lora, ia3)")
     p.set_defaults(func=cmd_sft_train)
+
+    reward = sub.add_parser("reward", help="reward models: train and evaluate").add_subparsers(
+        dest="reward_command", required=True, metavar="ACTION"
+    )
+    p = reward.add_parser("train", parents=[common], help="train a reward model on preferences; registers it")
+    p.add_argument("--config", default=None, help="YAML with RewardRunConfig fields (configs/reward/*.yaml)")
+    p.add_argument("--data", nargs="+", default=None, help="extra preference files (HH-RLHF, TRL)")
+    p.add_argument("--no-votes", action="store_true", help="leave out the workspace's votes")
+    p.add_argument("--gold-weights", action="store_true", help="weight pairs by voters' gold accuracy")
+    p.add_argument("--eval-data", nargs="+", default=None, help="preference files to evaluate on too")
+    p.add_argument("--base", default=None, help="minilm | default | a model reference")
+    p.add_argument("--method", default=None, choices=["full", "lora"])
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--max-seconds", type=float, default=None, help="stop training after this long")
+    p.add_argument("--name", default=None, help="name of the registered model version")
+    p.set_defaults(func=cmd_reward_train)
+    p = reward.add_parser(
+        "eval", parents=[common], help="accuracy, calibration, length bias of a reward model"
+    )
+    p.add_argument("model", help="a registered reward model")
+    p.add_argument(
+        "--data", nargs="+", default=None, help="preference files (default: the workspace's votes)"
+    )
+    p.add_argument("--out", default=None, help="folder for evaluation.json and report.png")
+    p.set_defaults(func=cmd_reward_eval)
 
     export = sub.add_parser("export", help="export data").add_subparsers(
         dest="export_command", required=True, metavar="WHAT"

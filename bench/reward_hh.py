@@ -1,0 +1,168 @@
+"""Benchmark: reward models on real HH-RLHF preferences; both bases side by side; throughput against TRL.
+
+Data: `../shared/data/hh_harmless_dev.jsonl`, imported into a fresh workspace as votes (`alignloop prefs
+import`), then split by prompt: 300 prompts held out, the rest (about 1,200 pairs) for training.
+
+1. Accuracy: each base trains through `reward.train.train` (the path of `alignloop reward train`) with its
+   shipped config and the same CPU time budget, in its own process; reports held-out accuracy, calibration
+   error (ECE), reward~length correlation and wall time.
+2. Throughput (the baseline): `trl.RewardTrainer` with its default settings (bf16 autocast, activation
+   checkpointing, random batches of 8, TRL's own truncation filter) against alignloop's trainer on the same
+   model, the same training pairs and the same batch size of 8, for the same number of steps, each in its own
+   process. Both use max length 256 (TRL's default of 1024 exceeds MiniLM's 512 positions). Training pairs per
+   second, from the trainers' own `train_runtime`. The ratio is printed last.
+
+    .venv/bin/python bench/reward_hh.py [--minutes 14] [--bases minilm default] [--steps 40]
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HH = ROOT.parent / "shared" / "data" / "hh_harmless_dev.jsonl"
+CONFIGS = {
+    "minilm": ROOT / "configs" / "reward" / "default.yaml",
+    "default": ROOT / "configs" / "reward" / "policy.yaml",
+}
+HELD_OUT_PROMPTS = 300
+MAX_LENGTH = 256
+
+PRELUDE = """
+import json, os, sys, time
+os.environ["HF_HUB_OFFLINE"] = "1"
+from alignloop.config import load_settings
+from alignloop.db import make_engine
+settings = load_settings(sys.argv[1])
+engine = make_engine(settings.db_url)
+"""
+
+ACCURACY = (
+    PRELUDE
+    + """
+from reward.train import load_config, train
+config = load_config(sys.argv[2], held_out=int(sys.argv[3]), max_seconds=float(sys.argv[4]), logging_steps=20,
+                     name="bench-" + sys.argv[5])
+start = time.perf_counter()
+s = train(engine, settings, config, progress=False)
+held = s["evaluation"]["held_out"]
+print("RESULT " + json.dumps({"accuracy": s["accuracy"], "ece": s["ece"], "train_pairs": s["train_pairs"],
+      "held_out_pairs": s["held_out_pairs"], "steps": s["steps"], "train_seconds": s["train_seconds"],
+      "wall_seconds": time.perf_counter() - start, "length_correlation": held["length_correlation"],
+      "epochs": s["steps"] * config.per_device_train_batch_size / s["train_pairs"], "config": str(sys.argv[2])}))
+"""
+)
+
+THROUGHPUT = (
+    PRELUDE
+    + """
+import torch
+from datasets import Dataset
+from sqlmodel import Session
+from alignloop import registry
+from reward.data import RewardFormat, split_by_prompt, workspace_pairs
+from reward.score import load_sequence_classifier
+impl, base, steps, held_out = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+with Session(engine) as session:
+    pairs = workspace_pairs(session)
+train_pairs, _ = split_by_prompt(pairs, held_out=held_out, seed=0)
+if impl == "trl":
+    from trl import RewardConfig, RewardTrainer
+    model, tokenizer = load_sequence_classifier(registry.locate(base, settings=settings))
+    fmt = RewardFormat(tokenizer, max_length=10**6)  # untruncated: TRL applies its own max_length filter
+    rows, _ = fmt.encode_pairs(train_pairs)
+    data = Dataset.from_list([{"chosen_ids": r["chosen_ids"], "rejected_ids": r["rejected_ids"]} for r in rows])
+    args = RewardConfig(output_dir=str(settings.runs_dir / "trl"), max_steps=steps, max_length=MAX_LENGTH, use_cpu=True,
+                        report_to=[], save_strategy="no", disable_tqdm=True, logging_steps=steps)
+    trainer = RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    kept = len(trainer.train_dataset)
+    runtime = trainer.train().metrics["train_runtime"]
+    out = {"pairs_per_second": steps * args.train_batch_size / runtime, "dropped": len(rows) - kept,
+           "train_runtime": runtime, "bf16": args.bf16, "checkpointing": args.gradient_checkpointing}
+else:
+    from reward.train import load_config, train
+    config = load_config(None, base=base, max_steps=steps, per_device_train_batch_size=8, held_out=held_out,
+                         max_length=MAX_LENGTH, logging_steps=steps, learning_rate=1e-4)
+    s = train(engine, settings, config, progress=False)
+    out = {"pairs_per_second": s["pairs_per_second"], "dropped": 0, "train_runtime": s["train_seconds"]}
+print("RESULT " + json.dumps(out))
+""".replace("MAX_LENGTH", str(MAX_LENGTH))
+)
+
+
+def child(script: str, *args) -> dict:
+    proc = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        sys.exit(f"child failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--minutes", type=float, default=14.0, help="training budget per base")
+    parser.add_argument("--bases", nargs="+", default=["minilm", "default"], choices=sorted(CONFIGS))
+    parser.add_argument("--steps", type=int, default=40, help="steps per throughput run (MiniLM)")
+    parser.add_argument("--skip-accuracy", action="store_true")
+    args = parser.parse_args()
+
+    from alignloop.cli import main as cli
+
+    workspace = Path(tempfile.mkdtemp(prefix="reward-bench-")) / "ws"
+    cli(["init", "--workspace", str(workspace)])
+    cli(["prefs", "import", str(HH), "--workspace", str(workspace)])
+
+    results = {}
+    if not args.skip_accuracy:
+        for base in args.bases:
+            print(f"training {base} for up to {args.minutes:g} min ...", flush=True)
+            results[base] = child(
+                ACCURACY, workspace, CONFIGS[base], HELD_OUT_PROMPTS, args.minutes * 60, base
+            )
+            print(json.dumps(results[base]), flush=True)
+        print(
+            "\n| base | config | train pairs | held-out pairs | steps (epochs) | train s | held-out accuracy | ECE "
+            "| reward~length r |"
+        )
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for base, r in results.items():
+            print(
+                f"| {base} | {Path(r['config']).name} | {r['train_pairs']} | {r['held_out_pairs']} | {r['steps']} "
+                f"({r['epochs']:.1f}) | {r['train_seconds']:.0f} | {r['accuracy']:.3f} | {r['ece']:.3f} "
+                f"| {r['length_correlation']:.2f} |"
+            )
+
+    throughput = {}
+    for base in args.bases:
+        steps = args.steps if base == "minilm" else max(4, args.steps // 4)
+        for impl in ("trl", "alignloop"):
+            start = time.perf_counter()
+            throughput[(base, impl)] = child(THROUGHPUT, workspace, impl, base, steps, HELD_OUT_PROMPTS)
+            throughput[(base, impl)]["steps"] = steps
+            print(
+                f"{impl} on {base}: {json.dumps(throughput[(base, impl)])} ({time.perf_counter() - start:.0f} s)",
+                flush=True,
+            )
+    print("\n| base | trainer | steps x 8 pairs | train s | pairs/s | pairs TRL drops (> 256 tokens) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for (base, impl), r in throughput.items():
+        print(
+            f"| {base} | {'trl.RewardTrainer defaults' if impl == 'trl' else 'alignloop'} | {r['steps']} | "
+            f"{r['train_runtime']:.1f} | {r['pairs_per_second']:.2f} | {r['dropped']} |"
+        )
+    for base in args.bases:
+        ratio = (
+            throughput[(base, "alignloop")]["pairs_per_second"]
+            / throughput[(base, "trl")]["pairs_per_second"]
+        )
+        print(f"{base}: alignloop trains {ratio:.2f}x the pairs/s of trl.RewardTrainer with its defaults")
+
+
+if __name__ == "__main__":
+    main()

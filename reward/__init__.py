@@ -1,0 +1,1 @@
+"""Reward models: train on preferences, evaluate, score."""

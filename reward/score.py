@@ -1,0 +1,120 @@
+"""Batched reward scoring: `RewardModel.load(ref).score(prompts, responses) -> list[float]`.
+
+Used by PPO (rewards on rollouts), the annotation queue (reward margins for uncertainty sampling) and the arena.
+Input is text, so a reward model whose tokenizer differs from the policy's works: the policy's tokens are
+decoded (`score_tokens`) and re-encoded with the reward model's own format (see `reward.data.RewardFormat`).
+Batches are length-sorted and right-padded; scores come back in the caller's order.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from alignloop import AlignloopError, registry
+from alignloop.config import Settings
+from reward.data import RewardFormat
+
+META_FILE = "alignloop_reward.json"
+PAD_CANDIDATES = ("<|endoftext|>", "<pad>", "[PAD]", "<unk>")
+
+
+def prepare_tokenizer(tokenizer) -> None:
+    """A sequence classifier reads the score at the last non-pad token, so pad must differ from every token a
+    rendered conversation ends with (SmolLM2 pads with its end-of-turn token: that would hide the turn's end)."""
+    if tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return
+    vocab = tokenizer.get_vocab()
+    for candidate in PAD_CANDIDATES:
+        if candidate in vocab and vocab[candidate] != tokenizer.eos_token_id:
+            tokenizer.pad_token = candidate
+            return
+    tokenizer.pad_token = tokenizer.eos_token
+
+
+def load_sequence_classifier(source: registry.ModelSource):
+    """A model with a scalar head on top of `source` (a full model, or a base plus a PEFT adapter, merged)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    weights = source.base.path if source.base is not None else source.path
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(weights, num_labels=1, dtype=torch.float32)
+        tokenizer_dir = source.path if registry.has_tokenizer(source.path) else weights
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    except (OSError, ValueError) as exc:
+        raise AlignloopError(f"cannot load {source.ref!r} as a reward model from {weights}: {exc}") from None
+    if source.base is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, source.path).merge_and_unload()
+    prepare_tokenizer(tokenizer)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+@dataclass
+class RewardModel:
+    model: object
+    tokenizer: object
+    max_length: int
+    ref: str = ""
+
+    @classmethod
+    def load(cls, ref: str, *, settings: Settings, session=None) -> RewardModel:
+        source = registry.locate(ref, settings=settings, session=session)
+        meta_file = source.path / META_FILE
+        if not meta_file.is_file():
+            raise AlignloopError(f"{ref!r} is not a reward model ({META_FILE} missing in {source.path})")
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        model, tokenizer = load_sequence_classifier(source)
+        model.eval()
+        return cls(model=model, tokenizer=tokenizer, max_length=meta["max_length"], ref=ref)
+
+    @property
+    def format(self) -> RewardFormat:
+        return RewardFormat(self.tokenizer, self.max_length)
+
+    @torch.inference_mode()
+    def score_ids(self, sequences: list[list[int]], *, batch_size: int = 16) -> list[float]:
+        device = next(self.model.parameters()).device
+        pad = self.tokenizer.pad_token_id
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+        out = [0.0] * len(sequences)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            width = max(len(sequences[i]) for i in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, i in enumerate(chunk):
+                ids[row, : len(sequences[i])] = torch.tensor(sequences[i])
+                mask[row, : len(sequences[i])] = 1
+            logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0]
+            for row, i in enumerate(chunk):
+                out[i] = float(logits[row])
+        return out
+
+    def score(self, prompts: list, responses: list[str], *, batch_size: int = 16) -> list[float]:
+        """One reward per (prompt, response); a prompt is a list of chat messages or a plain string."""
+        if len(prompts) != len(responses):
+            raise AlignloopError(f"{len(prompts)} prompts but {len(responses)} responses")
+        fmt = self.format
+        sequences = [fmt.encode(_messages(p), r) for p, r in zip(prompts, responses, strict=True)]
+        return self.score_ids(sequences, batch_size=batch_size)
+
+    def score_tokens(
+        self, policy_tokenizer, prompts: list, response_ids: list[list[int]], **kwargs
+    ) -> list[float]:
+        """Score responses given as the policy's token ids (decoded, then re-encoded for this model)."""
+        texts = policy_tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+        return self.score(prompts, texts, **kwargs)
+
+
+def _messages(prompt) -> list[dict]:
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+def write_meta(out: Path, **meta) -> None:
+    (out / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
