@@ -31,12 +31,12 @@ test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.installed-dev
-	$(BIN)/ruff check alignloop annotate reward sft tests bench
-	$(BIN)/ruff format --check alignloop annotate reward sft tests bench
+	$(BIN)/ruff check alignloop annotate reward rl serve sft tests bench
+	$(BIN)/ruff format --check alignloop annotate reward rl serve sft tests bench
 
 format: $(VENV)/.installed-dev
-	$(BIN)/ruff format alignloop annotate reward sft tests bench
-	$(BIN)/ruff check --fix alignloop annotate reward sft tests bench
+	$(BIN)/ruff format alignloop annotate reward rl serve sft tests bench
+	$(BIN)/ruff check --fix alignloop annotate reward rl serve sft tests bench
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/generate.py

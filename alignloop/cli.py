@@ -336,6 +336,42 @@ def cmd_reward_eval(args) -> int:
     return 0
 
 
+def cmd_rl_train(args) -> int:
+    from rl.train import load_config, train
+
+    settings, engine = open_workspace(args)
+    config = load_config(
+        args.algo, args.config, policy=args.policy, reward_model=args.reward_model, steps=args.steps,
+        name=args.name, prompts=args.prompts,
+    )  # fmt: skip
+    summary = train(engine, settings, args.algo, config, resume=args.resume)
+    if "model" not in summary:
+        return 0  # a non-main process of a multi-process launch
+    detail = (
+        f"reward {summary['reward_start']:.3f} -> {summary['reward_end']:.3f}"
+        if summary.get("reward_start") is not None
+        else f"loss {summary.get('first_loss') or 0:.3f} -> {summary.get('final_loss') or 0:.3f}"
+    )
+    kl = f", KL {summary['kl_end']:.2f}" if "kl_end" in summary else ""
+    print(
+        f"registered {summary['model']} (run {summary['run_id']}, {args.algo}): {summary['steps']} steps in "
+        f"{summary['train_seconds']:.0f} s, {detail}{kl}"
+    )
+    return 0
+
+
+def cmd_rl_eval(args) -> int:
+    from rl.evaluate import evaluate_policy
+
+    settings, engine = open_workspace(args)
+    result = evaluate_policy(
+        engine, settings, policy=args.policy, baseline=args.baseline, reward_model=args.reward_model,
+        judge=args.judge, num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens,
+    )  # fmt: skip
+    print(json.dumps(result["summary"], indent=2))
+    return 0
+
+
 def cmd_serve(args) -> int:
     import uvicorn
 
@@ -548,6 +584,30 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default=None, help="folder for evaluation.json and report.png")
     p.set_defaults(func=cmd_reward_eval)
+
+    rl = sub.add_parser("rl", help="reinforcement learning: PPO, GRPO, RLOO, DPO").add_subparsers(
+        dest="rl_command", required=True, metavar="ACTION"
+    )
+    p = rl.add_parser("train", parents=[common], help="optimise a policy; registers the result")
+    p.add_argument("--algo", default="ppo", choices=["ppo", "grpo", "rloo", "dpo"])
+    p.add_argument("--config", default=None, help="YAML with PPOConfig fields (configs/rl/*.yaml)")
+    p.add_argument("--policy", default=None, help="model reference to start from")
+    p.add_argument("--reward-model", default=None, help="registered reward model (ppo, grpo, rloo)")
+    p.add_argument("--prompts", default=None, help="'workspace' (default) or a prompt file")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--name", default=None, help="name of the registered model version")
+    p.add_argument(
+        "--resume", type=int, default=None, metavar="RUN", help="continue a PPO run from its checkpoint"
+    )
+    p.set_defaults(func=cmd_rl_train)
+    p = rl.add_parser("eval", parents=[common], help="reward, KL, length and win rate on held-out prompts")
+    p.add_argument("policy", help="the policy to evaluate")
+    p.add_argument("--baseline", required=True, help="the policy to compare with (e.g. the previous round's)")
+    p.add_argument("--reward-model", required=True, help="the reward model used in training")
+    p.add_argument("--judge", required=True, help="a different reward model, to judge the win rate")
+    p.add_argument("--num-prompts", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.set_defaults(func=cmd_rl_eval)
 
     export = sub.add_parser("export", help="export data").add_subparsers(
         dest="export_command", required=True, metavar="WHAT"

@@ -272,16 +272,23 @@ def load_causal_lm(source: ModelSource, *, dtype=None) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = dtype or torch.float32
-    weights = source.base.path if source.base is not None else source.path
-    try:
-        model = AutoModelForCausalLM.from_pretrained(weights, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(source.path if has_tokenizer(source.path) else weights)
-    except (OSError, ValueError) as exc:
-        raise AlignloopError(f"cannot load model {source.ref!r} from {weights}: {exc}") from None
     if source.base is not None:
+        # An adapter over a base that may itself be an adapter (RLHF rounds stack on each other): load the
+        # base (merged), then this adapter on top.
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, source.path)
+        below = load_causal_lm(source.base, dtype=dtype)
+        base_model = below.model.merge_and_unload() if source.base.base is not None else below.model
+        model = PeftModel.from_pretrained(base_model, source.path)
+        tokenizer = below.tokenizer
+        if has_tokenizer(source.path):
+            tokenizer = AutoTokenizer.from_pretrained(source.path)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(source.path)
+        except (OSError, ValueError) as exc:
+            raise AlignloopError(f"cannot load model {source.ref!r} from {source.path}: {exc}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()

@@ -132,6 +132,9 @@ def build_tiny_llama(tokenizer, seed: int = 0, **overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
+    overrides.setdefault(
+        "initializer_range", 0.2
+    )  # sharper logits than the default 0.02: stable greedy choices
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=32,
@@ -140,7 +143,6 @@ def build_tiny_llama(tokenizer, seed: int = 0, **overrides):
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
-        initializer_range=0.2,  # sharper logits than the default 0.02, so greedy choices are stable
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -1,0 +1,1 @@
+"""Reinforcement learning from the reward model: PPO (ours), GRPO/RLOO/DPO (TRL), policy evaluation."""

@@ -1,0 +1,537 @@
+"""PPO for RLHF, written to be read top to bottom.
+
+    alignloop rl train --algo ppo --config configs/rl/default.yaml --reward-model RM [--policy REF]
+
+One step: sample a batch of prompts -> roll out responses with `alignloop.generate` (batched, KV cache) ->
+score the decoded text with the reward model (its tokenizer may differ from the policy's) -> per-token rewards:
+`-kl_coef * (log pi - log pi_ref)` on every token plus the score on the last one -> GAE -> whitened advantages
+-> `ppo_epochs` passes over minibatches of the clipped policy loss and the clipped value loss -> gradient
+clipping -> one optimizer step per minibatch -> the adaptive KL controller moves `kl_coef` toward `target_kl`.
+
+Models. The policy is the base plus a LoRA adapter ("default"). The reference is the same base with the
+adapter switched off (`disable_adapter`), so there is no second copy in memory. The value model is chosen by
+`value_model`:
+- "adapter": a second LoRA adapter ("value") on the same base with a scalar head on the last hidden state —
+  separate parameters, so value regression never pulls on the policy (two forward passes per minibatch);
+- "shared": the scalar head reads the policy's own last hidden state (one forward pass, coupled gradients).
+`bench/ppo_vs_trl.py` measures both; "adapter" is the default (see the README for the figures).
+
+Implementation details follow "The N Implementation Details of RLHF with PPO" (Huang et al., 2024) and
+"Secrets of RLHF in LLMs Part I" (Zheng et al., 2023): logits divided by the sampling temperature before
+log-probs; left-padded queries and right-padded responses with explicit position ids; values and rewards
+masked after the end of each response; advantages whitened over valid tokens; rewards not whitened by
+default; `missing_eos_penalty` is subtracted from the score of a response that never emits EOS; the KL
+estimate is the sum over tokens of `log pi - log pi_ref` (k1).
+Departures: sampling is seeded per step (`seed + step`) rather than from one running generator, so a run
+resumed from a checkpoint replays exactly the rollouts of the run it continues; gradients are averaged across
+processes by one all-reduce per optimizer step instead of DDP hooks (two adapters take turns in the forward
+pass, which DDP's bucketing does not expect).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from alignloop import AlignloopError
+from alignloop.generate import Completion, SamplingParams, generate, render
+
+log = logging.getLogger(__name__)
+RewardFn = Callable[[Sequence[list[dict]], Sequence[Completion]], list[float]]
+
+
+@dataclass
+class PPOConfig:
+    # --- models ---
+    policy: str = field(default="default", metadata={"help": "Model reference to start from."})
+    reward_model: str | None = field(default=None, metadata={"help": "Registered reward model."})
+    method: str = field(
+        default="lora", metadata={"help": "lora | full (full keeps a frozen reference copy)."}
+    )
+    value_model: str = field(
+        default="adapter", metadata={"help": "adapter | shared (see the module docstring)."}
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank (policy and value adapters)."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator."})
+    target_modules: list[str] | str = field(default="all-linear", metadata={"help": "LoRA target modules."})
+    # --- data ---
+    prompts: str = field(
+        default="workspace", metadata={"help": "'workspace' (train split) or a prompt file."}
+    )
+    max_prompts: int | None = field(default=None, metadata={"help": "Use at most this many prompts."})
+    # --- rollouts ---
+    steps: int = field(default=100, metadata={"help": "PPO steps (each: rollouts, then updates)."})
+    batch_size: int = field(default=16, metadata={"help": "Rollouts per step (over all processes)."})
+    mini_batch_size: int = field(default=8, metadata={"help": "Rollouts per optimizer step (per process)."})
+    ppo_epochs: int = field(default=2, metadata={"help": "Passes over each step's rollouts."})
+    max_new_tokens: int = field(default=48, metadata={"help": "Response length cap."})
+    temperature: float = field(
+        default=1.0, metadata={"help": "Sampling temperature (also scales log-probs)."}
+    )
+    missing_eos_penalty: float = field(default=1.0, metadata={"help": "Subtracted from scores without EOS."})
+    # --- objective ---
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate."})
+    kl_coef: float = field(default=0.05, metadata={"help": "Initial per-token KL penalty."})
+    adaptive_kl: bool = field(default=False, metadata={"help": "Steer kl_coef toward target_kl."})
+    target_kl: float = field(
+        default=6.0, metadata={"help": "Adaptive controller's target (sum over tokens)."}
+    )
+    kl_horizon: int = field(default=10000, metadata={"help": "Adaptive controller's horizon (rollouts)."})
+    gamma: float = field(default=1.0, metadata={"help": "Discount."})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
+    cliprange: float = field(default=0.2, metadata={"help": "Policy ratio clip."})
+    cliprange_value: float = field(default=0.2, metadata={"help": "Value prediction clip."})
+    vf_coef: float = field(default=0.1, metadata={"help": "Value loss weight."})
+    whiten_rewards: bool = field(default=False, metadata={"help": "Whiten per-token rewards before GAE."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping."})
+    # --- bookkeeping ---
+    save_every: int = field(
+        default=10, metadata={"help": "Checkpoint every this many steps (0 = only at the end)."}
+    )
+    seed: int = field(default=0, metadata={"help": "Random seed."})
+    name: str | None = field(default=None, metadata={"help": "Model version name (default: ppo-run<id>)."})
+
+
+def load_config(path: str | Path | None, **overrides) -> PPOConfig:
+    raw: dict = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise AlignloopError(f"{path}: cannot read the PPO config ({exc.__class__.__name__})") from None
+    raw.pop("algo", None)
+    unknown = sorted(set(raw) - {f.name for f in fields(PPOConfig)})
+    if unknown:
+        raise AlignloopError(f"{path}: unknown PPO setting(s) {', '.join(unknown)}")
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        config = PPOConfig(**raw)
+    except TypeError as exc:
+        raise AlignloopError(f"bad PPO config: {exc}") from None
+    if config.method not in ("lora", "full") or config.value_model not in ("adapter", "shared"):
+        raise AlignloopError("method must be lora or full; value_model adapter or shared")
+    if config.method == "full" and config.value_model == "adapter":
+        config.value_model = "shared"  # no adapters to take turns with
+    if config.steps < 1 or config.batch_size < 1 or config.mini_batch_size < 1 or config.ppo_epochs < 1:
+        raise AlignloopError("steps, batch_size, mini_batch_size and ppo_epochs must be at least 1")
+    if config.temperature <= 0:
+        raise AlignloopError("PPO samples from the policy: temperature must be > 0")
+    return config
+
+
+# --- tensors -------------------------------------------------------------------------------------------------
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    return (
+        (x * mask).sum(dim) / mask.sum(dim).clamp(min=1) if dim is not None else (x * mask).sum() / mask.sum()
+    )
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    return whitened if shift_mean else whitened + mean
+
+
+@dataclass
+class Rollouts:
+    """One step's experience; every (B, R) tensor is aligned with the response tokens."""
+
+    prompts: list[list[dict]]
+    queries: torch.Tensor  # (B, P) left-padded
+    query_mask: torch.Tensor
+    responses: torch.Tensor  # (B, R) right-padded
+    response_mask: torch.Tensor
+    completions: list[Completion]
+    scores: torch.Tensor | None = None  # (B,)
+    logprobs: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+
+    def rows(self, index: torch.Tensor) -> Rollouts:
+        pick = lambda t: None if t is None else t[index]  # noqa: E731
+        return Rollouts(
+            prompts=[self.prompts[i] for i in index.tolist()], completions=[self.completions[i] for i in index.tolist()],
+            **{f.name: pick(getattr(self, f.name)) for f in fields(self) if f.name not in ("prompts", "completions")},
+        )  # fmt: skip
+
+
+def pad_batch(prompts, completions, tokenizer, pad_id: int) -> Rollouts:
+    queries = [render(tokenizer, p) for p in prompts]
+    P, R = max(map(len, queries)), max(max(len(c.token_ids) for c in completions), 1)
+    B = len(prompts)
+    q, qm = torch.full((B, P), pad_id), torch.zeros((B, P), dtype=torch.long)
+    r, rm = torch.full((B, R), pad_id), torch.zeros((B, R), dtype=torch.long)
+    for i, (ids, c) in enumerate(zip(queries, completions, strict=True)):
+        q[i, P - len(ids) :], qm[i, P - len(ids) :] = torch.tensor(ids), 1
+        r[i, : len(c.token_ids)], rm[i, : len(c.token_ids)] = torch.tensor(c.token_ids, dtype=torch.long), 1
+    return Rollouts(prompts=list(prompts), queries=q, query_mask=qm, responses=r, response_mask=rm,
+                    completions=list(completions))  # fmt: skip
+
+
+# --- the models ----------------------------------------------------------------------------------------------
+
+
+class ValueHead(nn.Module):
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.summary = nn.Linear(hidden_size, 1)
+        nn.init.normal_(self.summary.weight, std=1 / math.sqrt(hidden_size + 1))
+        nn.init.zeros_(self.summary.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.summary(hidden).squeeze(-1)
+
+
+class ActorCritic(nn.Module):
+    """Policy, value and reference from one set of base weights (see the module docstring)."""
+
+    def __init__(self, model, config: PPOConfig):
+        super().__init__()
+        self.config = config
+        if config.method == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            lora = dict(r=config.lora_r, lora_alpha=config.lora_alpha, target_modules=config.target_modules,
+                        lora_dropout=0.0, task_type="CAUSAL_LM")  # fmt: skip
+            model = get_peft_model(model, LoraConfig(**lora))  # adapter "default": the policy
+            if config.value_model == "adapter":
+                model.add_adapter("value", LoraConfig(**lora))
+            model.set_adapter("default")
+            self.reference = None
+        else:
+            import copy
+
+            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+        self.model = model
+        self.value_head = ValueHead(model.config.hidden_size)
+
+    @property
+    def causal_lm(self):
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    @contextmanager
+    def adapter(self, name: str):
+        if self.config.method == "lora" and name != "default":
+            self.model.set_adapter(name)
+        try:
+            yield
+        finally:
+            if self.config.method == "lora" and name != "default":
+                self.model.set_adapter("default")
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Every adapter's weights (set_adapter toggles requires_grad, so select by name) and the head."""
+        if self.config.method == "lora":
+            params = [p for n, p in self.model.named_parameters() if "lora_" in n]
+        else:
+            params = list(self.model.parameters())
+        return params + list(self.value_head.parameters())
+
+    def trainable_state(self) -> dict:
+        named = dict(self.named_parameters())
+        keep = {id(p) for p in self.trainable_parameters()}
+        return {n: p.detach().clone() for n, p in named.items() if id(p) in keep}
+
+    def _inputs(self, batch: Rollouts):
+        input_ids = torch.cat([batch.queries, batch.responses], dim=1)
+        attention_mask = torch.cat([batch.query_mask, batch.response_mask], dim=1)
+        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+        return input_ids, attention_mask, position_ids
+
+    def policy_forward(self, batch: Rollouts, *, reference: bool = False, want_hidden: bool = False):
+        """Log-probs and entropy of the response tokens (B, R); optionally the last hidden state there."""
+        input_ids, attention_mask, position_ids = self._inputs(batch)
+        if reference and self.reference is not None:
+            model, ctx = self.reference, torch.no_grad()
+        elif reference:
+            model, ctx = self.model, self.model.disable_adapter()
+        else:
+            model, ctx = self.model, _nullcontext()
+        with ctx:
+            out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        output_hidden_states=want_hidden, use_cache=False)  # fmt: skip
+        P, R = batch.queries.shape[1], batch.responses.shape[1]
+        logits = out.logits[:, P - 1 : P + R - 1].float() / self.config.temperature
+        logp_all = F.log_softmax(logits, dim=-1)
+        logprobs = logp_all.gather(-1, batch.responses.unsqueeze(-1)).squeeze(-1)
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+        hidden = out.hidden_states[-1][:, P - 1 : P + R - 1] if want_hidden else None
+        return logprobs, entropy, hidden
+
+    def value_forward(self, batch: Rollouts) -> torch.Tensor:
+        """V(s_t) for each response position (B, R), from the value adapter's last hidden state."""
+        input_ids, attention_mask, position_ids = self._inputs(batch)
+        decoder = getattr(self.causal_lm, self.causal_lm.base_model_prefix)
+        with self.adapter("value"):
+            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=False).last_hidden_state  # fmt: skip
+        P, R = batch.queries.shape[1], batch.responses.shape[1]
+        return self.value_head(hidden[:, P - 1 : P + R - 1].float())
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+# --- advantages ----------------------------------------------------------------------------------------------
+
+
+def compute_rewards(
+    scores, logprobs, ref_logprobs, mask, kl_coef: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards: the KL penalty on every token, the score added on each response's last token."""
+    kl = (logprobs - ref_logprobs) * mask
+    rewards = -kl_coef * kl
+    last = (mask.sum(1) - 1).clamp(min=0).long()
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards * mask, kl
+
+
+def gae(rewards, values, mask, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    values = values * mask
+    advantages_reversed, last = [], torch.zeros(rewards.shape[0])
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last
+        advantages_reversed.append(last)
+    advantages = torch.stack(advantages_reversed[::-1], dim=1) * mask
+    return advantages, (advantages + values) * mask
+
+
+class AdaptiveKL:
+    """Ziegler et al. (2019): move the coefficient in proportion to the KL's relative error, clipped at 20%."""
+
+    def __init__(self, value: float, target: float, horizon: int):
+        self.value, self.target, self.horizon = value, target, horizon
+
+    def update(self, kl: float, n: int) -> None:
+        error = max(-0.2, min(0.2, kl / self.target - 1))
+        self.value *= 1 + error * n / self.horizon
+
+
+# --- the trainer ---------------------------------------------------------------------------------------------
+
+
+class PPOTrainer:
+    def __init__(self, config: PPOConfig, model, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn,
+                 *, accelerator=None, run_dir: Path | None = None, on_step=None):  # fmt: skip
+        from accelerate import Accelerator
+
+        if not prompts:
+            raise AlignloopError("PPO needs prompts: import some, or give a prompt file")
+        self.config, self.tokenizer, self.prompts, self.reward_fn = config, tokenizer, prompts, reward_fn
+        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        self.run_dir, self.on_step = run_dir, on_step
+        torch.manual_seed(config.seed)  # the same adapter and head initialisation on every process
+        self.ac = ActorCritic(model, config).to(self.accelerator.device)
+        self.optimizer = torch.optim.AdamW(self.ac.trainable_parameters(), lr=config.learning_rate, eps=1e-5)
+        self.kl = AdaptiveKL(config.kl_coef, config.target_kl, config.kl_horizon)
+        self.step, self.history = 0, []
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        world = self.accelerator.num_processes
+        if config.batch_size % world:
+            raise AlignloopError(f"batch_size {config.batch_size} must divide by the {world} processes")
+        self.local_batch = config.batch_size // world
+
+    # 1. rollouts
+    def step_prompts(self, step: int) -> list[list[dict]]:
+        """This process's share of the step's prompts; the same for any run that reaches this step."""
+        picked = random.Random(self.config.seed * 7919 + step).choices(self.prompts, k=self.config.batch_size)
+        rank = self.accelerator.process_index
+        return picked[rank * self.local_batch : (rank + 1) * self.local_batch]
+
+    @torch.no_grad()
+    def rollout(self, step: int) -> tuple[Rollouts, dict]:
+        timings, start = {}, time.perf_counter()
+        prompts = self.step_prompts(step)
+        params = SamplingParams(max_new_tokens=self.config.max_new_tokens, temperature=self.config.temperature,
+                                top_p=1.0, seed=self.config.seed * 1_000_033 + step * 97 + self.accelerator.process_index)  # fmt: skip
+        self.ac.eval()
+        completions = [c[0] for c in generate(self.ac.model, self.tokenizer, prompts, params=params,
+                                              batch_size=self.local_batch, progress=False)]  # fmt: skip
+        timings["generate_s"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        scores = torch.tensor(self.reward_fn(prompts, completions), dtype=torch.float)
+        finished = torch.tensor([c.finished for c in completions])
+        scores = scores - self.config.missing_eos_penalty * (~finished).float()
+        timings["score_s"] = time.perf_counter() - start
+
+        batch = pad_batch(prompts, completions, self.tokenizer, self.pad_id)
+        batch.scores = scores
+        batch.logprobs, _, hidden = self.ac.policy_forward(
+            batch, want_hidden=self.config.value_model == "shared"
+        )
+        batch.ref_logprobs, _, _ = self.ac.policy_forward(batch, reference=True)
+        batch.values = (
+            self.ac.value_head(hidden.float()) if hidden is not None else self.ac.value_forward(batch)
+        )
+        mask = batch.response_mask.float()
+        rewards, kl = compute_rewards(scores, batch.logprobs, batch.ref_logprobs, mask, self.kl.value)
+        if self.config.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False)
+        advantages, batch.returns = gae(rewards, batch.values, mask, self.config.gamma, self.config.lam)
+        batch.advantages = masked_whiten(advantages, mask) * mask
+        stats = {"kl": kl.sum(1).mean().item(), "raw_score": (scores + self.config.missing_eos_penalty
+                 * (~finished).float()).mean().item(), "score": scores.mean().item(),
+                 "response_length": mask.sum(1).mean().item(), "eos_rate": finished.float().mean().item()}  # fmt: skip
+        return batch, {**stats, **timings}
+
+    # 2. updates
+    def losses(self, mb: Rollouts) -> dict:
+        mask = mb.response_mask.float()
+        shared = self.config.value_model == "shared"
+        logprobs, entropy, hidden = self.ac.policy_forward(mb, want_hidden=shared)
+        vpred = self.ac.value_head(hidden.float()) if shared else None
+        ratio = torch.exp(logprobs - mb.logprobs)
+        pg_losses = torch.max(-mb.advantages * ratio,
+                              -mb.advantages * ratio.clamp(1 - self.config.cliprange, 1 + self.config.cliprange))  # fmt: skip
+        pg_loss = masked_mean(pg_losses, mask)
+        if shared:
+            vf_loss, vf_clip = self._value_loss(vpred, mb, mask)
+            (pg_loss + self.config.vf_coef * vf_loss).backward()
+        else:
+            pg_loss.backward()
+            vpred = self.ac.value_forward(mb)
+            vf_loss, vf_clip = self._value_loss(vpred, mb, mask)
+            (self.config.vf_coef * vf_loss).backward()
+        with torch.no_grad():
+            return {
+                "policy_loss": pg_loss.item(), "value_loss": vf_loss.item(), "value_clipfrac": vf_clip,
+                "clipfrac": masked_mean((torch.abs(ratio - 1) > self.config.cliprange).float(), mask).item(),
+                "approx_kl": masked_mean(0.5 * (logprobs - mb.logprobs) ** 2, mask).item(),
+                "entropy": masked_mean(entropy, mask).item(),
+            }  # fmt: skip
+
+    def _value_loss(self, vpred, mb: Rollouts, mask) -> tuple[torch.Tensor, float]:
+        clipped = mb.values + (vpred - mb.values).clamp(
+            -self.config.cliprange_value, self.config.cliprange_value
+        )
+        losses = torch.max((vpred - mb.returns) ** 2, (clipped - mb.returns) ** 2)
+        frac = masked_mean(((clipped - mb.returns) ** 2 > (vpred - mb.returns) ** 2).float(), mask).item()
+        return 0.5 * masked_mean(losses, mask), frac
+
+    def _sync_and_clip(self) -> None:
+        params = [p for p in self.ac.trainable_parameters()]
+        if self.accelerator.num_processes > 1:  # average gradients across processes: one all-reduce
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            flat = self.accelerator.reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
+            offset = 0
+            for p in params:
+                p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
+                offset += p.numel()
+        torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+
+    def update(self, batch: Rollouts, step: int) -> dict:
+        self.ac.train()
+        generator = torch.Generator().manual_seed(self.config.seed * 31 + step)
+        stats: list[dict] = []
+        n = batch.queries.shape[0]
+        for _ in range(self.config.ppo_epochs):
+            order = torch.randperm(n, generator=generator)
+            for start in range(0, n, self.config.mini_batch_size):
+                self.optimizer.zero_grad(set_to_none=True)
+                stats.append(self.losses(batch.rows(order[start : start + self.config.mini_batch_size])))
+                self._sync_and_clip()
+                self.optimizer.step()
+        return {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
+
+    # 3. the loop
+    def train(self, *, progress: bool = True) -> list[dict]:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=self.config.steps, initial=self.step, desc="ppo", disable=not progress or
+                   not self.accelerator.is_main_process)  # fmt: skip
+        while self.step < self.config.steps:
+            step_start = time.perf_counter()
+            batch, rollout_stats = self.rollout(self.step)
+            start = time.perf_counter()
+            update_stats = self.update(batch, self.step)
+            update_s = time.perf_counter() - start
+            stats = {**rollout_stats, **update_stats, "update_s": update_s, "kl_coef": self.kl.value}
+            stats = {k: self._mean_over_processes(v) for k, v in stats.items()}
+            if self.config.adaptive_kl:
+                self.kl.update(stats["kl"], self.config.batch_size)
+            self.step += 1
+            entry = {"step": self.step, **stats, "step_s": time.perf_counter() - step_start}
+            self.history.append(entry)
+            if self.on_step is not None and self.accelerator.is_main_process:
+                self.on_step(entry)
+            if (
+                self.config.save_every
+                and self.step % self.config.save_every == 0
+                and self.step < self.config.steps
+            ):
+                self.save_checkpoint()
+            bar.update(1)
+            bar.set_postfix(score=f"{stats['raw_score']:.3f}", kl=f"{stats['kl']:.3f}")
+        bar.close()
+        return self.history
+
+    def _mean_over_processes(self, value: float) -> float:
+        if self.accelerator.num_processes == 1:
+            return float(value)
+        return self.accelerator.reduce(torch.tensor(float(value)), reduction="mean").item()
+
+    # 4. checkpoints: everything that changes during training, so a resumed run continues bit for bit
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def save_checkpoint(self) -> Path | None:
+        if self.run_dir is None or not self.accelerator.is_main_process:
+            return None
+        path = self.checkpoint_dir() / f"step-{self.step:06d}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {"step": self.step, "weights": self.ac.trainable_state(), "optimizer": self.optimizer.state_dict(),
+                 "kl_coef": self.kl.value, "history": self.history, "config": asdict(self.config)}  # fmt: skip
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(path)  # a crash mid-write never leaves a half checkpoint behind
+        return path
+
+    def latest_checkpoint(self) -> Path | None:
+        found = sorted(self.checkpoint_dir().glob("step-*.pt")) if self.run_dir else []
+        return found[-1] if found else None
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        named = dict(self.ac.named_parameters())
+        with torch.no_grad():
+            for name, value in state["weights"].items():
+                named[name].copy_(value)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.kl.value, self.step, self.history = state["kl_coef"], state["step"], state["history"]
+
+    def save_policy(self, out: Path) -> None:
+        """The policy alone: a LoRA adapter (value adapter and head left out) or the full model."""
+        model = self.ac.model
+        if self.config.method == "lora":
+            model.save_pretrained(out, selected_adapters=["default"])
+        else:
+            model.save_pretrained(out)
+        self.tokenizer.save_pretrained(out)
+        (out / "alignloop_policy.json").write_text(
+            json.dumps({"algo": "ppo", "config": asdict(self.config)}, indent=2)
+        )

@@ -1,0 +1,1 @@
+"""Chat, arena, leaderboard, L1 prompt presets and the OpenAI-compatible endpoint."""
