@@ -372,6 +372,35 @@ def cmd_rl_eval(args) -> int:
     return 0
 
 
+def cmd_round_next(args) -> int:
+    from alignloop.rounds import RoundPlan, next_round
+
+    settings, engine = open_workspace(args)
+    plan = RoundPlan(reward_config=args.reward_config, rl_config=args.rl_config, algo=args.algo,
+                     num_prompts=args.prompts)  # fmt: skip
+    result = next_round(engine, settings, plan)
+    print(
+        f"closed round {result['round']}: reward model {result['reward_model'] or '- (dpo)'}, new policy "
+        f"{result['policy']}; queued {result['queued']} comparisons for round {result['next_round']} (run {result['run_id']})"
+    )
+    return 0
+
+
+def cmd_round_lineage(args) -> int:
+    from sqlmodel import Session
+
+    from alignloop.rounds import models_influenced_by_vote
+
+    _, engine = open_workspace(args)
+    with Session(engine) as session:
+        models = models_influenced_by_vote(session, vote_id=args.vote)
+        for m in models:
+            print(f"{m.name}\t{m.kind}\tround {m.round}\tparent {m.parent_id}")
+    if not models:
+        print(f"vote {args.vote} has not reached any model yet")
+    return 0
+
+
 def cmd_serve(args) -> int:
     import uvicorn
 
@@ -608,6 +637,21 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-prompts", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.set_defaults(func=cmd_rl_eval)
+
+    round_ = sub.add_parser("round", help="the RLHF loop").add_subparsers(
+        dest="round_command", required=True, metavar="ACTION"
+    )
+    p = round_.add_parser(
+        "next", parents=[common], help="close the round: reward, RL, register, queue the next"
+    )
+    p.add_argument("--reward-config", default=None, help="reward YAML (default configs/reward/default.yaml)")
+    p.add_argument("--rl-config", default=None, help="RL YAML (default configs/rl/default.yaml)")
+    p.add_argument("--algo", default="ppo", choices=["ppo", "grpo", "rloo", "dpo"])
+    p.add_argument("--prompts", type=int, default=32, help="prompts to queue for the next round")
+    p.set_defaults(func=cmd_round_next)
+    p = round_.add_parser("lineage", parents=[common], help="every model a vote influenced")
+    p.add_argument("--vote", type=int, required=True)
+    p.set_defaults(func=cmd_round_lineage)
 
     export = sub.add_parser("export", help="export data").add_subparsers(
         dest="export_command", required=True, metavar="WHAT"

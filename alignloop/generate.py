@@ -174,8 +174,11 @@ def queue_comparisons(
     split: str = "train",
     allow_noncommercial: bool | None = None,
     progress: bool = True,
+    versus: str | None = None,
 ) -> dict:
     """Sample `num_samples` responses per prompt and queue each prompt's responses as one comparison.
+    With `versus`, each comparison instead pits one response of `model_ref` against one of `versus` (the
+    next round's new policy against the previous one), sides randomised.
 
     The model runs outside any database transaction (it takes minutes; a held write lock would stall the
     annotators), then everything is written in one short transaction. Returns a summary.
@@ -198,23 +201,34 @@ def queue_comparisons(
             return {"prompts": 0, "comparisons": 0, "identical": 0, "run_id": None}
         prompt_ids = [p.id for p in prompts]
         messages = [p.messages for p in prompts]
-        config = {"model": model_ref, "num_samples": num_samples, "round": round, **asdict(params)}
+        config = {
+            "model": model_ref,
+            "versus": versus,
+            "num_samples": num_samples,
+            "round": round,
+            **asdict(params),
+        }
         run = crud.create_run(session, kind="generate", config=config)
+    refs = [model_ref] if versus is None else [model_ref, versus]
+    outputs = []  # (ref, licence, completions per prompt), one model loaded at a time
     try:
-        with Session(engine) as lookup:  # closed before the weights load: no lock held meanwhile
-            source = registry.locate(
-                model_ref, settings=settings, session=lookup, allow_noncommercial=allow_noncommercial
+        for ref in refs:
+            with Session(engine) as lookup:  # closed before the weights load: no lock held meanwhile
+                source = registry.locate(
+                    ref, settings=settings, session=lookup, allow_noncommercial=allow_noncommercial
+                )
+            loaded = registry.load_causal_lm(source)
+            completions = generate(
+                loaded.model,
+                loaded.tokenizer,
+                messages,
+                params=params,
+                num_samples=num_samples if versus is None else 1,
+                batch_size=batch_size or settings.batch_size,
+                progress=progress,
             )
-        loaded = registry.load_causal_lm(source)
-        completions = generate(
-            loaded.model,
-            loaded.tokenizer,
-            messages,
-            params=params,
-            num_samples=num_samples,
-            batch_size=batch_size or settings.batch_size,
-            progress=progress,
-        )
+            outputs.append((ref, loaded.licence, completions))
+            del loaded
     except BaseException as exc:
         with session_scope(engine) as session:
             crud.finish_run(session, run=session.get(Run, run.id), status="failed", error=str(exc))
@@ -223,10 +237,19 @@ def queue_comparisons(
     rng = random.Random(params.seed)
     summary = {"prompts": len(prompt_ids), "comparisons": 0, "identical": 0, "run_id": run.id}
     with session_scope(engine) as session:
-        version = ensure_model_version(session, ref=model_ref, licence=loaded.licence)
-        crud.get_or_create_round(session, number=round, target_votes=target_votes, policy_id=version.id)
-        for prompt_id, samples in zip(prompt_ids, completions, strict=True):
-            if len({c.text for c in samples}) < len(samples):
+        versions = [ensure_model_version(session, ref=ref, licence=licence) for ref, licence, _ in outputs]
+        crud.get_or_create_round(session, number=round, target_votes=target_votes, policy_id=versions[0].id)
+        per_prompt = [
+            [
+                (version, c)
+                for version, (_, _, completions) in zip(versions, outputs, strict=True)
+                for c in completions[i]
+            ]
+            for i in range(len(prompt_ids))
+        ]
+        completions = [[c for _, c in samples] for samples in per_prompt]
+        for prompt_id, samples in zip(prompt_ids, per_prompt, strict=True):
+            if len({c.text for _, c in samples}) < len(samples):
                 summary["identical"] += 1  # nothing to choose between: not worth an annotator's time
                 continue
             rows = [
@@ -240,7 +263,7 @@ def queue_comparisons(
                     params=asdict(params),
                     run_id=run.id,
                 )
-                for c in samples
+                for version, c in samples
             ]
             rng.shuffle(rows)
             crud.create_comparison(

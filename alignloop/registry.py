@@ -218,6 +218,10 @@ def _find(ref: str, *, settings: Settings, session) -> ModelSource:
         from alignloop import crud
 
         version = crud.get_model_version(session, name=ref)
+        if version is not None and version.path is None and version.base == ref:
+            version = (
+                None  # a base registered under its own reference (a local dir, a hub id): find it as such
+            )
         if version is not None:
             if version.path is None:
                 return replace(_find(version.base, settings=settings, session=session), ref=ref)

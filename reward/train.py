@@ -205,7 +205,7 @@ def _is_main() -> bool:
     return PartialState().is_main_process
 
 
-def _shared_run_id(engine, config: RewardRunConfig) -> int:
+def _shared_run_id(engine, config: RewardRunConfig, comparison_ids: list[int]) -> int:
     """The main process opens the Run; the others learn its id (one Run per launch, not one per process)."""
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
@@ -213,7 +213,11 @@ def _shared_run_id(engine, config: RewardRunConfig) -> int:
     ids = [None]
     if _is_main():
         with session_scope(engine) as session:
-            ids[0] = crud.create_run(session, kind="reward", config=asdict(config)).id
+            run_config = {
+                **asdict(config),
+                "comparison_ids": comparison_ids,
+            }  # lineage: the votes it learned from
+            ids[0] = crud.create_run(session, kind="reward", config=run_config).id
     if PartialState().num_processes > 1:
         broadcast_object_list(ids)
     return ids[0]
@@ -233,7 +237,8 @@ def train(engine, settings: Settings, config: RewardRunConfig, *, progress: bool
         if config.name and crud.get_model_version(session, name=config.name) is not None:
             raise AlignloopError(f"a model version named {config.name!r} is already registered")
 
-    run_id = _shared_run_id(engine, config)
+    comparison_ids = sorted({p.comparison_id for p in train_pairs if p.comparison_id is not None})
+    run_id = _shared_run_id(engine, config, comparison_ids)
     run_dir = settings.runs_dir / f"run{run_id}"
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -324,7 +329,6 @@ def _fit(engine, config, run_id, run_dir, source, base_version, train_pairs, hel
 
     steps = trainer.state.global_step
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    comparison_ids = sorted({p.comparison_id for p in train_pairs if p.comparison_id is not None})
     rounds = sorted({p.round for p in train_pairs if p.round is not None})
     metrics = {
         "base": config.base, "method": config.method, "train_pairs": len(train_pairs),
@@ -336,7 +340,6 @@ def _fit(engine, config, run_id, run_dir, source, base_version, train_pairs, hel
         "accuracy": evaluation.get("held_out", {}).get("accuracy"), "ece": evaluation.get("held_out", {}).get("ece"),
         "evaluation": _compact(evaluation),
     }  # fmt: skip
-    (run_dir / "comparisons.json").write_text(json.dumps(comparison_ids), encoding="utf-8")
     (run_dir / "evaluation.json").write_text(json.dumps(evaluation, indent=2), encoding="utf-8")
     with session_scope(engine) as session:
         name = config.name or f"reward-{config.base.replace('/', '-')}-run{run_id}"

@@ -119,7 +119,7 @@ def _open_run(engine, algo: str, config: PPOConfig, resume: int | None) -> int:
 
 
 def train(engine, settings: Settings, algo: str, config: PPOConfig, *, resume: int | None = None,
-          round: int | None = None, progress: bool = True) -> dict:  # fmt: skip
+          round: int | None = None, progress: bool = True, on_run=None) -> dict:  # fmt: skip
     if resume is not None:
         with Session(engine) as session:
             run = session.get(Run, resume)
@@ -146,6 +146,8 @@ def train(engine, settings: Settings, algo: str, config: PPOConfig, *, resume: i
         raise AlignloopError(f"DPO needs preference pairs: the workspace has {len(pairs)}")
 
     run_id = _open_run(engine, algo, config, resume)
+    if on_run is not None and _is_main():
+        on_run(run_id)  # the loop records the run before training, so an interrupted one can be resumed
     run_dir = settings.runs_dir / f"run{run_id}"
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
