@@ -78,7 +78,7 @@ def test_an_interrupted_round_resumes_where_it_stopped(round0, monkeypatch):
     real_save = PPOTrainer.save_checkpoint
 
     def save_then_die(self):
-        path = real_save(self)
+        real_save(self)
         raise KeyboardInterrupt  # the machine goes down right after the first checkpoint
 
     monkeypatch.setattr(PPOTrainer, "save_checkpoint", save_then_die)
