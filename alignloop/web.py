@@ -75,10 +75,12 @@ def _mount_stages(app: FastAPI) -> None:
     from annotate import api as annotate_api
     from annotate import app as annotate_app
     from reward import web as reward_web
+    from rl import web as rl_web
 
     app.include_router(annotate_api.router)
     app.include_router(annotate_admin.router)
     app.include_router(reward_web.router)
+    app.include_router(rl_web.router)
     engine, settings = app.state.engine, app.state.settings
 
     @app.middleware("http")

@@ -75,7 +75,7 @@ def admin_page(user: AdminDep, session: SessionDep, round: Annotated[int | None,
         f"<li>{html.escape(a)} – {html.escape(b)}: {k:.2f} on {n} items</li>"
         for a, b, k, n in report.pairwise_kappa
     )
-    body = f"<p><a href='/admin/reward'>reward models</a></p><h2>Annotation quality</h2>{summary}{table}<h3>Pairwise Cohen's kappa</h3><ul>{kappas or '<li>–</li>'}</ul>"
+    body = f"<p><a href='/admin/reward'>reward models</a> · <a href='/admin/rl'>RL runs and evaluations</a></p><h2>Annotation quality</h2>{summary}{table}<h3>Pairwise Cohen's kappa</h3><ul>{kappas or '<li>–</li>'}</ul>"
     return page("Admin", body, user)
 
 

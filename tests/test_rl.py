@@ -130,12 +130,12 @@ def rl_workspace(workspace, tiny_model_dir, tmp_path):
     for name in ("rm", "rm-judge"):
         assert main(["reward", "train", "--config", "configs/reward/tiny.yaml", "--base", str(tiny_model_dir),
                      "--max-steps", "3", "--name", name, *ws]) == 0  # fmt: skip
-    return settings, engine, ws
+    return settings, engine, ws, password
 
 
 @pytest.mark.parametrize("algo", ["ppo", "grpo", "rloo", "dpo"])
 def test_each_algorithm_trains_and_registers_a_policy(rl_workspace, tiny_model_dir, algo, capsys):
-    settings, engine, ws = rl_workspace
+    settings, engine, ws, password = rl_workspace
     extra = [] if algo == "dpo" else ["--reward-model", "rm"]
     code = main(["rl", "train", "--algo", algo, "--config", "configs/rl/tiny.yaml", "--policy",
                  str(tiny_model_dir), "--steps", "2", "--name", f"pol-{algo}", *extra, *ws])  # fmt: skip
@@ -154,7 +154,7 @@ def test_each_algorithm_trains_and_registers_a_policy(rl_workspace, tiny_model_d
 
 
 def test_ppo_cli_resume_stacked_rounds_and_eval(rl_workspace, tiny_model_dir, capsys):
-    settings, engine, ws = rl_workspace
+    settings, engine, ws, password = rl_workspace
     args = ["rl", "train", "--config", "configs/rl/tiny.yaml", "--reward-model", "rm", *ws]
     assert main([*args, "--policy", str(tiny_model_dir), "--name", "round1"]) == 0
     # A second round starts from the first round's adapter: the registry stacks them when loading.
@@ -175,3 +175,21 @@ def test_ppo_cli_resume_stacked_rounds_and_eval(rl_workspace, tiny_model_dir, ca
         and 0 <= summary["win_rate_by_judge"] <= 1
         and summary["kl_to_baseline"] is not None
     )
+    # /admin/rl shows the runs with their curves and the evaluation; annotators get 403.
+    from fastapi.testclient import TestClient
+
+    from alignloop.web import create_app
+
+    with Session(engine) as s:
+        crud.create_user(s, name="ann", role="annotator", password="annotator-pass")
+        s.commit()
+    with TestClient(create_app(settings, engine)) as client:
+        client.post("/login", data={"username": "ann", "password": "annotator-pass"})
+        assert client.get("/admin/rl").status_code == 403
+        client.post("/logout")
+        client.post("/login", data={"username": "admin", "password": password})
+        page = client.get("/admin/rl")
+        assert page.status_code == 200 and "round2" in page.text and "win rate" in page.text
+        png = client.get(f"/admin/runs/{round2.run_id}/metrics.png")
+        assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
+        assert {r["kind"] for r in client.get("/api/rl/runs").json()} == {"rl", "eval"}

@@ -1,0 +1,188 @@
+"""Benchmark: alignloop's PPO against TRL 1.12's `trl.experimental.ppo.PPOTrainer` (the last PPO TRL shipped).
+
+TRL 1.12 is installed into its own virtualenv (`$TMPDIR/alignloop-trl112`, created on first use: torch 2.13.0
+from this machine, then `trl==1.12.0`, `peft` from the package registry), never into the project's.
+
+Two settings, identical for both trainers (prompts, batch size, minibatches, PPO epochs, response length,
+temperature, KL coefficient, learning rate, LoRA):
+- tiny: a 2-layer Llama (hidden 64) with the default model's tokenizer, full fine-tuning;
+- default: SmolLM2-135M-Instruct with LoRA r=16 on the attention and MLP projections.
+The reward model is the same in both trainers: the policy's base with a scalar head (seeded, not trained: a
+fixed function of the text that both must climb; TRL's PPO requires a reward model that shares the policy's
+tokenizer). TRL's value model is a full copy of the base with a scalar head (its design); alignloop's is a
+second LoRA adapter on the policy's base. Each trainer runs in its own process; reported: seconds per PPO step
+(wall clock of training / steps), peak resident memory of the process, mean reward over the first and last
+steps. Ratios (alignloop / TRL) printed last.
+
+    .venv/bin/python bench/ppo_vs_trl.py [--steps 10] [--settings tiny default]
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+QUESTIONS = ROOT.parent / "shared" / "data" / "vicuna_bench_questions.jsonl"
+TRL_VENV = Path(tempfile.gettempdir()) / "alignloop-trl112"
+SETTINGS = {
+    "tiny": dict(batch_size=8, mini_batch_size=4, ppo_epochs=2, max_new_tokens=24, learning_rate=1e-4),
+    "default": dict(batch_size=8, mini_batch_size=4, ppo_epochs=2, max_new_tokens=24, learning_rate=3e-5),
+}
+COMMON = dict(temperature=0.7, kl_coef=0.05, lora_r=16, lora_alpha=32,
+              target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])  # fmt: skip
+
+PREPARE = """
+import json, os, sys, torch
+os.environ["HF_HUB_OFFLINE"] = "1"
+from pathlib import Path
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from alignloop.config import load_settings
+from alignloop.cli import init_workspace
+from alignloop import registry
+out = Path(sys.argv[1]); ws = out / "ws"
+init_workspace(ws)
+default = registry.locate("default", settings=load_settings(ws)).path
+tok = AutoTokenizer.from_pretrained(default)
+torch.manual_seed(0)
+cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+LlamaForCausalLM(cfg).save_pretrained(out / "tiny"); tok.save_pretrained(out / "tiny")
+for name, path in (("tiny", out / "tiny"), ("default", default)):
+    torch.manual_seed(1)
+    rm = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+    torch.nn.init.normal_(rm.score.weight, std=0.5)
+    rm.config.pad_token_id = tok.pad_token_id
+    rm.save_pretrained(out / f"rm-{name}"); tok.save_pretrained(out / f"rm-{name}")
+print("RESULT " + json.dumps({"tiny": str(out / "tiny"), "default": str(default)}))
+"""
+
+PROMPTS = """
+import json, sys
+def prompts(path, n):
+    rows = [json.loads(l) for l in open(path)]
+    return [[{"role": "user", "content": r.get("text") or r["turns"][0]}] for r in rows][:n]
+"""
+
+OURS = PROMPTS + """
+import os, resource, time, torch
+os.environ["HF_HUB_OFFLINE"] = "1"
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from rl.ppo import PPOTrainer, load_config
+policy_path, rm_path, setting, steps, questions = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+kw = json.loads(sys.argv[6])
+torch.set_num_threads(os.cpu_count())
+tok = AutoTokenizer.from_pretrained(policy_path)
+model = AutoModelForCausalLM.from_pretrained(policy_path)
+rm = AutoModelForSequenceClassification.from_pretrained(rm_path).eval()
+from reward.score import RewardModel
+scorer = RewardModel(model=rm, tokenizer=tok, max_length=1024)
+reward = lambda p, c: scorer.score(p, [x.text for x in c])
+config = load_config(None, steps=steps, missing_eos_penalty=0.0, save_every=0, method="full" if setting == "tiny" else "lora",
+                     value_model="shared" if setting == "tiny" else "adapter", **kw)
+trainer = PPOTrainer(config, model, tok, prompts(questions, 64), reward)
+start = time.perf_counter()
+history = trainer.train(progress=False)
+seconds = time.perf_counter() - start
+k = max(1, steps // 4)
+print("RESULT " + json.dumps({"s_per_step": seconds / steps, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+      "reward_first": sum(h["raw_score"] for h in history[:k]) / k, "reward_last": sum(h["raw_score"] for h in history[-k:]) / k}))
+"""
+
+TRL = PROMPTS + """
+import os, resource, time, torch, tempfile
+os.environ["HF_HUB_OFFLINE"] = "1"
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+from trl.experimental.ppo import PPOConfig, PPOTrainer
+policy_path, rm_path, setting, steps, questions = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+kw = json.loads(sys.argv[6])
+torch.set_num_threads(os.cpu_count())
+torch.manual_seed(0)
+tok = AutoTokenizer.from_pretrained(policy_path, padding_side="left")
+rows = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=False) for p in prompts(questions, 64)]
+rows = (rows * (steps * kw["batch_size"] // len(rows) + 1))[: steps * kw["batch_size"]]
+data = Dataset.from_dict({"input_ids": rows})
+policy = AutoModelForCausalLM.from_pretrained(policy_path)
+value = AutoModelForSequenceClassification.from_pretrained(policy_path, num_labels=1)
+value.config.pad_token_id = tok.pad_token_id
+rm = AutoModelForSequenceClassification.from_pretrained(rm_path)
+peft_config = None
+if setting != "tiny":
+    from peft import LoraConfig
+    peft_config = LoraConfig(r=kw["lora_r"], lora_alpha=kw["lora_alpha"], target_modules=kw["target_modules"], task_type="CAUSAL_LM")
+args = PPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=kw["batch_size"],
+                 num_mini_batches=kw["batch_size"] // kw["mini_batch_size"], num_ppo_epochs=kw["ppo_epochs"],
+                 response_length=kw["max_new_tokens"], temperature=kw["temperature"], kl_coef=kw["kl_coef"],
+                 learning_rate=kw["learning_rate"], total_episodes=steps * kw["batch_size"], stop_token="eos",
+                 use_cpu=True, bf16=False, report_to=[], save_strategy="no", logging_steps=1, num_sample_generations=0,
+                 local_rollout_forward_batch_size=kw["batch_size"], seed=0, disable_tqdm=True)
+scores = []
+class Scores(TrainerCallback):
+    def on_log(self, a, state, control, logs=None, **k):
+        if logs and "objective/scores" in logs: scores.append(logs["objective/scores"])
+trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=None, reward_model=rm, value_model=value,
+                     train_dataset=data, peft_config=peft_config, callbacks=[Scores()])
+start = time.perf_counter()
+trainer.train()
+seconds = time.perf_counter() - start
+k = max(1, len(scores) // 4)
+print("RESULT " + json.dumps({"s_per_step": seconds / steps, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+      "reward_first": sum(scores[:k]) / k, "reward_last": sum(scores[-k:]) / k}))
+"""
+
+
+def run(python: str, script: str, *args) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([python, "-c", script, *map(str, args)], capture_output=True, text=True, env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        sys.exit(f"child failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def trl_python() -> str:
+    python = TRL_VENV / "bin" / "python"
+    if not python.exists():
+        print(f"creating {TRL_VENV} with trl==1.12.0 (once) ...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(TRL_VENV)], check=True)
+        pip = [str(python), "-m", "pip", "install", "-q"]
+        subprocess.run([*pip, "torch==2.13.0"], check=True)
+        subprocess.run([*pip, "trl==1.12.0", "peft", "datasets", "accelerate"], check=True)
+    return str(python)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--settings", nargs="+", default=["tiny", "default"], choices=sorted(SETTINGS))
+    args = parser.parse_args()
+    trl = trl_python()
+    work = Path(tempfile.mkdtemp(prefix="ppo-bench-"))
+    paths = run(sys.executable, PREPARE, work)
+    results = {}
+    for setting in args.settings:
+        kw = json.dumps({**COMMON, **SETTINGS[setting]})
+        for name, python, script in (("trl 1.12", trl, TRL), ("alignloop", sys.executable, OURS)):
+            results[(setting, name)] = run(python, script, paths[setting], work / f"rm-{setting}", setting, args.steps,
+                                           QUESTIONS, kw)  # fmt: skip
+            print(setting, name, json.dumps(results[(setting, name)]), flush=True)
+    print(f"\n| setting | trainer | s/step | peak RSS MB | reward first steps | reward last steps | gain |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for (setting, name), r in results.items():
+        gain = r["reward_last"] - r["reward_first"]
+        print(f"| {setting} | {name} | {r['s_per_step']:.2f} | {r['peak_rss_mb']:.0f} | {r['reward_first']:.3f} | "
+              f"{r['reward_last']:.3f} | {gain:+.3f} |")
+    for setting in args.settings:
+        ours, theirs = results[(setting, "alignloop")], results[(setting, "trl 1.12")]
+        print(f"{setting}: time per step {ours['s_per_step'] / theirs['s_per_step']:.2f}x TRL's, peak memory "
+              f"{ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f}x, reward gain {ours['reward_last'] - ours['reward_first']:+.3f}"
+              f" vs {theirs['reward_last'] - theirs['reward_first']:+.3f}")
+
+
+if __name__ == "__main__":
+    main()
