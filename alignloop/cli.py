@@ -401,6 +401,48 @@ def cmd_round_lineage(args) -> int:
     return 0
 
 
+def cmd_keys(args) -> int:
+    from alignloop import crud
+    from alignloop.db import session_scope
+
+    _, engine = open_workspace(args)
+    with session_scope(engine) as session:
+        if args.keys_command == "create":
+            user = crud.get_user(session, name=args.user)
+            if user is None:
+                raise AlignloopError(f"no user {args.user!r}")
+            key, row = crud.create_api_key(session, user=user, name=args.name)
+            print(f"API key {row.id} ({row.name}, acts as {user.name}); shown once, store it now:\n{key}")
+        elif args.keys_command == "revoke":
+            row = crud.revoke_api_key(session, key_id=args.id)
+            print(f"revoked API key {row.id} ({row.name})")
+        else:
+            for row in crud.list_api_keys(session):
+                state = "revoked" if row.revoked else "active"
+                print(
+                    f"{row.id}\t{row.name}\t{row.prefix}...\tuser {row.user_id}\t{state}\t{row.created_at:%Y-%m-%d}"
+                )
+    return 0
+
+
+def cmd_presets(args) -> int:
+    from alignloop.db import session_scope
+    from serve.prompting import list_presets, save_preset
+
+    _, engine = open_workspace(args)
+    with session_scope(engine) as session:
+        if args.presets_command == "save":
+            examples = json.loads(Path(args.examples).read_text(encoding="utf-8")) if args.examples else []
+            preset = save_preset(session, name=args.name, system_prompt=args.system or "", examples=examples,
+                                 chain_of_thought=args.cot)  # fmt: skip
+            print(f"saved preset {preset.name}@{preset.version}")
+        else:
+            for p in list_presets(session):
+                print(f"{p.name}@{p.version}\t{len(p.examples)} examples\t{'cot' if p.chain_of_thought else ''}"
+                      f"\t{p.system_prompt[:60]!r}")  # fmt: skip
+    return 0
+
+
 def cmd_serve(args) -> int:
     import uvicorn
 
@@ -652,6 +694,31 @@ def make_parser() -> argparse.ArgumentParser:
     p = round_.add_parser("lineage", parents=[common], help="every model a vote influenced")
     p.add_argument("--vote", type=int, required=True)
     p.set_defaults(func=cmd_round_lineage)
+
+    keys = sub.add_parser("keys", help="API keys for /v1 (OpenAI-compatible) and scripts").add_subparsers(
+        dest="keys_command", required=True, metavar="ACTION"
+    )
+    p = keys.add_parser("create", parents=[common], help="create a key (printed once)")
+    p.add_argument("name", help="what the key is for")
+    p.add_argument("--user", default="admin", help="the user the key acts as")
+    p.set_defaults(func=cmd_keys)
+    p = keys.add_parser("list", parents=[common], help="list keys (never the keys themselves)")
+    p.set_defaults(func=cmd_keys)
+    p = keys.add_parser("revoke", parents=[common], help="revoke a key")
+    p.add_argument("id", type=int)
+    p.set_defaults(func=cmd_keys)
+
+    presets = sub.add_parser("presets", help="L1 prompting presets").add_subparsers(
+        dest="presets_command", required=True, metavar="ACTION"
+    )
+    p = presets.add_parser("save", parents=[common], help="save a preset (a new version if the name exists)")
+    p.add_argument("name")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--examples", default=None, help='JSON file: [{"user": ..., "assistant": ...}, ...]')
+    p.add_argument("--cot", default=None, help="chain-of-thought instruction appended to the user's turn")
+    p.set_defaults(func=cmd_presets)
+    p = presets.add_parser("list", parents=[common], help="the latest version of each preset")
+    p.set_defaults(func=cmd_presets)
 
     export = sub.add_parser("export", help="export data").add_subparsers(
         dest="export_command", required=True, metavar="WHAT"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from datetime import datetime
@@ -26,6 +27,7 @@ from alignloop.models import (
     ROLES,
     SPLITS,
     USER_KINDS,
+    ApiKey,
     Comparison,
     ComparisonItem,
     Generation,
@@ -95,6 +97,47 @@ def set_password(session: Session, *, user: User, password: str) -> None:
     user.password_hash = _hasher.hash(password)
     session.add(user)
     session.flush()
+
+
+# --- API keys ------------------------------------------------------------------------------------------------
+
+API_KEY_PREFIX = "al-"
+
+
+def _key_hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def create_api_key(session: Session, *, user: User, name: str) -> tuple[str, ApiKey]:
+    """A new key for `user`; the key itself is returned once and only its hash is stored."""
+    if not name.strip() or len(name) > 64:
+        raise AlignloopError("API key name must be 1-64 characters")
+    key = API_KEY_PREFIX + secrets.token_urlsafe(32)
+    row = ApiKey(name=name.strip(), prefix=key[:10], key_hash=_key_hash(key), user_id=user.id)
+    session.add(row)
+    session.flush()
+    return key, row
+
+
+def user_for_api_key(session: Session, *, key: str) -> User | None:
+    row = session.exec(select(ApiKey).where(ApiKey.key_hash == _key_hash(key))).first()
+    if row is None or row.revoked:
+        return None
+    user = session.get(User, row.user_id)
+    return None if user is None or user.disabled else user
+
+
+def list_api_keys(session: Session) -> list[ApiKey]:
+    return list(session.exec(select(ApiKey).order_by(ApiKey.id)).all())
+
+
+def revoke_api_key(session: Session, *, key_id: int) -> ApiKey:
+    row = session.get(ApiKey, key_id)
+    if row is None:
+        raise AlignloopError(f"no API key {key_id}")
+    row.revoked = True
+    session.add(row)
+    return row
 
 
 # --- prompts -------------------------------------------------------------------------------------------------

@@ -45,7 +45,11 @@ def _v2_annotation_queue(engine: Engine) -> None:
 
 
 # version -> step that upgrades a database from `version - 1`.
-MIGRATIONS: dict[int, Callable[[Engine], None]] = {2: _v2_annotation_queue}
+def _v3_presets_and_keys(engine: Engine) -> None:
+    """New tables only (Preset, ApiKey): `create_all` has already made them; nothing to alter."""
+
+
+MIGRATIONS: dict[int, Callable[[Engine], None]] = {2: _v2_annotation_queue, 3: _v3_presets_and_keys}
 
 
 def make_engine(url: str, *, echo: bool = False) -> Engine:

@@ -14,7 +14,7 @@ from sqlalchemy import JSON, Column, Index, Text, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
 # Bump when a table changes and add the step to `db.MIGRATIONS`.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 UNSCORED = 1e300  # sorts comparisons without a reward margin after every scored one
 
@@ -192,3 +192,31 @@ class ChatFeedback(SQLModel, table=True):
     rating: int | None = None  # +1 thumbs up, -1 thumbs down
     edited: str | None = Field(default=None, sa_column=Column(Text))
     created_at: datetime = Field(default_factory=utcnow)
+
+
+class Preset(SQLModel, table=True):
+    # An L1 prompting preset: system prompt, few-shot demonstrations, optional chain-of-thought instruction.
+    # Saving a preset under an existing name adds a new version; old versions stay for reproducibility.
+    __table_args__ = (UniqueConstraint("name", "version", name="uq_preset_name_version"),)
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(index=True, max_length=64)
+    version: int = 1
+    system_prompt: str = Field(default="", sa_column=Column(Text, nullable=False))
+    examples: list = json_column(
+        default_factory=list
+    )  # [{"user": ..., "assistant": ...}], shown as prior turns
+    chain_of_thought: str | None = Field(default=None, sa_column=Column(Text))  # appended to the user's turn
+    created_by: int | None = Field(default=None, foreign_key="user.id")
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class ApiKey(SQLModel, table=True):
+    # A key for the OpenAI-compatible API (and the REST API). Only its SHA-256 is stored; the key is shown once.
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=64)
+    prefix: str = Field(max_length=12)  # the first characters, to tell keys apart in lists
+    key_hash: str = Field(unique=True, index=True, max_length=64)
+    user_id: int = Field(foreign_key="user.id", index=True)
+    revoked: bool = Field(default=False)
+    created_at: datetime = Field(default_factory=utcnow)
+    last_used_at: datetime | None = None

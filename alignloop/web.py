@@ -46,6 +46,7 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
     app.state.engine = engine if engine is not None else make_engine(settings.db_url)
     sqlite = app.state.engine.dialect.name == "sqlite"
     app.state.db_slots = asyncio.Semaphore(1 if sqlite else POSTGRES_DB_SLOTS)
+    app.state.model_pool = _model_pool(settings, app.state.engine)
     app.add_exception_handler(LoginRequired, _login_required)
     app.add_exception_handler(Exception, _internal_error)
     _register_routes(app)
@@ -58,6 +59,21 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
         same_site="strict",
     )
     return app
+
+
+def _model_pool(settings: Settings, engine):
+    """Loaded chat models (the OpenAI endpoint, /chat, /arena), by reference; adapters merged for speed."""
+    from serve.engine import ModelPool
+
+    def load(ref: str):
+        from alignloop import registry
+
+        with Session(engine) as session:
+            loaded = registry.resolve(ref, settings=settings, session=session)
+        model = loaded.model.merge_and_unload() if hasattr(loaded.model, "merge_and_unload") else loaded.model
+        return model, loaded.tokenizer
+
+    return ModelPool(load)
 
 
 def app_from_env() -> FastAPI:
@@ -76,11 +92,13 @@ def _mount_stages(app: FastAPI) -> None:
     from annotate import app as annotate_app
     from reward import web as reward_web
     from rl import web as rl_web
+    from serve import openai_api
 
     app.include_router(annotate_api.router)
     app.include_router(annotate_admin.router)
     app.include_router(reward_web.router)
     app.include_router(rl_web.router)
+    openai_api.install(app)
     engine, settings = app.state.engine, app.state.settings
 
     @app.middleware("http")
