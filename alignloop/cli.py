@@ -196,6 +196,22 @@ def cmd_export_prefs(args) -> int:
     return 0
 
 
+def cmd_export_feedback(args) -> int:
+    from sqlmodel import Session
+
+    from alignloop.export import write_rows
+    from serve.chat import feedback_pairs
+
+    _, engine = open_workspace(args)
+    with Session(engine) as session:
+        rows = feedback_pairs(session)
+    if not rows:
+        raise AlignloopError("nothing to export: no chat edits or up/down pairs yet")
+    fmt = write_rows(rows, Path(args.out), fmt=args.format)
+    print(f"exported {len(rows)} preference pairs from chat feedback to {args.out} ({fmt})")
+    return 0
+
+
 def cmd_prefs_import(args) -> int:
     from alignloop.db import session_scope
     from annotate.io import import_preferences
@@ -731,6 +747,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--include-both-bad", action="store_true")
     p.add_argument("--round", type=int, nargs="+", default=None, help="only these rounds")
     p.set_defaults(func=cmd_export_prefs)
+
+    p = export.add_parser(
+        "feedback", parents=[common], help="chat feedback (edits, up/down) as preference pairs"
+    )
+    p.add_argument("out", help="file (.jsonl, .parquet) or folder")
+    p.add_argument("--format", default="auto", choices=["auto", "jsonl", "parquet", "dataset"])
+    p.set_defaults(func=cmd_export_feedback)
 
     p = sub.add_parser("serve", parents=[common], help="run the web app")
     p.add_argument("--host", default="127.0.0.1")

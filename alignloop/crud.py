@@ -191,6 +191,10 @@ def add_prompts(
     return added, duplicates
 
 
+def get_prompt_by_hash(session: Session, *, content_hash: str) -> Prompt | None:
+    return session.exec(select(Prompt).where(Prompt.content_hash == content_hash)).first()
+
+
 def list_prompts(
     session: Session, *, split: str | None = None, limit: int | None = None, offset: int = 0
 ) -> list[Prompt]:

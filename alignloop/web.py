@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 PAGE_SIZE = 50
 POSTGRES_DB_SLOTS = 16  # below the engine's pool size + overflow (30)
-UI_PATHS = {"/annotate"}
+UI_PATHS = {"/annotate", "/chat", "/arena"}
 MAX_FORM_CHARS = 1024
 
 
@@ -92,12 +92,13 @@ def _mount_stages(app: FastAPI) -> None:
     from annotate import app as annotate_app
     from reward import web as reward_web
     from rl import web as rl_web
-    from serve import openai_api
+    from serve import arena, chat, openai_api
 
     app.include_router(annotate_api.router)
     app.include_router(annotate_admin.router)
     app.include_router(reward_web.router)
     app.include_router(rl_web.router)
+    app.include_router(arena.router)
     openai_api.install(app)
     engine, settings = app.state.engine, app.state.settings
 
@@ -108,18 +109,23 @@ def _mount_stages(app: FastAPI) -> None:
             return RedirectResponse("/login", status_code=303)
         return await call_next(request)
 
+    ui_options = dict(
+        footer_links=[], show_error=True, ssr_mode=False, mcp_server=False, enable_monitoring=False
+    )
     gr.mount_gradio_app(
         app,
         annotate_app.build_ui(engine, settings),
         path="/annotate",
         auth_dependency=annotate_app.username_of(engine),
         head=annotate_app.SHORTCUTS_JS,
-        footer_links=[],
-        show_error=True,
-        ssr_mode=False,
-        mcp_server=False,
-        enable_monitoring=False,
+        **ui_options,
     )
+    reviewers = annotate_app.username_of(engine, roles=("reviewer", "admin"))
+    pool = app.state.model_pool
+    gr.mount_gradio_app(app, chat.build_ui(engine, settings, pool), path="/chat", auth_dependency=reviewers,
+                        **ui_options)  # fmt: skip
+    gr.mount_gradio_app(app, arena.build_ui(engine, settings, pool), path="/arena", auth_dependency=reviewers,
+                        **ui_options)  # fmt: skip
 
 
 # --- dependencies --------------------------------------------------------------------------------------------
@@ -266,8 +272,11 @@ def _register_routes(app: FastAPI) -> None:
         links = [("/queue", "Queue", "the comparisons waiting for votes")]
         if user.role in ("annotator", "admin"):
             links.insert(0, ("/annotate/", "Annotate", "compare responses, one item at a time (keys 1-4, S)"))
+        if user.role in ("reviewer", "admin"):
+            links.append(("/chat/", "Chat", "talk to any model version, side by side, with L1 presets"))
+            links.append(("/arena/", "Arena", "blind battles between versions, and the leaderboard"))
         if user.role == "admin":
-            links.append(("/admin", "Admin", "annotation quality: agreement, gold accuracy, position bias"))
+            links.append(("/admin", "Admin", "annotation quality, reward models, RL runs"))
         items = "".join(f'<li><a href="{href}">{label}</a> — {text}</li>' for href, label, text in links)
         return page("Home", f"<h2>Welcome, {html.escape(user.name)}</h2><ul>{items}</ul>", user)
 

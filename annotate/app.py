@@ -196,8 +196,9 @@ def build_ui(engine, settings: Settings) -> gr.Blocks:
     return demo
 
 
-def username_of(engine):
-    """Gradio's `auth_dependency`: the logged-in annotator's name from the app's session cookie, else None."""
+def username_of(engine, roles: tuple[str, ...] = ("annotator", "admin")):
+    """Gradio's `auth_dependency`: the logged-in user's name from the app's session cookie if their role is
+    one of `roles`, else None."""
 
     def dependency(request) -> str | None:
         user_id = request.session.get("user_id") if "session" in request.scope else None
@@ -205,7 +206,7 @@ def username_of(engine):
             return None
         with Session(engine) as session:
             user = session.get(User, user_id)
-            if user is None or user.disabled or user.role not in ("annotator", "admin"):
+            if user is None or user.disabled or user.role not in roles:
                 return None
             return user.name
 

@@ -35,13 +35,45 @@ def prepare_tokenizer(tokenizer) -> None:
     tokenizer.pad_token = tokenizer.eos_token
 
 
-def load_sequence_classifier(source: registry.ModelSource):
-    """A model with a scalar head on top of `source` (a full model, or a base plus a PEFT adapter, merged)."""
+def mean_pool_classifier_class():
+    """BERT-type encoders score the mean of their token states: all-MiniLM-L6-v2 was trained as a sentence
+    encoder with mean pooling, and its [CLS] pooler is the original checkpoint's, never tuned for that."""
+    from transformers import BertForSequenceClassification
+    from transformers.modeling_outputs import SequenceClassifierOutput
+
+    class MeanPoolClassifier(BertForSequenceClassification):
+        def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                    inputs_embeds=None, labels=None, **kwargs):  # fmt: skip
+            kwargs.pop("use_cache", None)
+            hidden = self.bert(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                               position_ids=position_ids, inputs_embeds=inputs_embeds, return_dict=True,
+                               **kwargs).last_hidden_state  # fmt: skip
+            if attention_mask is None:
+                attention_mask = torch.ones(hidden.shape[:2], device=hidden.device)
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+            return SequenceClassifierOutput(logits=self.classifier(self.dropout(pooled)))
+
+    return MeanPoolClassifier
+
+
+def default_pooling(weights) -> str:
+    from transformers import AutoConfig
+
+    return "mean" if AutoConfig.from_pretrained(weights).model_type == "bert" else "last"
+
+
+def load_sequence_classifier(source: registry.ModelSource, *, pooling: str = "auto"):
+    """A model with a scalar head on top of `source` (a full model, or a base plus a PEFT adapter, merged).
+    `pooling`: "last" (the model's own: last token for decoders, [CLS] for encoders), "mean" (BERT-type
+    encoders), or "auto" (mean for BERT-type encoders, else last)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     weights = source.base.path if source.base is not None else source.path
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(weights, num_labels=1, dtype=torch.float32)
+        pooling = default_pooling(weights) if pooling == "auto" else pooling
+        cls = mean_pool_classifier_class() if pooling == "mean" else AutoModelForSequenceClassification
+        model = cls.from_pretrained(weights, num_labels=1, dtype=torch.float32)
         tokenizer_dir = source.path if registry.has_tokenizer(source.path) else weights
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     except (OSError, ValueError) as exc:
@@ -69,7 +101,7 @@ class RewardModel:
         if not meta_file.is_file():
             raise AlignloopError(f"{ref!r} is not a reward model ({META_FILE} missing in {source.path})")
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
-        model, tokenizer = load_sequence_classifier(source)
+        model, tokenizer = load_sequence_classifier(source, pooling=meta.get("pooling", "last"))
         model.eval()
         return cls(model=model, tokenizer=tokenizer, max_length=meta["max_length"], ref=ref)
 

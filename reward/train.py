@@ -40,7 +40,7 @@ from alignloop.db import session_scope
 from alignloop.models import Run
 from reward import evaluate as reward_eval
 from reward.data import Pair, RewardFormat, file_pairs, split_by_prompt, workspace_pairs
-from reward.score import RewardModel, load_sequence_classifier, write_meta
+from reward.score import RewardModel, default_pooling, load_sequence_classifier, write_meta
 
 log = logging.getLogger(__name__)
 METHODS = ("full", "lora")
@@ -62,6 +62,7 @@ class RewardRunConfig:
     # --- model ---
     base: str = field(default="minilm", metadata={"help": "minilm | default | any model reference."})
     method: str = field(default="full", metadata={"help": "full | lora"})
+    pooling: str = field(default="auto", metadata={"help": "auto | mean | last (see reward.score)."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator."})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
@@ -113,6 +114,8 @@ def load_config(path: str | Path | None, **overrides) -> RewardRunConfig:
         config = RewardRunConfig(**raw)
     except TypeError as exc:
         raise AlignloopError(f"bad reward config: {exc}") from None
+    if config.pooling not in ("auto", "mean", "last"):
+        raise AlignloopError(f"pooling must be auto, mean or last, not {config.pooling!r}")
     if config.method not in METHODS:
         raise AlignloopError(f"method must be one of {', '.join(METHODS)}, not {config.method!r}")
     if config.max_length < 32 or config.per_device_train_batch_size < 1 or config.learning_rate <= 0:
@@ -255,7 +258,12 @@ def _fit(engine, config, run_id, run_dir, source, base_version, train_pairs, hel
          progress) -> dict:  # fmt: skip
     torch.manual_seed(config.seed)
     # 2. The base with a scalar head; pairs encoded for its tokenizer.
-    model, tokenizer = load_sequence_classifier(source)
+    pooling = (
+        default_pooling(source.base.path if source.base else source.path)
+        if config.pooling == "auto"
+        else config.pooling
+    )
+    model, tokenizer = load_sequence_classifier(source, pooling=pooling)
     fmt = RewardFormat(tokenizer, config.max_length)
     rows, encode_report = fmt.encode_pairs(train_pairs)
     train_dataset = Dataset.from_list(rows)
@@ -312,7 +320,7 @@ def _fit(engine, config, run_id, run_dir, source, base_version, train_pairs, hel
     out = run_dir / "model"
     trainer.model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    write_meta(out, max_length=config.max_length, base=config.base, method=config.method)
+    write_meta(out, max_length=config.max_length, base=config.base, method=config.method, pooling=pooling)
     scorer = RewardModel(
         model=trainer.model.eval(), tokenizer=tokenizer, max_length=config.max_length, ref=str(out)
     )

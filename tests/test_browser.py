@@ -127,3 +127,114 @@ def test_annotator_votes_with_mouse_and_keyboard(browser, live_server, tmp_path)
         assert votes[0].choice == "ab"[votes[0].shown_order[0]]
         assert votes[1].choice == "ab"[votes[1].shown_order[1]]
     page.close()
+
+
+@pytest.fixture
+def review_server(workspace, tiny_model_dir, tmp_path):
+    """A server whose default policy is the tiny model, plus a second tiny version, and a reviewer."""
+    import yaml
+
+    from conftest import build_tiny_llama, build_tiny_tokenizer
+
+    settings, engine, _ = workspace
+    other = tmp_path / "tiny-b"
+    tokenizer = build_tiny_tokenizer()
+    build_tiny_llama(tokenizer, seed=1).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    config_file = settings.workspace / "config.yaml"
+    config = yaml.safe_load(config_file.read_text())
+    config_file.write_text(yaml.safe_dump({**config, "default_policy": str(tiny_model_dir)}))
+    with Session(engine) as s:
+        crud.create_user(s, name="rev", role="reviewer", password="reviewer-pass")
+        crud.register_model(
+            s, name="tiny-b", kind="policy", base=str(other), path=str(other), licence="apache-2.0"
+        )
+        s.commit()
+    yield from _serve(settings, engine)
+
+
+def _serve(settings, engine):
+    port = free_port()
+    exe = shutil.which("alignloop")
+    cmd = [exe] if exe else [sys.executable, "-m", "alignloop.cli"]
+    log = open(settings.workspace / "serve.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([*cmd, "serve", "--port", str(port), "--workspace", str(settings.workspace)],
+                            stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("server did not start:\n" + (settings.workspace / "serve.log").read_text())
+    yield base, engine
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()
+
+
+def login(page, base, name, password, landing):
+    page.goto(f"{base}/login")
+    page.fill("input[name=username]", name)
+    page.fill("input[name=password]", password)
+    page.click("button")
+    page.wait_for_url(landing)
+
+
+def test_reviewer_chats_with_streaming_then_battles_in_the_arena(browser, review_server, tmp_path):
+    base, engine = review_server
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    dialogs = []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    login(page, base, "rev", "reviewer-pass", f"{base}/")
+    shots = os.environ.get("ALIGNLOOP_SCREENSHOTS")
+
+    # Chat: the reply grows on screen piece by piece (a MutationObserver records each length it shows).
+    page.goto(f"{base}/chat/")
+    page.wait_for_selector("#chat-input textarea", timeout=60_000)
+    page.evaluate("""() => {
+        window.__lengths = [];
+        const box = document.querySelector('#chatbot');
+        new MutationObserver(() => window.__lengths.push(box.innerText.length))
+            .observe(box, {subtree: true, childList: true, characterData: true});
+    }""")
+    page.fill("#chat-input textarea", "Write a short poem about <b>the sea</b>.")
+    page.click("#chat-send")
+    page.locator("#chatbot").get_by_text("the sea", exact=False).first.wait_for(timeout=60_000)
+    page.wait_for_function("() => window.__lengths.length > 0", timeout=60_000)
+    page.wait_for_timeout(1500)
+    lengths = page.evaluate("window.__lengths")
+    assert len(set(lengths)) >= 3, lengths  # the prompt, then the reply in several pieces
+    assert page.locator("#chatbot b").count() == 0  # the prompt's markup is shown as text
+    page.click("#thumbs-up")
+    page.wait_for_selector("#chat-notice:has-text('Saved')", timeout=30_000)
+    if shots:
+        page.screenshot(path=os.path.join(shots, "chat.png"), full_page=True)
+
+    # Arena: two anonymous answers, a vote, the names revealed, the leaderboard updated.
+    page.goto(f"{base}/arena/")
+    page.wait_for_selector("#arena-prompt textarea", timeout=60_000)
+    page.fill("#arena-prompt textarea", "Explain what a hash table is.")
+    page.click("#arena-go")
+    page.wait_for_selector("#arena-vote-a:not([disabled])", timeout=60_000)
+    page.click("#arena-vote-a")
+    page.wait_for_selector("#arena-reveal:has-text('Model A was')", timeout=30_000)
+    if shots:
+        page.screenshot(path=os.path.join(shots, "arena.png"), full_page=True)
+    page.get_by_role("tab", name="Leaderboard").click()
+    page.wait_for_selector("#leaderboard:has-text('1 battles')", timeout=30_000)
+    board = page.inner_text("#leaderboard")
+    assert "tiny-b" in board
+    if shots:
+        page.screenshot(path=os.path.join(shots, "leaderboard.png"), full_page=True)
+    assert dialogs == []
+    with Session(engine) as s:
+        from alignloop.models import ChatFeedback, Comparison
+
+        assert len(s.exec(select(Comparison).where(Comparison.source == "arena")).all()) == 1
+        assert len(s.exec(select(ChatFeedback)).all()) == 1
+    page.close()
