@@ -133,7 +133,6 @@ def test_annotator_votes_with_mouse_and_keyboard(browser, live_server, tmp_path)
 def review_server(workspace, tiny_model_dir, tmp_path):
     """A server whose default policy is the tiny model, plus a second tiny version, and a reviewer."""
     import yaml
-
     from conftest import build_tiny_llama, build_tiny_tokenizer
 
     settings, engine, _ = workspace
