@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import secrets
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
@@ -278,6 +279,9 @@ def model_lineage(session: Session, *, model_id: int) -> list[ModelVersion]:
 
 
 def create_run(session: Session, *, kind: str, config: dict, log_path: str | None = None) -> Run:
+    job = os.environ.get("ALIGNLOOP_JOB")
+    if job and job.isdigit() and kind != "job":  # started from the admin console: link the run to its job
+        config = {**config, "job": int(job)}
     run = Run(kind=kind, config=config, status="running", started_at=utcnow(), log_path=log_path)
     session.add(run)
     session.flush()

@@ -50,6 +50,10 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
     app.add_exception_handler(LoginRequired, _login_required)
     app.add_exception_handler(Exception, _internal_error)
     _register_routes(app)
+    from alignloop import console, jobs
+
+    app.include_router(console.router)
+    jobs.recover_jobs(app.state.engine)  # a restart leaves no job in a false "running" state
     _mount_stages(app)
     # Added last, so it is the outermost middleware and every other one (and Gradio) sees `request.session`.
     app.add_middleware(

@@ -98,3 +98,58 @@ def user_action(
     session.add(target)
     session.commit()
     return RedirectResponse("/admin", status_code=303)
+
+
+@router.get("/api/rounds")
+def rounds_json(user: AdminDep, session: SessionDep) -> list[dict]:
+    """Each round: prompts, comparisons queued/done, votes per annotator, agreement, models and lineage."""
+    from sqlmodel import func, select
+
+    from alignloop import crud
+    from alignloop.models import Comparison, ModelVersion, Round, Vote
+
+    names = {u.id: u.name for u in session.exec(select(User)).all()}
+    out = []
+    for r in session.exec(select(Round).order_by(Round.number)).all():
+        counts = dict(session.exec(select(Comparison.status, func.count()).where(Comparison.round == r.number)
+                                   .group_by(Comparison.status)).all())  # fmt: skip
+        prompts = session.exec(
+            select(func.count(func.distinct(Comparison.prompt_id))).where(Comparison.round == r.number)
+        ).one()
+        votes = session.exec(select(Vote.user_id, func.count()).join(Comparison, Comparison.id == Vote.comparison_id)
+                             .where(Comparison.round == r.number).group_by(Vote.user_id)).all()  # fmt: skip
+        models = session.exec(select(ModelVersion).where(ModelVersion.round == r.number)).all()
+        policy = session.get(ModelVersion, r.policy_id) if r.policy_id else None
+        out.append({
+            "round": r.number, "status": r.status, "prompts": prompts, "queued": counts.get("queued", 0),
+            "done": counts.get("done", 0), "votes_per_annotator": {names.get(u, u): n for u, n in votes},
+            "krippendorff_alpha": quality_report(session, round=r.number).krippendorff_alpha,
+            "policy": policy.name if policy else None,
+            "reward_model": session.get(ModelVersion, r.reward_id).name if r.reward_id else None,
+            "models": [{"name": m.name, "kind": m.kind,
+                        "lineage": [x.name for x in crud.model_lineage(session, model_id=m.id)]} for m in models],
+        })  # fmt: skip
+    return out
+
+
+@router.get("/admin/rounds", response_class=HTMLResponse, include_in_schema=False)
+def rounds_page(user: AdminDep, session: SessionDep):
+    rows = []
+    for r in rounds_json(user, session):
+        votes = ", ".join(f"{html.escape(str(k))} {v}" for k, v in r["votes_per_annotator"].items()) or "–"
+        models = "<br>".join(
+            f"{html.escape(m['name'])} ({m['kind']}): {' ← '.join(html.escape(x) for x in m['lineage'])}"
+            for m in r["models"]
+        )
+        rows.append(
+            f"<tr><td>{r['round']}</td><td>{r['status']}</td><td>{r['prompts']}</td><td>{r['queued']} / {r['done']}</td>"
+            f"<td>{votes}</td><td>{_fmt(r['krippendorff_alpha'])}</td><td>{_fmt(r['policy'])}</td>"
+            f"<td>{_fmt(r['reward_model'])}</td><td>{models or '–'}</td></tr>"
+        )
+    body = (
+        "<p><a href='/admin'>quality</a> · <a href='/admin/jobs'>jobs</a></p><h2>Rounds</h2>"
+        "<table border=1 cellpadding=4 style='border-collapse:collapse'><tr><th>round</th><th>status</th>"
+        "<th>prompts</th><th>queued / done</th><th>votes per annotator</th><th>alpha</th><th>policy</th>"
+        "<th>reward model</th><th>models of the round (lineage)</th></tr>" + "".join(rows) + "</table>"
+    )
+    return page("Rounds", body, user)

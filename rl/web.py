@@ -6,12 +6,11 @@ from __future__ import annotations
 import html
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Response
+from fastapi import APIRouter, Depends
 from fastapi.responses import HTMLResponse
 from sqlmodel import col, select
 
 from alignloop.models import ModelVersion, Run, User
-from alignloop.plots import history_png
 from alignloop.web import SessionDep, page, require_role
 
 router = APIRouter(tags=["rl"])
@@ -20,15 +19,6 @@ AdminDep = Annotated[User, Depends(require_role("admin"))]
 
 def _fmt(value) -> str:
     return "–" if value is None else f"{value:.3f}" if isinstance(value, float) else html.escape(str(value))
-
-
-@router.get("/admin/runs/{run_id}/metrics.png", include_in_schema=False)
-def run_metrics_png(run_id: int, user: AdminDep, session: SessionDep):
-    run = session.get(Run, run_id)
-    if run is None:
-        raise HTTPException(status_code=404, detail="no such run")
-    png = history_png(run.metrics.get("history", []), title=f"run {run.id} ({run.kind}, {run.status})")
-    return Response(content=png, media_type="image/png", headers={"Cache-Control": "no-store"})
 
 
 @router.get("/api/rl/runs")

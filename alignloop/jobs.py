@@ -1,0 +1,188 @@
+"""Long work started from the admin console runs as a background job: an `alignloop ...` subprocess whose
+state lives in a `Run` of kind `job` (command, pid, exit code) and whose output goes to `runs/run<ID>/job.log`.
+
+- `start_job` validates the command with the CLI's own parser first (bad arguments start nothing), then
+  spawns it in its own process group and a thread waits for it to end, recording succeeded / failed.
+- The runs the command creates (a reward training, a PPO run...) carry `job: <ID>` in their config
+  (`ALIGNLOOP_JOB` in their environment), so the console can show their metrics beside the log.
+- `cancel_job` sends SIGTERM to the whole group (SIGKILL after a grace period) and records `cancelled`.
+- `recover_jobs` runs when the server starts: a job recorded as running whose process is gone (the server
+  died with it, the machine rebooted) is marked failed, so no job stays in a false "running" state; one
+  whose process is still alive is watched again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from sqlmodel import Session, select
+
+from alignloop import AlignloopError, crud
+from alignloop.config import Settings
+from alignloop.db import session_scope
+from alignloop.models import Run
+
+JOB_KINDS = {  # what the console may start, and the CLI words that start it
+    "generate": ["generate"],
+    "judge": ["judge", "run"],
+    "reward": ["reward", "train"],
+    "sft": ["sft", "train"],
+    "rl": ["rl", "train"],
+    "round": ["round", "next"],
+}
+GRACE_SECONDS = 10
+
+
+def command_for(kind: str, arguments: str) -> list[str]:
+    """The CLI words for a job, checked by the CLI's own parser; raises AlignloopError on bad input."""
+    from alignloop.cli import make_parser
+
+    if kind not in JOB_KINDS:
+        raise AlignloopError(f"job kind must be one of {', '.join(JOB_KINDS)}, not {kind!r}")
+    try:
+        extra = shlex.split(arguments or "")
+    except ValueError as exc:
+        raise AlignloopError(f"cannot read the arguments: {exc}") from None
+    if any(a == "--workspace" or a.startswith("--workspace=") for a in extra):
+        raise AlignloopError("a job always runs in the server's workspace; leave out --workspace")
+    argv = [*JOB_KINDS[kind], *extra]
+    with contextlib.redirect_stderr(io.StringIO()) as err, contextlib.redirect_stdout(io.StringIO()):
+        try:
+            make_parser().parse_args(argv)
+        except SystemExit:
+            reason = (err.getvalue().strip().splitlines() or ["see alignloop --help"])[-1]
+            raise AlignloopError(f"invalid arguments for {kind}: {reason}") from None
+    return argv
+
+
+def start_job(engine, settings: Settings, *, kind: str, arguments: str = "", user: str | None = None) -> Run:
+    argv = command_for(kind, arguments)
+    with session_scope(engine) as session:
+        run = crud.create_run(
+            session, kind="job", config={"job_kind": kind, "argv": argv, "started_by": user}
+        )
+    log_path = settings.runs_dir / f"run{run.id}" / "job.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "ALIGNLOOP_JOB": str(run.id), "ALIGNLOOP_HOME": str(settings.workspace),
+           "PYTHONUNBUFFERED": "1"}  # fmt: skip
+    with log_path.open("ab") as log:
+        process = subprocess.Popen([sys.executable, "-m", "alignloop.cli", *argv, "--workspace", str(settings.workspace)],
+                                   stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                   start_new_session=True)  # fmt: skip
+    with session_scope(engine) as session:
+        row = session.get(Run, run.id)
+        row.log_path, row.metrics = str(log_path), {"pid": process.pid}
+        session.add(row)
+    threading.Thread(target=_wait, args=(engine, run.id, process), daemon=True).start()
+    return row
+
+
+def _wait(engine, run_id: int, process: subprocess.Popen) -> None:
+    code = process.wait()
+    _finish(engine, run_id, code)
+
+
+def _finish(engine, run_id: int, code: int | None, error: str | None = None) -> None:
+    with session_scope(engine) as session:
+        run = session.get(Run, run_id)
+        if run.status != "running":
+            return  # cancelled meanwhile
+        status = "succeeded" if code == 0 else "failed"
+        crud.finish_run(session, run=run, status=status, metrics={"exit_code": code},
+                        error=error or (None if code == 0 else f"exited with code {code}"))  # fmt: skip
+
+
+def cancel_job(engine, run_id: int) -> Run:
+    with session_scope(engine) as session:
+        run = session.get(Run, run_id)
+        if run is None or run.kind != "job":
+            raise AlignloopError(f"no job {run_id}")
+        if run.status != "running":
+            raise AlignloopError(f"job {run_id} is not running ({run.status})")
+        pid = run.metrics.get("pid")
+        crud.finish_run(session, run=run, status="cancelled", error="cancelled by an admin")
+    if pid:
+        threading.Thread(target=_terminate_group, args=(pid,), daemon=True).start()
+    return run
+
+
+def _terminate_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + GRACE_SECONDS
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return
+        time.sleep(0.2)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie (exited, not yet reaped) is not alive for our purposes
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.is_file() and stat.read_text().split()[2] == "Z")
+
+
+def recover_jobs(engine) -> list[int]:
+    """Mark jobs whose process is gone as failed; watch the ones still running. Returns the ids marked."""
+    marked = []
+    with Session(engine) as session:
+        running = session.exec(select(Run).where(Run.kind == "job", Run.status == "running")).all()
+    for run in running:
+        pid = run.metrics.get("pid")
+        if pid and _alive(pid) and _is_ours(pid, run.id):
+            threading.Thread(target=_poll, args=(engine, run.id, pid), daemon=True).start()
+            continue
+        _finish(engine, run.id, None, error="the server restarted and the job's process was gone")
+        marked.append(run.id)
+    return marked
+
+
+def _is_ours(pid: int, run_id: int) -> bool:
+    environ = Path(f"/proc/{pid}/environ")
+    try:
+        return f"ALIGNLOOP_JOB={run_id}".encode() in environ.read_bytes().split(b"\0")
+    except OSError:
+        return False
+
+
+def _poll(engine, run_id: int, pid: int) -> None:
+    while _alive(pid):
+        time.sleep(1)
+    _finish(engine, run_id, None, error="the job's process ended while the server was away; see its log")
+
+
+def log_tail(run: Run, lines: int = 200) -> str:
+    if not run.log_path or not Path(run.log_path).is_file():
+        return ""
+    with open(run.log_path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - 64_000))
+        text = f.read().decode("utf-8", errors="replace")
+    # progress bars redraw with carriage returns: keep only each line's last state
+    return "\n".join(line.split("\r")[-1] for line in text.splitlines()[-lines:])
+
+
+def child_runs(session: Session, job_id: int) -> list[Run]:
+    return [r for r in session.exec(select(Run).where(Run.kind != "job").order_by(Run.id)).all()
+            if r.config.get("job") == job_id]  # fmt: skip

@@ -1,0 +1,146 @@
+"""Operations: background jobs (start, link, cancel, recover after a restart), users and keys, roles everywhere."""
+
+import json
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlmodel import Session, select
+
+from alignloop import AlignloopError, crud, jobs
+from alignloop.db import session_scope
+from alignloop.models import Run
+from alignloop.web import create_app
+
+
+def wait_for(predicate, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def job_status(engine, job_id):
+    with Session(engine) as s:
+        return s.get(Run, job_id).status
+
+
+@pytest.fixture
+def admin_client(workspace):
+    settings, engine, password = workspace
+    with session_scope(engine) as s:
+        crud.create_user(s, name="ann", role="annotator", password="annotator-pass")
+    with TestClient(create_app(settings, engine)) as client:
+        client.post("/login", data={"username": "admin", "password": password})
+        yield client, settings, engine
+
+
+def test_bad_job_arguments_start_nothing(admin_client):
+    client, _, engine = admin_client
+    for body in ({"kind": "generate", "arguments": "--prompts many"}, {"kind": "rm", "arguments": ""},
+                 {"kind": "reward", "arguments": "--workspace /elsewhere"}, {"kind": "sft", "arguments": "--bogus"}):  # fmt: skip
+        response = client.post("/api/jobs", json=body)
+        assert response.status_code in (400, 422), body
+    with Session(engine) as s:
+        assert s.exec(select(Run)).all() == []
+
+
+def test_a_job_runs_in_the_background_and_links_its_runs(admin_client, tiny_model_dir, tmp_path):
+    client, settings, engine = admin_client
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Question {i}?"}) + "\n" for i in range(3)))
+    from alignloop.cli import main
+
+    assert main(["prompts", "import", str(prompts), "--workspace", str(settings.workspace)]) == 0
+    response = client.post("/api/jobs", json={"kind": "generate", "arguments":
+                                              f"--model {tiny_model_dir} --prompts 3 --max-new-tokens 4"})  # fmt: skip
+    assert response.status_code == 201
+    job_id = response.json()["id"]
+    assert wait_for(lambda: job_status(engine, job_id) != "running")
+    job = client.get(f"/api/jobs/{job_id}").json()
+    assert job["status"] == "succeeded" and "queued" in job["log"], job
+    assert [r["kind"] for r in job["runs"]] == ["generate"]  # the command's own run points back at the job
+    page = client.get(f"/admin/jobs/{job_id}")
+    assert page.status_code == 200 and "metrics.png" in page.text
+
+
+def test_cancel_stops_the_process_group(admin_client, tiny_model_dir, tmp_path):
+    client, settings, engine = admin_client
+    data = tmp_path / "d.jsonl"
+    data.write_text(
+        "".join(json.dumps({"instruction": f"Say {i}", "response": f"{i}"}) + "\n" for i in range(8))
+    )
+    args = f"--data {data} --base {tiny_model_dir} --max-steps 100000 --method lora"
+    job_id = client.post("/api/jobs", json={"kind": "sft", "arguments": args}).json()["id"]
+    with Session(engine) as s:
+        pid = s.get(Run, job_id).metrics["pid"]
+    assert wait_for(lambda: "it/s" in client.get(f"/api/jobs/{job_id}").json()["log"] or
+                    "s/it" in client.get(f"/api/jobs/{job_id}").json()["log"], timeout=120)  # fmt: skip
+    assert client.post(f"/api/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+    assert wait_for(lambda: not jobs._alive(pid), timeout=30)
+    assert job_status(engine, job_id) == "cancelled"
+    assert client.post(f"/api/jobs/{job_id}/cancel").status_code == 409
+
+
+def test_a_restart_leaves_no_job_falsely_running(workspace):
+    settings, engine, _ = workspace
+    with session_scope(engine) as s:
+        ghost = crud.create_run(s, kind="job", config={"job_kind": "reward", "argv": ["reward", "train"]})
+        ghost.metrics = {"pid": 999_999_9}
+        s.add(ghost)
+    create_app(settings, engine)  # what a server start does
+    with Session(engine) as s:
+        row = s.get(Run, ghost.id)
+        assert row.status == "failed" and "restarted" in row.error
+
+
+def test_admin_pages_are_admin_only(workspace):
+    settings, engine, password = workspace
+    with session_scope(engine) as s:
+        crud.create_user(s, name="ann", role="annotator", password="annotator-pass")
+    with TestClient(create_app(settings, engine)) as client:
+        client.post("/login", data={"username": "ann", "password": "annotator-pass"})
+        for path in ("/api/jobs", "/admin/jobs", "/admin/users", "/admin/keys", "/api/rounds", "/admin/rounds",
+                     "/admin/reward", "/admin/rl", "/api/rl/runs", "/api/reward/models", "/admin/runs/1/metrics.png"):  # fmt: skip
+            assert client.get(path).status_code == 403, path
+        for path, data in (("/admin/users", {"name": "x", "role": "admin"}), ("/admin/keys", {"name": "k", "user": "ann"}),
+                           ("/admin/jobs", {"kind": "generate"})):  # fmt: skip
+            assert client.post(path, data=data).status_code == 403, path
+        assert client.post("/api/jobs", json={"kind": "generate"}).status_code == 403
+
+
+def test_user_and_key_management(admin_client):
+    client, settings, engine = admin_client
+    page = client.post("/admin/users", data={"name": "rev", "role": "reviewer"})
+    password = page.text.split("password (shown once): <code>")[1].split("</code>")[0]
+    with Session(engine) as s:
+        rev = crud.get_user(s, name="rev")
+        assert crud.authenticate(s, name="rev", password=password) is not None
+    reset = client.post(f"/admin/users/{rev.id}/reset-password")
+    new_password = reset.text.split("(shown once): <code>")[1].split("</code>")[0]
+    with Session(engine) as s:
+        assert crud.authenticate(s, name="rev", password=password) is None
+        assert crud.authenticate(s, name="rev", password=new_password) is not None
+    assert (
+        client.post(
+            f"/admin/users/{rev.id}/role", data={"role": "annotator"}, follow_redirects=False
+        ).status_code
+        == 303
+    )
+    assert client.post(f"/admin/users/{rev.id}/role", data={"role": "root"}).status_code == 400
+    with Session(engine) as s:
+        assert crud.get_user(s, name="rev").role == "annotator"
+        admin = crud.get_user(s, name="admin")
+    assert client.post(f"/admin/users/{admin.id}/role", data={"role": "reviewer"}).status_code == 400
+    key_page = client.post("/admin/keys", data={"name": "ci", "user": "admin"})
+    key = key_page.text.split("store it now): <code>")[1].split("</code>")[0]
+    assert client.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    with Session(engine) as s:
+        key_id = crud.list_api_keys(s)[-1].id
+    client.post(f"/admin/keys/{key_id}/revoke")
+    fresh = TestClient(client.app)
+    assert fresh.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 401
+    with pytest.raises(AlignloopError):
+        jobs.command_for("reward", "--config 'unclosed")
