@@ -22,6 +22,7 @@ from starlette.middleware.sessions import SessionMiddleware
 from alignloop import __version__, crud
 from alignloop.config import Settings
 from alignloop.db import make_engine
+from alignloop.limits import RateLimiter, retry_after
 from alignloop.models import Comparison, Prompt, User
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ PAGE_SIZE = 50
 POSTGRES_DB_SLOTS = 16  # below the engine's pool size + overflow (30)
 UI_PATHS = {"/annotate", "/chat", "/arena"}
 MAX_FORM_CHARS = 1024
+LOGIN_WINDOW_SECONDS = 300
 
 
 class LoginRequired(Exception):
@@ -47,6 +49,9 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
     sqlite = app.state.engine.dialect.name == "sqlite"
     app.state.db_slots = asyncio.Semaphore(1 if sqlite else POSTGRES_DB_SLOTS)
     app.state.model_pool = _model_pool(settings, app.state.engine)
+    app.state.login_failures = RateLimiter(settings.login_attempts, LOGIN_WINDOW_SECONDS)
+    app.state.login_failures_by_address = RateLimiter(3 * settings.login_attempts, LOGIN_WINDOW_SECONDS)
+    app.state.vote_limiter = RateLimiter(settings.votes_per_minute, 60)
     app.add_exception_handler(LoginRequired, _login_required)
     app.add_exception_handler(Exception, _internal_error)
     _register_routes(app)
@@ -118,7 +123,7 @@ def _mount_stages(app: FastAPI) -> None:
     )
     gr.mount_gradio_app(
         app,
-        annotate_app.build_ui(engine, settings),
+        annotate_app.build_ui(engine, settings, vote_limiter=app.state.vote_limiter),
         path="/annotate",
         auth_dependency=annotate_app.username_of(engine),
         head=annotate_app.SHORTCUTS_JS,
@@ -256,11 +261,23 @@ def _register_routes(app: FastAPI) -> None:
         username: Annotated[str, Form(max_length=64)],
         password: Annotated[str, Form(max_length=MAX_FORM_CHARS)],
     ):
+        state = request.app.state
+        address = request.client.host if request.client else "?"
+        wait = max(
+            state.login_failures.blocked_for(username), state.login_failures_by_address.blocked_for(address)
+        )
+        if wait:
+            return HTMLResponse(
+                page("Log in", "<h2>Too many failed attempts</h2><p>Wait a few minutes and try again.</p>").body,
+                status_code=429, headers={"Retry-After": retry_after(wait)},
+            )  # fmt: skip
         # A short session of its own rather than a request slot: the argon2 check below is slow on purpose,
         # and other requests should not queue behind it.
         with Session(request.app.state.engine, expire_on_commit=False) as session:
             user = crud.get_user(session, name=username)
         if not crud.check_password(user, password):
+            state.login_failures.record(username)
+            state.login_failures_by_address.record(address)
             return RedirectResponse("/login?error=1", status_code=303)
         request.session.clear()
         request.session["user_id"] = user.id

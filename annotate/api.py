@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from alignloop import AlignloopError, crud
+from alignloop.limits import retry_after
 from alignloop.models import User
 from alignloop.web import SessionDep, require_role
 from annotate import queue
@@ -70,6 +71,11 @@ def next_item(request: Request, user: AnnotatorDep, session: SessionDep):
 def vote(body: VoteIn, request: Request, user: AnnotatorDep, session: SessionDep):
     """Vote on a comparison in the terms it was shown to the caller. The reply carries the caller's next item,
     leased in the same transaction: fetch-and-vote in one round trip."""
+    wait = request.app.state.vote_limiter.hit(user.id)
+    if wait:
+        raise HTTPException(
+            status_code=429, detail="too many votes: slow down", headers={"Retry-After": retry_after(wait)}
+        )
     try:
         vote_id = queue.submit_vote(
             session,

@@ -74,7 +74,7 @@ def _progress_md(progress: queue.Progress) -> str:
     )
 
 
-def build_ui(engine, settings: Settings) -> gr.Blocks:
+def build_ui(engine, settings: Settings, vote_limiter=None) -> gr.Blocks:
     aspects = list(settings.aspects)
     options = queue.queue_options(settings)
     guidelines = settings.guidelines or DEFAULT_GUIDELINES
@@ -156,6 +156,8 @@ def build_ui(engine, settings: Settings) -> gr.Blocks:
             try:
                 with session_scope(engine) as session:
                     user = _user(session, request)
+                    if vote_limiter is not None and vote_limiter.hit(user.id):
+                        raise AlignloopError("Too many votes in a minute: please slow down.")
                     queue.submit_vote(
                         session,
                         user_id=user.id,

@@ -144,3 +144,51 @@ def test_user_and_key_management(admin_client):
     assert fresh.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 401
     with pytest.raises(AlignloopError):
         jobs.command_for("reward", "--config 'unclosed")
+
+
+def test_rate_limiter_window():
+    from alignloop.limits import RateLimiter
+
+    now = [0.0]
+    limiter = RateLimiter(2, 10, clock=lambda: now[0])
+    assert limiter.hit("a") == 0 and limiter.hit("a") == 0
+    assert limiter.hit("a") == pytest.approx(10) and limiter.hit("b") == 0
+    now[0] = 10.5
+    assert limiter.hit("a") == 0
+
+
+def test_login_attempts_and_votes_are_rate_limited(workspace):
+    import dataclasses
+
+    settings, engine, password = workspace
+    settings = dataclasses.replace(settings, login_attempts=3, votes_per_minute=2)
+    with session_scope(engine) as s:
+        crud.create_user(s, name="ann", role="annotator", password="annotator-pass")
+        for i in range(4):
+            (p,), _ = crud.add_prompts(s, prompts=[crud.PromptCreate(messages=[{"role": "user", "content": f"q{i}"}])],
+                                       source="t")  # fmt: skip
+            gens = [crud.add_generation(s, prompt_id=p.id, text=f"answer {i}{k}") for k in "xy"]
+            crud.create_comparison(s, prompt_id=p.id, generation_ids=[g.id for g in gens])
+    with TestClient(create_app(settings, engine)) as client:
+        for _ in range(3):
+            assert client.post("/login", data={"username": "admin", "password": "wrong"},
+                               follow_redirects=False).status_code == 303  # fmt: skip
+        blocked = client.post(
+            "/login", data={"username": "admin", "password": password}, follow_redirects=False
+        )
+        assert (
+            blocked.status_code == 429 and int(blocked.headers["Retry-After"]) > 0
+        )  # even the right password
+        client.post(
+            "/login", data={"username": "ann", "password": "annotator-pass"}
+        )  # other names are unaffected
+        item = client.get("/api/annotate/next").json()
+        codes = []
+        for _ in range(3):
+            response = client.post(
+                "/api/annotate/vote", json={"comparison_id": item["comparison_id"], "choice": "a"}
+            )
+            codes.append(response.status_code)
+            if response.status_code == 201:
+                item = response.json()["next"]
+        assert codes == [201, 201, 429]
