@@ -459,6 +459,23 @@ def cmd_presets(args) -> int:
     return 0
 
 
+def cmd_backup(args) -> int:
+    from alignloop.backup import backup
+
+    settings, _ = open_workspace(args)
+    manifest = backup(settings, Path(args.out))
+    print(f"backed up the database and {len(manifest['models'])} model folders to {args.out}")
+    return 0
+
+
+def cmd_restore(args) -> int:
+    from alignloop.backup import restore
+
+    result = restore(Path(args.backup), workspace_path(args.workspace), database_url=args.database_url or "")
+    print(f"restored {args.backup} into {result['restored_to']} ({len(result['models'])} model folders)")
+    return 0
+
+
 def cmd_serve(args) -> int:
     import uvicorn
 
@@ -754,6 +771,16 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="file (.jsonl, .parquet) or folder")
     p.add_argument("--format", default="auto", choices=["auto", "jsonl", "parquet", "dataset"])
     p.set_defaults(func=cmd_export_feedback)
+
+    p = sub.add_parser("backup", parents=[common], help="a consistent copy of the database and models (live)")
+    p.add_argument("out", help="a new, empty folder")
+    p.set_defaults(func=cmd_backup)
+    p = sub.add_parser("restore", parents=[common], help="fill a new workspace from a backup")
+    p.add_argument("backup", help="a folder written by `alignloop backup`")
+    p.add_argument(
+        "--database-url", default=None, help="an empty PostgreSQL database (for PostgreSQL backups)"
+    )
+    p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("serve", parents=[common], help="run the web app")
     p.add_argument("--host", default="127.0.0.1")
