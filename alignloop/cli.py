@@ -308,6 +308,8 @@ def cmd_reward_train(args) -> int:
         from_workspace=False if args.no_votes else None, gold_weights=args.gold_weights or None,
     )  # fmt: skip
     summary = train(engine, settings, config)
+    if "model" not in summary:
+        return 0  # a non-main process of a multi-process launch
     enc = summary["encoding"]
     accuracy = "no held-out pairs" if summary["accuracy"] is None else (
         f"held-out accuracy {summary['accuracy']:.3f}, ECE {summary['ece']:.3f}")  # fmt: skip

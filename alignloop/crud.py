@@ -654,3 +654,10 @@ def raw_votes(session: Session, *, rounds: Sequence[int] | None = None) -> list[
 
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
+
+
+def list_runs(session: Session, *, kind: str | None = None) -> list[Run]:
+    query = select(Run).order_by(Run.id)
+    if kind is not None:
+        query = query.where(Run.kind == kind)
+    return list(session.exec(query).all())

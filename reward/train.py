@@ -34,7 +34,7 @@ from transformers import TrainerCallback
 from trl import RewardConfig, RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
-from alignloop import AlignloopError, crud, registry
+from alignloop import AlignloopError, crud, distributed, registry
 from alignloop.config import Settings
 from alignloop.db import session_scope
 from alignloop.models import Run
@@ -203,27 +203,17 @@ class RunLogger(TrainerCallback):
 
 
 def _is_main() -> bool:
-    from accelerate import PartialState
-
-    return PartialState().is_main_process
+    return distributed.is_main()
 
 
 def _shared_run_id(engine, config: RewardRunConfig, comparison_ids: list[int]) -> int:
     """The main process opens the Run; the others learn its id (one Run per launch, not one per process)."""
-    from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list
-
-    ids = [None]
+    run_id = None
     if _is_main():
         with session_scope(engine) as session:
-            run_config = {
-                **asdict(config),
-                "comparison_ids": comparison_ids,
-            }  # lineage: the votes it learned from
-            ids[0] = crud.create_run(session, kind="reward", config=run_config).id
-    if PartialState().num_processes > 1:
-        broadcast_object_list(ids)
-    return ids[0]
+            run_config = {**asdict(config), "comparison_ids": comparison_ids}  # lineage: the votes it learned from
+            run_id = crud.create_run(session, kind="reward", config=run_config).id
+    return distributed.broadcast(run_id)
 
 
 def train(engine, settings: Settings, config: RewardRunConfig, *, progress: bool = True) -> dict:
@@ -339,7 +329,7 @@ def _fit(engine, config, run_id, run_dir, source, base_version, train_pairs, hel
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     rounds = sorted({p.round for p in train_pairs if p.round is not None})
     metrics = {
-        "base": config.base, "method": config.method, "train_pairs": len(train_pairs),
+        "base": config.base, "method": config.method, "train_pairs": len(train_pairs), "processes": trainer.accelerator.num_processes,
         "held_out_pairs": len(held_out), "trainable_params": trainable, "total_params": total, "steps": steps,
         "train_seconds": round(train_seconds, 2), "pairs_per_second": round(steps * args.train_batch_size
         * config.gradient_accumulation_steps / train_seconds, 3) if steps else None,

@@ -342,6 +342,9 @@ class PPOTrainer:
         if not prompts:
             raise AlignloopError("PPO needs prompts: import some, or give a prompt file")
         self.config, self.tokenizer, self.prompts, self.reward_fn = config, tokenizer, prompts, reward_fn
+        from alignloop import distributed
+
+        distributed.state()  # the process group, on the CPU when there is no GPU
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         self.run_dir, self.on_step = run_dir, on_step
         torch.manual_seed(config.seed)  # the same adapter and head initialisation on every process
@@ -488,7 +491,16 @@ class PPOTrainer:
             bar.update(1)
             bar.set_postfix(score=f"{stats['raw_score']:.3f}", kl=f"{stats['kl']:.3f}")
         bar.close()
+        self.replicas_in_sync = self._replicas_in_sync()
         return self.history
+
+    def _replicas_in_sync(self) -> bool:
+        """Every process must hold the same weights after training (gradients were averaged each step)."""
+        if self.accelerator.num_processes == 1:
+            return True
+        total = torch.tensor([sum(float(p.detach().double().sum()) for p in self.ac.trainable_parameters())])
+        sums = self.accelerator.gather(total)
+        return bool(torch.allclose(sums, sums[0].expand_as(sums), rtol=0, atol=1e-6))
 
     def _mean_over_processes(self, value: float) -> float:
         if self.accelerator.num_processes == 1:

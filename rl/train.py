@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from sqlmodel import Session
 
-from alignloop import AlignloopError, crud, registry
+from alignloop import AlignloopError, crud, distributed, registry
 from alignloop.config import Settings
 from alignloop.db import session_scope
 from alignloop.models import Run
@@ -93,29 +93,22 @@ class MetricsLog:
 
 
 def _is_main() -> bool:
-    from accelerate import PartialState
-
-    return PartialState().is_main_process
+    return distributed.is_main()
 
 
 def _open_run(engine, algo: str, config: PPOConfig, resume: int | None) -> int:
     """The main process opens (or reopens) the Run; the others learn its id."""
-    from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list
-
-    ids = [None]
+    run_id = None
     if _is_main():
         with session_scope(engine) as session:
             if resume is not None:
                 run = session.get(Run, resume)
                 run.status, run.error = "running", None
                 session.add(run)
-                ids[0] = run.id
+                run_id = run.id
             else:
-                ids[0] = crud.create_run(session, kind="rl", config={"algo": algo, **asdict(config)}).id
-    if PartialState().num_processes > 1:
-        broadcast_object_list(ids)
-    return ids[0]
+                run_id = crud.create_run(session, kind="rl", config={"algo": algo, **asdict(config)}).id
+    return distributed.broadcast(run_id)
 
 
 def train(engine, settings: Settings, algo: str, config: PPOConfig, *, resume: int | None = None,
@@ -195,7 +188,9 @@ def _ppo(engine, settings, config, prompts, run_id, run_dir, resume, progress):
     out = run_dir / "model"
     if _is_main():
         trainer.save_policy(out)
-    return out, summarise(history, time.perf_counter() - start), licence
+    metrics = summarise(history, time.perf_counter() - start)
+    metrics |= {"processes": trainer.accelerator.num_processes, "replicas_in_sync": trainer.replicas_in_sync}
+    return out, metrics, licence
 
 
 def _forget_after(engine, run_id: int, path: Path, step: int) -> None:

@@ -1,0 +1,32 @@
+"""Which process am I? One place that starts Accelerate's process state, so every stage agrees.
+
+On a machine without CUDA the state is created with `cpu=True`: launched by `accelerate launch --multi_gpu
+--num_processes N` (torchrun under the hood), the processes then join one gloo group on the CPU. Accelerate
+1.15's `--cpu` launcher starts a single process unless MPI is installed (`--mpirun_hostfile`), so the
+two-process CPU runs in the tests and the README use `--multi_gpu`.
+"""
+
+from __future__ import annotations
+
+
+def state():
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def is_main() -> bool:
+    return state().is_main_process
+
+
+def broadcast(value):
+    """The main process's `value`, on every process."""
+    current = state()
+    if current.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    box = [value]
+    broadcast_object_list(box)
+    return box[0]
