@@ -7,7 +7,7 @@ import html
 import secrets
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Form, HTTPException, Request, Response
+from fastapi import APIRouter, Depends, Form, HTTPException, Path, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 from pydantic import BaseModel, Field
 from sqlmodel import col, select
@@ -15,10 +15,11 @@ from sqlmodel import col, select
 from alignloop import AlignloopError, crud, jobs
 from alignloop.models import ROLES, Run, User
 from alignloop.plots import history_png
-from alignloop.web import SessionDep, page, require_role
+from alignloop.web import MAX_INT, SessionDep, page, require_role
 
 router = APIRouter(tags=["admin"])
 AdminDep = Annotated[User, Depends(require_role("admin"))]
+JobId = Annotated[int, Path(ge=1, le=MAX_INT)]
 NAV = ("<p><a href='/admin'>quality</a> · <a href='/admin/rounds'>rounds</a> · <a href='/admin/jobs'>jobs</a> · "
        "<a href='/admin/reward'>reward models</a> · <a href='/admin/rl'>RL</a> · <a href='/admin/users'>users</a> · "
        "<a href='/admin/keys'>API keys</a></p>")  # fmt: skip
@@ -74,7 +75,7 @@ def create_job(body: JobRequest, request: Request, user: AdminDep, session: Sess
 
 
 @router.get("/api/jobs/{job_id}")
-def get_job(job_id: int, user: AdminDep, session: SessionDep) -> dict:
+def get_job(job_id: JobId, user: AdminDep, session: SessionDep) -> dict:
     run = session.get(Run, job_id)
     if run is None or run.kind != "job":
         raise HTTPException(status_code=404, detail="no such job")
@@ -82,7 +83,7 @@ def get_job(job_id: int, user: AdminDep, session: SessionDep) -> dict:
 
 
 @router.post("/api/jobs/{job_id}/cancel")
-def cancel(job_id: int, request: Request, user: AdminDep, session: SessionDep) -> dict:
+def cancel(job_id: JobId, request: Request, user: AdminDep, session: SessionDep) -> dict:
     session.commit()
     try:
         jobs.cancel_job(request.app.state.engine, job_id)

@@ -44,6 +44,10 @@ from alignloop.models import (
 _hasher = PasswordHasher()  # argon2id with the library's current recommended cost
 
 
+class NotFoundError(AlignloopError):
+    """The object a request names does not exist."""
+
+
 class DuplicateVoteError(AlignloopError):
     """The user has already voted on this comparison."""
 
@@ -487,7 +491,7 @@ def record_vote(
             .where(ComparisonItem.comparison_id == comparison_id)
         ).one()
     if num_items == 0:
-        raise AlignloopError(f"comparison {comparison_id} does not exist")
+        raise NotFoundError(f"comparison {comparison_id} does not exist")
     if (choice is None) == (ranking is None):
         raise AlignloopError("a vote has either a choice or a ranking")
     if choice is not None:

@@ -31,7 +31,16 @@ PAGE_SIZE = 50
 POSTGRES_DB_SLOTS = 16  # below the engine's pool size + overflow (30)
 UI_PATHS = {"/annotate", "/chat", "/arena"}
 MAX_FORM_CHARS = 1024
+MAX_INT = 2**31 - 1  # ids, rounds and offsets: bounded, so the schema says what the database can hold
 LOGIN_WINDOW_SECONDS = 300
+ERROR_RESPONSES = {  # documented on every operation: what any handler may answer besides success
+    400: {"description": "invalid input (a message says why)"},
+    401: {"description": "not logged in, or an invalid API key"},
+    403: {"description": "logged in, but the role does not allow this"},
+    404: {"description": "no such object"},
+    409: {"description": "conflicts with the current state (e.g. cancelling a finished job)"},
+    429: {"description": "rate limited: see Retry-After"},
+}
 
 
 class LoginRequired(Exception):
@@ -42,7 +51,12 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
     if not settings.secret_key:
         raise ValueError("settings.secret_key is empty; run `alignloop init`")
     app = FastAPI(
-        title="alignloop", version=__version__, docs_url=None, redoc_url=None, openapi_url="/api/openapi.json"
+        title="alignloop",
+        version=__version__,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/api/openapi.json",
+        responses=ERROR_RESPONSES,
     )
     app.state.settings = settings
     app.state.engine = engine if engine is not None else make_engine(settings.db_url)
@@ -160,6 +174,16 @@ SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
 def current_user(request: Request, session: SessionDep) -> User:
+    """The logged-in user (session cookie) or the owner of a Bearer API key."""
+    header = request.headers.get("authorization", "")
+    if header.lower().startswith("bearer "):
+        user = crud.user_for_api_key(session, key=header[7:].strip())
+        session.commit()
+        if user is None:
+            raise HTTPException(
+                status_code=401, detail="invalid API key", headers={"WWW-Authenticate": "Bearer"}
+            )
+        return user
     user_id = request.session.get("user_id")
     user = session.get(User, user_id) if user_id is not None else None
     # End this read's transaction here rather than carry it across the worker-thread hop to the handler:
@@ -322,9 +346,9 @@ def _register_routes(app: FastAPI) -> None:
         user: UserDep,
         session: SessionDep,
         status: Annotated[str | None, Query(pattern="^(queued|done|cancelled)$")] = None,
-        round: Annotated[int | None, Query(ge=0)] = None,
+        round: Annotated[int | None, Query(ge=0, le=MAX_INT)] = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 100,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Annotated[int, Query(ge=0, le=MAX_INT)] = 0,
     ) -> list[dict]:
         """Comparisons with their prompt and responses (in position order: a, b, ...)."""
         out = []

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query
 from fastapi.responses import HTMLResponse, RedirectResponse
 
 from alignloop.models import User
-from alignloop.web import SessionDep, page, require_role
+from alignloop.web import MAX_INT, SessionDep, page, require_role
 from annotate.quality import quality_report
 
 router = APIRouter(tags=["quality"])
@@ -30,14 +30,16 @@ def _fmt(value, digits: int = 2) -> str:
 
 @router.get("/api/quality")
 def quality_json(
-    user: AdminDep, session: SessionDep, round: Annotated[int | None, Query(ge=0)] = None
+    user: AdminDep, session: SessionDep, round: Annotated[int | None, Query(ge=0, le=MAX_INT)] = None
 ) -> dict:
     """Agreement, gold accuracy, position bias and flags, per round or overall."""
     return asdict(quality_report(session, round=round))
 
 
 @router.get("/admin", response_class=HTMLResponse, include_in_schema=False)
-def admin_page(user: AdminDep, session: SessionDep, round: Annotated[int | None, Query(ge=0)] = None):
+def admin_page(
+    user: AdminDep, session: SessionDep, round: Annotated[int | None, Query(ge=0, le=MAX_INT)] = None
+):
     report = quality_report(session, round=round)
     scope = f"round {round}" if round is not None else "all rounds"
     summary = (

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from alignloop import AlignloopError, crud
 from alignloop.limits import retry_after
 from alignloop.models import User
-from alignloop.web import SessionDep, require_role
+from alignloop.web import MAX_INT, SessionDep, require_role
 from annotate import queue
 
 router = APIRouter(prefix="/api/annotate", tags=["annotate"])
@@ -27,7 +27,7 @@ class ItemOut(BaseModel):
 
 
 class VoteIn(BaseModel):
-    comparison_id: int
+    comparison_id: int = Field(ge=1, le=MAX_INT)
     choice: Literal["a", "b", "tie", "both_bad"] | None = Field(
         default=None, description="'a'/'b' = the first/second response as shown"
     )
@@ -87,12 +87,15 @@ def vote(body: VoteIn, request: Request, user: AnnotatorDep, session: SessionDep
             rationale=body.rationale,
             seconds=body.seconds,
         )
+    except crud.NotFoundError as exc:
+        session.rollback()
+        raise HTTPException(status_code=404, detail=str(exc)) from None
     except (crud.DuplicateVoteError, crud.ComparisonClosedError) as exc:
         session.rollback()
         raise HTTPException(status_code=409, detail=str(exc)) from None
     except AlignloopError as exc:
         session.rollback()
-        raise HTTPException(status_code=422, detail=str(exc)) from None
+        raise HTTPException(status_code=400, detail=str(exc)) from None
     item = queue.next_item(session, user_id=user.id, **queue.queue_options(request.app.state.settings))
     session.commit()
     # A Response returned directly skips FastAPI's second validation of `response_model` (still documented).
@@ -100,9 +103,12 @@ def vote(body: VoteIn, request: Request, user: AnnotatorDep, session: SessionDep
 
 
 @router.post("/skip", status_code=204)
-def skip(comparison_id: int, user: AnnotatorDep, session: SessionDep):
+def skip(comparison_id: Annotated[int, Query(ge=1, le=MAX_INT)], user: AnnotatorDep, session: SessionDep):
     """Pass on an item: it is never offered to the caller again."""
-    queue.skip(session, user_id=user.id, comparison_id=comparison_id)
+    try:
+        queue.skip(session, user_id=user.id, comparison_id=comparison_id)
+    except crud.NotFoundError as exc:
+        raise HTTPException(status_code=404, detail=str(exc)) from None
     session.commit()
     return Response(status_code=204)
 

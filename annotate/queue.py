@@ -279,7 +279,7 @@ def submit_vote(
     """
     num_items = session.exec(_NUM_ITEMS, params={"comparison_id": comparison_id}).one()
     if num_items == 0:
-        raise AlignloopError(f"comparison {comparison_id} does not exist")
+        raise crud.NotFoundError(f"comparison {comparison_id} does not exist")
     order = shown_order_for(user_id=user_id, comparison_id=comparison_id, num_items=num_items)
     labels = LABELS[:num_items]
 
@@ -325,6 +325,8 @@ def skip(session: Session, *, user_id: int, comparison_id: int, now: datetime | 
     lease = session.exec(
         select(Lease).where(Lease.comparison_id == comparison_id, Lease.user_id == user_id)
     ).first()
+    if lease is None and session.get(Comparison, comparison_id) is None:
+        raise crud.NotFoundError(f"comparison {comparison_id} does not exist")
     if lease is None:
         lease = Lease(comparison_id=comparison_id, user_id=user_id, expires_at=now)
     lease.skipped = True
