@@ -68,7 +68,9 @@ def prompts(path, n):
     return [[{"role": "user", "content": r.get("text") or r["turns"][0]}] for r in rows][:n]
 """
 
-OURS = PROMPTS + """
+OURS = (
+    PROMPTS
+    + """
 import os, resource, time, torch
 os.environ["HF_HUB_OFFLINE"] = "1"
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -92,8 +94,11 @@ k = max(1, steps // 4)
 print("RESULT " + json.dumps({"s_per_step": seconds / steps, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
       "reward_first": sum(h["raw_score"] for h in history[:k]) / k, "reward_last": sum(h["raw_score"] for h in history[-k:]) / k}))
 """
+)
 
-TRL = PROMPTS + """
+TRL = (
+    PROMPTS
+    + """
 import os, resource, time, torch, tempfile
 os.environ["HF_HUB_OFFLINE"] = "1"
 from datasets import Dataset
@@ -134,6 +139,7 @@ k = max(1, len(scores) // 4)
 print("RESULT " + json.dumps({"s_per_step": seconds / steps, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
       "reward_first": sum(scores[:k]) / k, "reward_last": sum(scores[-k:]) / k}))
 """
+)
 
 
 def run(python: str, script: str, *args) -> dict:
@@ -157,7 +163,9 @@ def trl_python() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--settings", nargs="+", default=["tiny", "default"], choices=sorted(SETTINGS))
     args = parser.parse_args()
@@ -171,17 +179,21 @@ def main() -> None:
             results[(setting, name)] = run(python, script, paths[setting], work / f"rm-{setting}", setting, args.steps,
                                            QUESTIONS, kw)  # fmt: skip
             print(setting, name, json.dumps(results[(setting, name)]), flush=True)
-    print(f"\n| setting | trainer | s/step | peak RSS MB | reward first steps | reward last steps | gain |")
+    print("\n| setting | trainer | s/step | peak RSS MB | reward first steps | reward last steps | gain |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for (setting, name), r in results.items():
         gain = r["reward_last"] - r["reward_first"]
-        print(f"| {setting} | {name} | {r['s_per_step']:.2f} | {r['peak_rss_mb']:.0f} | {r['reward_first']:.3f} | "
-              f"{r['reward_last']:.3f} | {gain:+.3f} |")
+        print(
+            f"| {setting} | {name} | {r['s_per_step']:.2f} | {r['peak_rss_mb']:.0f} | {r['reward_first']:.3f} | "
+            f"{r['reward_last']:.3f} | {gain:+.3f} |"
+        )
     for setting in args.settings:
         ours, theirs = results[(setting, "alignloop")], results[(setting, "trl 1.12")]
-        print(f"{setting}: time per step {ours['s_per_step'] / theirs['s_per_step']:.2f}x TRL's, peak memory "
-              f"{ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f}x, reward gain {ours['reward_last'] - ours['reward_first']:+.3f}"
-              f" vs {theirs['reward_last'] - theirs['reward_first']:+.3f}")
+        print(
+            f"{setting}: time per step {ours['s_per_step'] / theirs['s_per_step']:.2f}x TRL's, peak memory "
+            f"{ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f}x, reward gain {ours['reward_last'] - ours['reward_first']:+.3f}"
+            f" vs {theirs['reward_last'] - theirs['reward_first']:+.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -82,7 +82,9 @@ def run_load(client, prompts: list[str], clients: int, max_tokens: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=64)
@@ -120,7 +122,10 @@ def main() -> None:
         log.close()
     print("\n| load | requests | req/s | tokens/s | TTFT p50 ms | TTFT p99 ms |")
     print("| --- | --- | --- | --- | --- | --- |")
-    for name, r in (("1 client (sequential)", sequential), (f"{args.clients} concurrent clients", concurrent)):
+    for name, r in (
+        ("1 client (sequential)", sequential),
+        (f"{args.clients} concurrent clients", concurrent),
+    ):
         print(f"| {name} | {r['requests']} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.1f} | "
               f"{1000 * r['ttft_p50']:.0f} | {1000 * r['ttft_p99']:.0f} |")  # fmt: skip
     ratio = concurrent["tokens_per_s"] / sequential["tokens_per_s"]

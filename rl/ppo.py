@@ -172,7 +172,7 @@ class Rollouts:
         )  # fmt: skip
 
 
-def pad_batch(prompts, completions, tokenizer, pad_id: int) -> Rollouts:
+def pad_batch(prompts, completions, tokenizer, pad_id: int, device=None) -> Rollouts:
     queries = [render(tokenizer, p) for p in prompts]
     P, R = max(map(len, queries)), max(max(len(c.token_ids) for c in completions), 1)
     B = len(prompts)
@@ -181,6 +181,7 @@ def pad_batch(prompts, completions, tokenizer, pad_id: int) -> Rollouts:
     for i, (ids, c) in enumerate(zip(queries, completions, strict=True)):
         q[i, P - len(ids) :], qm[i, P - len(ids) :] = torch.tensor(ids), 1
         r[i, : len(c.token_ids)], rm[i, : len(c.token_ids)] = torch.tensor(c.token_ids, dtype=torch.long), 1
+    q, qm, r, rm = (t.to(device) for t in (q, qm, r, rm))
     return Rollouts(prompts=list(prompts), queries=q, query_mask=qm, responses=r, response_mask=rm,
                     completions=list(completions))  # fmt: skip
 
@@ -304,13 +305,13 @@ def compute_rewards(
     kl = (logprobs - ref_logprobs) * mask
     rewards = -kl_coef * kl
     last = (mask.sum(1) - 1).clamp(min=0).long()
-    rewards[torch.arange(len(scores)), last] += scores
+    rewards[torch.arange(len(scores), device=scores.device), last] += scores
     return rewards * mask, kl
 
 
 def gae(rewards, values, mask, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
     values = values * mask
-    advantages_reversed, last = [], torch.zeros(rewards.shape[0])
+    advantages_reversed, last = [], torch.zeros(rewards.shape[0], device=rewards.device)
     for t in reversed(range(rewards.shape[1])):
         next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last)
         delta = rewards[:, t] + gamma * next_value - values[:, t]
@@ -377,12 +378,13 @@ class PPOTrainer:
         timings["generate_s"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        scores = torch.tensor(self.reward_fn(prompts, completions), dtype=torch.float)
-        finished = torch.tensor([c.finished for c in completions])
+        device = self.accelerator.device
+        scores = torch.tensor(self.reward_fn(prompts, completions), dtype=torch.float, device=device)
+        finished = torch.tensor([c.finished for c in completions], device=device)
         scores = scores - self.config.missing_eos_penalty * (~finished).float()
         timings["score_s"] = time.perf_counter() - start
 
-        batch = pad_batch(prompts, completions, self.tokenizer, self.pad_id)
+        batch = pad_batch(prompts, completions, self.tokenizer, self.pad_id, device)
         batch.scores = scores
         batch.logprobs, _, hidden = self.ac.policy_forward(
             batch, want_hidden=self.config.value_model == "shared"
@@ -453,7 +455,7 @@ class PPOTrainer:
         stats: list[dict] = []
         n = batch.queries.shape[0]
         for _ in range(self.config.ppo_epochs):
-            order = torch.randperm(n, generator=generator)
+            order = torch.randperm(n, generator=generator).to(batch.queries.device)
             for start in range(0, n, self.config.mini_batch_size):
                 self.optimizer.zero_grad(set_to_none=True)
                 stats.append(self.losses(batch.rows(order[start : start + self.config.mini_batch_size])))
@@ -498,14 +500,19 @@ class PPOTrainer:
         """Every process must hold the same weights after training (gradients were averaged each step)."""
         if self.accelerator.num_processes == 1:
             return True
-        total = torch.tensor([sum(float(p.detach().double().sum()) for p in self.ac.trainable_parameters())])
+        total = torch.tensor(
+            [sum(float(p.detach().double().sum()) for p in self.ac.trainable_parameters())],
+            device=self.accelerator.device,
+        )
         sums = self.accelerator.gather(total)
         return bool(torch.allclose(sums, sums[0].expand_as(sums), rtol=0, atol=1e-6))
 
     def _mean_over_processes(self, value: float) -> float:
         if self.accelerator.num_processes == 1:
             return float(value)
-        return self.accelerator.reduce(torch.tensor(float(value)), reduction="mean").item()
+        return self.accelerator.reduce(
+            torch.tensor(float(value), device=self.accelerator.device), reduction="mean"
+        ).item()
 
     # 4. checkpoints: everything that changes during training, so a resumed run continues bit for bit
     def checkpoint_dir(self) -> Path:

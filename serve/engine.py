@@ -12,6 +12,7 @@ measures it against one request at a time).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import queue
 import threading
@@ -65,6 +66,10 @@ class BatchingEngine:
         self.pending: queue.Queue[Request] = queue.Queue()
         self.device = next(model.parameters()).device
         self.batches = 0
+        # transformers renamed `past_key_values` to `cache` in 5.x; speak whichever this version understands
+        self.cache_arg = (
+            "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        )
         threading.Thread(target=self._worker, name="alignloop-engine", daemon=True).start()
 
     def render(self, messages: list[dict]) -> list[int]:
@@ -124,11 +129,12 @@ class BatchingEngine:
         active = [True] * B
         past, step_ids, step_pos = None, ids, positions
         for _ in range(max(r.max_tokens for r in batch)):
-            out = self.model(
-                input_ids=step_ids, attention_mask=mask, position_ids=step_pos, cache=past, use_cache=True
-            )
-            past = out.cache
-            logits = out.logits[:, -1, :].float()
+            out = self.model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True,
+                             **{self.cache_arg: past})  # fmt: skip
+            past = (
+                getattr(out, "cache", None) or out.past_key_values
+            )  # outputs were renamed later than inputs
+            logits = out.logits[:, -1, :].float().cpu()  # rows sample on the CPU with their own generators
             next_ids = torch.full((B,), self.pad_id, dtype=torch.long)
             for i, r in enumerate(batch):
                 if not active[i]:
