@@ -325,9 +325,12 @@ def _fit(engine, config, run_id, run_dir, source, base_version, train_pairs, hel
     trainer.model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     write_meta(out, max_length=config.max_length, base=config.base, method=config.method, pooling=pooling)
-    scorer = RewardModel(
-        model=trainer.model.eval(), tokenizer=tokenizer, max_length=config.max_length, ref=str(out)
-    )
+    # Evaluate the saved files, loaded back as any later user will (float32, no training-time autocast):
+    # the figures then describe exactly the model that gets registered.
+    saved = registry.ModelSource(ref=str(out), path=out, licence=source.licence,
+                                 base=source if config.method == "lora" else None)  # fmt: skip
+    model, _ = load_sequence_classifier(saved, pooling=pooling)
+    scorer = RewardModel(model=model.eval(), tokenizer=tokenizer, max_length=config.max_length, ref=str(out))
     evaluation = {}
     if held_out:
         chosen, rejected = reward_eval.pair_scores(scorer, held_out)
