@@ -108,7 +108,8 @@ def test_annotator_votes_with_mouse_and_keyboard(browser, live_server, tmp_path)
     conversation.get_by_text("window.__pwned", exact=False).wait_for(timeout=30_000)
     response_values = [page.input_value("#response-a textarea"), page.input_value("#response-b textarea")]
     assert XSS_RESPONSE in response_values
-    page.screenshot(path=str(tmp_path / "annotate.png"), full_page=True)
+    page.screenshot(path=os.path.join(os.environ.get("ALIGNLOOP_SCREENSHOTS", str(tmp_path)), "annotate.png"),
+                    full_page=True)  # fmt: skip
 
     page.click("#vote-a")  # the mouse
     page.wait_for_selector("#progress:has-text('Today: 1')", timeout=30_000)
