@@ -131,3 +131,30 @@ def write_settings(settings: Settings) -> None:
 def new_settings(workspace: Path, **overrides) -> Settings:
     settings = Settings(workspace=workspace, secret_key=secrets.token_urlsafe(32), **overrides)
     return settings
+
+
+def read_run_config(cls, path: str | os.PathLike | None, overrides: dict, *, what: str, ignore: tuple = ()):
+    """A run config dataclass from YAML plus command-line overrides (None = not given); unknown keys and
+    unreadable files are errors that name the file."""
+    from dataclasses import fields as dataclass_fields
+
+    raw: dict = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise AlignloopError(
+                f"{path}: cannot read the {what} config ({exc.__class__.__name__})"
+            ) from None
+        if not isinstance(raw, dict):
+            raise AlignloopError(f"{path}: expected a mapping of {what} settings")
+    for key in ignore:
+        raw.pop(key, None)
+    unknown = sorted(set(raw) - {f.name for f in dataclass_fields(cls)})
+    if unknown:
+        raise AlignloopError(f"{path}: unknown {what} setting(s) {', '.join(unknown)}")
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return cls(**raw)
+    except TypeError as exc:
+        raise AlignloopError(f"bad {what} config: {exc}") from None

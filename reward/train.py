@@ -23,11 +23,10 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 from datasets import Dataset
 from sqlmodel import Session
 from transformers import TrainerCallback
@@ -35,7 +34,7 @@ from trl import RewardConfig, RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
 from alignloop import AlignloopError, crud, distributed, registry
-from alignloop.config import Settings
+from alignloop.config import Settings, read_run_config
 from alignloop.db import session_scope
 from alignloop.models import Run
 from reward import evaluate as reward_eval
@@ -100,23 +99,7 @@ class RewardRunConfig:
 
 
 def load_config(path: str | Path | None, **overrides) -> RewardRunConfig:
-    raw: dict = {}
-    if path is not None:
-        try:
-            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise AlignloopError(
-                f"{path}: cannot read the reward config ({exc.__class__.__name__})"
-            ) from None
-    known = {f.name for f in fields(RewardRunConfig)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise AlignloopError(f"{path}: unknown reward setting(s) {', '.join(unknown)}")
-    raw.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        config = RewardRunConfig(**raw)
-    except TypeError as exc:
-        raise AlignloopError(f"bad reward config: {exc}") from None
+    config = read_run_config(RewardRunConfig, path, overrides, what="reward")
     if config.pooling not in ("auto", "mean", "last"):
         raise AlignloopError(f"pooling must be auto, mean or last, not {config.pooling!r}")
     if config.method not in METHODS:

@@ -42,10 +42,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
 from alignloop import AlignloopError
+from alignloop.config import read_run_config
 from alignloop.generate import Completion, SamplingParams, generate, render
 
 log = logging.getLogger(__name__)
@@ -105,21 +105,7 @@ class PPOConfig:
 
 
 def load_config(path: str | Path | None, **overrides) -> PPOConfig:
-    raw: dict = {}
-    if path is not None:
-        try:
-            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise AlignloopError(f"{path}: cannot read the PPO config ({exc.__class__.__name__})") from None
-    raw.pop("algo", None)
-    unknown = sorted(set(raw) - {f.name for f in fields(PPOConfig)})
-    if unknown:
-        raise AlignloopError(f"{path}: unknown PPO setting(s) {', '.join(unknown)}")
-    raw.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        config = PPOConfig(**raw)
-    except TypeError as exc:
-        raise AlignloopError(f"bad PPO config: {exc}") from None
+    config = read_run_config(PPOConfig, path, overrides, what="PPO", ignore=("algo",))
     if config.method not in ("lora", "full") or config.value_model not in ("adapter", "shared"):
         raise AlignloopError("method must be lora or full; value_model adapter or shared")
     if config.method == "full" and config.value_model == "adapter":

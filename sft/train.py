@@ -19,18 +19,17 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 from datasets import Dataset
 from sqlmodel import Session
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from alignloop import AlignloopError, crud, registry
-from alignloop.config import Settings
+from alignloop.config import Settings, read_run_config
 from alignloop.db import session_scope
 from alignloop.generate import SamplingParams, generate
 from alignloop.models import Run
@@ -101,18 +100,7 @@ LEARNING_RATES = {"lora": 2e-4, "prefix": 3e-3, "ia3": 3e-3, "full": 2e-5}
 
 
 def load_config(path: str | Path | None, **overrides) -> SFTRunConfig:
-    raw: dict = {}
-    if path is not None:
-        try:
-            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise AlignloopError(f"{path}: cannot read the SFT config ({exc.__class__.__name__})") from None
-    known = {f.name for f in fields(SFTRunConfig)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise AlignloopError(f"{path}: unknown SFT setting(s) {', '.join(unknown)}")
-    raw.update({k: v for k, v in overrides.items() if v is not None})
-    config = SFTRunConfig(**raw)
+    config = read_run_config(SFTRunConfig, path, overrides, what="SFT")
     if config.method not in METHODS:
         raise AlignloopError(f"method must be one of {', '.join(METHODS)}, not {config.method!r}")
     if config.merge and config.method not in ("lora", "ia3"):

@@ -43,6 +43,42 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_server(workspace, *, env=None) -> tuple:
+    """`alignloop serve` on a free port in its own process; returns (process, base URL) once /healthz answers."""
+    import shutil
+    import subprocess
+    import sys
+
+    import httpx
+
+    port = free_port()
+    exe = shutil.which("alignloop")
+    cmd = [exe] if exe else [sys.executable, "-m", "alignloop.cli"]
+    log = open(Path(workspace) / f"serve-{port}.log", "w")  # noqa: SIM115 - the server process writes it
+    proc = subprocess.Popen([*cmd, "serve", "--port", str(port), "--workspace", str(workspace)], stdout=log,
+                            stderr=subprocess.STDOUT, env=env)  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.TransportError:
+            time.sleep(0.1)
+    proc.kill()
+    pytest.fail("server did not start:\n" + (Path(workspace) / f"serve-{port}.log").read_text())
+
+
+@contextmanager
+def running_server(workspace, *, env=None):
+    proc, base = start_server(workspace, env=env)
+    try:
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 @contextmanager
 def serve_in_thread(app):
     """Run an ASGI app with uvicorn on a free loopback port in a daemon thread; yields its base URL."""

@@ -5,14 +5,9 @@ prompts and responses carrying HTML/JS payloads are shown as text and nothing ex
 """
 
 import os
-import shutil
-import subprocess
-import sys
-import time
 
-import httpx
 import pytest
-from conftest import free_port
+from conftest import running_server
 from sqlmodel import Session, select
 
 from alignloop import crud
@@ -63,30 +58,8 @@ def live_server(workspace):
             ]
             crud.create_comparison(s, prompt_id=p.id, generation_ids=[g.id for g in gens])
         s.commit()
-    port = free_port()
-    exe = shutil.which("alignloop")
-    cmd = [exe] if exe else [sys.executable, "-m", "alignloop.cli"]
-    log = open(settings.workspace / "serve.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [*cmd, "serve", "--port", str(port), "--workspace", str(settings.workspace)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail("server did not start:\n" + (settings.workspace / "serve.log").read_text())
-    yield base, engine
-    proc.terminate()
-    proc.wait(timeout=30)
-    log.close()
+    with running_server(settings.workspace) as base:
+        yield base, engine
 
 
 def test_annotator_votes_with_mouse_and_keyboard(browser, live_server, tmp_path):
@@ -150,31 +123,8 @@ def review_server(workspace, tiny_model_dir, tmp_path):
             s, name="tiny-b", kind="policy", base=str(other), path=str(other), licence="apache-2.0"
         )
         s.commit()
-    yield from _serve(settings, engine)
-
-
-def _serve(settings, engine):
-    port = free_port()
-    exe = shutil.which("alignloop")
-    cmd = [exe] if exe else [sys.executable, "-m", "alignloop.cli"]
-    log = open(settings.workspace / "serve.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([*cmd, "serve", "--port", str(port), "--workspace", str(settings.workspace)],
-                            stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail("server did not start:\n" + (settings.workspace / "serve.log").read_text())
-    yield base, engine
-    proc.terminate()
-    proc.wait(timeout=30)
-    log.close()
+    with running_server(settings.workspace) as base:
+        yield base, engine
 
 
 def login(page, base, name, password, landing):

@@ -9,7 +9,7 @@ import sys
 import time
 
 import httpx
-from conftest import free_port
+from conftest import running_server
 
 GUARD = """
 import os, socket
@@ -50,21 +50,8 @@ def test_startup_generation_and_serving_make_no_outbound_connection(tmp_path, ti
                  ["generate", "--model", str(tiny_model_dir), "--prompts", "3", "--max-new-tokens", "6"]):  # fmt: skip
         done = subprocess.run([*cli, *args, *ws], env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
-    port = free_port()
-    server = subprocess.Popen([*cli, "serve", "--port", str(port), *ws], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)  # fmt: skip
-    try:
-        base = f"http://127.0.0.1:{port}"
-        for _ in range(600):
-            try:
-                if httpx.get(base + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+    with running_server(tmp_path / "ws", env=env) as base:
         for path in ("/login", "/annotate/", "/chat/", "/arena/"):
             assert httpx.get(base + path, timeout=30).status_code in (200, 303)
         time.sleep(2)  # time for any background "phone home" thread to try
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     assert not attempts.exists(), attempts.read_text()

@@ -5,14 +5,12 @@ import os
 import shutil
 import signal
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 
 import httpx
 import pytest
-from conftest import free_port
+from conftest import start_server
 from sqlmodel import Session, func, select
 
 from alignloop import crud
@@ -22,24 +20,6 @@ from alignloop.db import make_engine, session_scope
 from alignloop.models import Comparison, Vote
 
 ANNOTATORS = 4
-
-
-def start_server(workspace):
-    port = free_port()
-    exe = shutil.which("alignloop")
-    cmd = [exe] if exe else [sys.executable, "-m", "alignloop.cli"]
-    log = open(workspace / f"serve-{port}.log", "w")  # noqa: SIM115 - the process owns it
-    proc = subprocess.Popen([*cmd, "serve", "--port", str(port), "--workspace", str(workspace)], stdout=log,
-                            stderr=subprocess.STDOUT)  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(base + "/healthz", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.TransportError:
-            time.sleep(0.1)
-    proc.kill()
-    pytest.fail("server did not start")
 
 
 @pytest.fixture
