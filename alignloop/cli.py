@@ -322,6 +322,15 @@ def cmd_reward_train(args) -> int:
     return 0
 
 
+def cmd_reward_score_queue(args) -> int:
+    from reward.score import score_queue
+
+    settings, engine = open_workspace(args)
+    count = score_queue(engine, settings, args.model)
+    print(f"scored {count} queued comparisons with {args.model}: the least certain come first in the queue")
+    return 0
+
+
 def cmd_reward_eval(args) -> int:
     from sqlmodel import Session
 

@@ -133,6 +133,10 @@ def next_round(engine, settings: Settings, plan: RoundPlan) -> dict:
             engine, settings=settings, model_ref=policy_name, versus=policy, num_prompts=plan.num_prompts,
             round=number + 1, progress=plan.progress,
         )  # fmt: skip
+        if reward_name:  # the new items the reward model is least sure about go to the annotators first
+            from reward.score import score_queue
+
+            done["scored"] = score_queue(engine, settings, reward_name)
         with session_scope(engine) as session:
             session.get(Round, round_.id).status = "closed"
             run = session.get(Run, run_id)

@@ -150,3 +150,37 @@ def _messages(prompt) -> list[dict]:
 
 def write_meta(out: Path, **meta) -> None:
     (out / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+
+
+def score_queue(engine, settings: Settings, ref: str, *, batch_size: int = 16) -> int:
+    """Score every queued pairwise comparison with a reward model and store |r_a - r_b| as its `reward_margin`,
+    so the annotation queue serves the items the model is least sure about first. Returns how many were scored."""
+    from sqlmodel import Session, select
+
+    from alignloop import crud
+    from alignloop.db import session_scope
+    from alignloop.models import Comparison, Prompt
+
+    with Session(engine) as session:
+        scorer = RewardModel.load(ref, settings=settings, session=session)
+        queued = session.exec(select(Comparison).where(Comparison.status == "queued")).all()
+        items = []
+        for comparison in queued:
+            generations = crud.comparison_generations(session, comparison_id=comparison.id)
+            if len(generations) == 2:
+                prompt = session.get(Prompt, comparison.prompt_id).messages
+                items.append((comparison.id, prompt, generations[0].text, generations[1].text))
+    if not items:
+        return 0
+    prompts = [p for _, p, _, _ in items]
+    scores = scorer.score(
+        prompts + prompts, [a for *_, a, _ in items] + [b for *_, b in items], batch_size=batch_size
+    )
+    margins = {cid: abs(scores[i] - scores[i + len(items)]) for i, (cid, *_) in enumerate(items)}
+    with session_scope(engine) as session:  # one short write after all the model work
+        for cid, margin in margins.items():
+            row = session.get(Comparison, cid)
+            if row.status == "queued":
+                row.reward_margin = margin
+                session.add(row)
+    return len(margins)

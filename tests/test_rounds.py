@@ -58,6 +58,9 @@ def test_round_next_closes_the_loop(round0, tiny_model_dir):
             assert sorted(versions) == sorted([policy.id, rounds[0].policy_id])
             firsts.append(versions[0])
         assert len(firsts) == result["queued"]
+        # The new reward model scored them: the queue serves the least certain first.
+        margins = [c.reward_margin for c in s.exec(select(Comparison).where(Comparison.round == 1)).all()]
+        assert margins and all(m is not None and m >= 0 for m in margins)
         # Lineage: a round-0 vote reached the reward model and the policy trained against it.
         trained_on = s.exec(select(Run).where(Run.kind == "reward")).one().config["comparison_ids"]
         votes = s.exec(select(Vote)).all()
