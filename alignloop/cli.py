@@ -105,6 +105,14 @@ def cmd_generate(args) -> int:
     from alignloop.generate import SamplingParams, queue_comparisons
 
     settings, engine = open_workspace(args)
+    preset = None
+    if args.preset:
+        from sqlmodel import Session
+
+        from serve.prompting import get_preset
+
+        with Session(engine, expire_on_commit=False) as session:
+            preset = get_preset(session, args.preset)
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens or settings.max_new_tokens,
         temperature=settings.temperature if args.temperature is None else args.temperature,
@@ -124,6 +132,7 @@ def cmd_generate(args) -> int:
         batch_size=args.batch_size,
         split=args.split,
         allow_noncommercial=args.allow_noncommercial or None,
+        preset=preset,
     )
     if summary["prompts"] == 0:
         print(f"no {args.split} prompts left without a comparison in round {args.round}; import more prompts")
@@ -393,7 +402,7 @@ def cmd_rl_eval(args) -> int:
     settings, engine = open_workspace(args)
     result = evaluate_policy(
         engine, settings, policy=args.policy, baseline=args.baseline, reward_model=args.reward_model,
-        judge=args.judge, num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens,
+        judge=args.judge, num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens, preset=args.preset,
     )  # fmt: skip
     print(json.dumps(result["summary"], indent=2))
     return 0
@@ -591,6 +600,7 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", parents=[common], help="sample responses and queue them as comparisons")
     p.add_argument("--model", default=None, help="'default', a registered version, a directory or a hub id")
+    p.add_argument("--preset", default=None, help="an L1 prompting preset (name or name@version)")
     p.add_argument("--prompts", type=int, default=32, help="number of prompts (those not yet in this round)")
     p.add_argument("--samples", type=int, default=2, help="responses per prompt (K>2 makes ranking items)")
     p.add_argument("--round", type=int, default=0)
@@ -722,6 +732,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge", required=True, help="a different reward model, to judge the win rate")
     p.add_argument("--num-prompts", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--preset", default=None, help="an L1 prompting preset for both policies")
     p.set_defaults(func=cmd_rl_eval)
 
     round_ = sub.add_parser("round", help="the RLHF loop").add_subparsers(

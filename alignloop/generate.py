@@ -175,10 +175,12 @@ def queue_comparisons(
     allow_noncommercial: bool | None = None,
     progress: bool = True,
     versus: str | None = None,
+    preset=None,
 ) -> dict:
     """Sample `num_samples` responses per prompt and queue each prompt's responses as one comparison.
     With `versus`, each comparison instead pits one response of `model_ref` against one of `versus` (the
-    next round's new policy against the previous one), sides randomised.
+    next round's new policy against the previous one), sides randomised. `preset` (an L1 prompting preset,
+    `serve.prompting`) rewrites each conversation before the model sees it; the comparison keeps the original.
 
     The model runs outside any database transaction (it takes minutes; a held write lock would stall the
     annotators), then everything is written in one short transaction. Returns a summary.
@@ -201,11 +203,17 @@ def queue_comparisons(
             return {"prompts": 0, "comparisons": 0, "identical": 0, "run_id": None}
         prompt_ids = [p.id for p in prompts]
         messages = [p.messages for p in prompts]
+        if preset is not None:
+            from serve.prompting import apply_preset
+
+            messages = [apply_preset(preset, m) for m in messages]
+        preset_ref = f"{preset.name}@{preset.version}" if preset is not None else None
         config = {
             "model": model_ref,
             "versus": versus,
             "num_samples": num_samples,
             "round": round,
+            "preset": preset_ref,
             **asdict(params),
         }
         run = crud.create_run(session, kind="generate", config=config)
@@ -260,7 +268,7 @@ def queue_comparisons(
                     text=c.text,
                     num_tokens=c.num_tokens,
                     finished=c.finished,
-                    params=asdict(params),
+                    params={**asdict(params), "preset": preset_ref} if preset_ref else asdict(params),
                     run_id=run.id,
                 )
                 for version, c in samples

@@ -146,3 +146,25 @@ def test_presets_version_and_apply(workspace):
         for bad in ({"examples": [{"user": "x"}]}, {"name": "a@b"}, {"name": " "}):
             with pytest.raises(crud.AlignloopError):
                 save_preset(s, **({"name": "ok"} | bad))
+
+
+def test_generate_with_a_preset(workspace, tiny_model_dir, tmp_path, capsys):
+    from sqlmodel import select
+
+    from alignloop.models import Generation
+
+    settings, engine, _ = workspace
+    ws = ["--workspace", str(settings.workspace)]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "Hi there"}\n{"prompt": "Tell me a story"}\n')
+    assert main(["prompts", "import", str(prompts), *ws]) == 0
+    assert (
+        main(["presets", "save", "terse", "--system", "Answer in one word.", "--cot", "Think first.", *ws])
+        == 0
+    )
+    assert main(["generate", "--model", str(tiny_model_dir), "--prompts", "2", "--max-new-tokens", "4",
+                 "--preset", "terse", *ws]) == 0  # fmt: skip
+    assert main(["generate", "--model", str(tiny_model_dir), "--prompts", "2", "--preset", "nope", *ws]) == 1
+    assert "no preset 'nope'" in capsys.readouterr().err
+    with Session(engine) as s:
+        assert {g.params["preset"] for g in s.exec(select(Generation)).all()} == {"terse@1"}

@@ -77,8 +77,12 @@ def test_demo_generates_and_serves(tmp_path):
         # The embedded model behind the OpenAI-compatible endpoint, through the official client.
         import openai
 
-        keys = subprocess.run([*cmd, "keys", "create", "smoke"], env=env, capture_output=True, text=True, check=True)
-        chat = openai.OpenAI(base_url=base + "/v1", api_key=keys.stdout.strip().splitlines()[-1], max_retries=0)
+        keys = subprocess.run(
+            [*cmd, "keys", "create", "smoke"], env=env, capture_output=True, text=True, check=True
+        )
+        chat = openai.OpenAI(
+            base_url=base + "/v1", api_key=keys.stdout.strip().splitlines()[-1], max_retries=0
+        )
         reply = chat.chat.completions.create(model="default", max_tokens=20, temperature=0,
                                              messages=[{"role": "user", "content": "What is the capital of France?"}])  # fmt: skip
         assert "Paris" in reply.choices[0].message.content and reply.choices[0].finish_reason == "stop"
