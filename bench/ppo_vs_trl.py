@@ -9,7 +9,7 @@ temperature, KL coefficient, learning rate, LoRA):
 - default: SmolLM2-135M-Instruct with LoRA r=16 on the attention and MLP projections.
 The reward model is the same in both trainers: the policy's base with a scalar head (seeded, not trained: a
 fixed function of the text that both must climb; TRL's PPO requires a reward model that shares the policy's
-tokenizer). TRL's value model is a full copy of the base with a scalar head (its design); alignloop's is a
+tokenizer), applied the same way (prompt + response token ids, score at the last token before EOS). TRL's value model is a full copy of the base with a scalar head (its design); alignloop's is a
 second LoRA adapter on the policy's base. Each trainer runs in its own process; reported: seconds per PPO step
 (wall clock of training / steps), peak resident memory of the process, mean reward over the first and last
 steps. Ratios (alignloop / TRL) printed last.
@@ -83,7 +83,9 @@ model = AutoModelForCausalLM.from_pretrained(policy_path)
 rm = AutoModelForSequenceClassification.from_pretrained(rm_path).eval()
 from reward.score import RewardModel
 scorer = RewardModel(model=rm, tokenizer=tok, max_length=1024)
-reward = lambda p, c: scorer.score(p, [x.text for x in c])
+from alignloop.generate import render
+# Scored as TRL scores: the policy's own token ids (prompt + response), read at the last token before EOS.
+reward = lambda p, c: scorer.score_ids([render(tok, q) + x.token_ids for q, x in zip(p, c)])
 config = load_config(None, steps=steps, missing_eos_penalty=0.0, save_every=0, method="full" if setting == "tiny" else "lora",
                      value_model="shared" if setting == "tiny" else "adapter", **kw)
 trainer = PPOTrainer(config, model, tok, prompts(questions, 64), reward)
