@@ -81,14 +81,17 @@ if impl == "trl":
     trainer = RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
     kept = len(trainer.train_dataset)
     runtime = trainer.train().metrics["train_runtime"]
+    tokens = max([h.get("num_tokens", 0) for h in trainer.state.log_history] + [0])
     out = {"pairs_per_second": steps * args.train_batch_size / runtime, "dropped": len(rows) - kept,
+           "tokens_per_second": tokens / runtime,
            "train_runtime": runtime, "bf16": args.bf16, "checkpointing": args.gradient_checkpointing}
 else:
     from reward.train import load_config, train
     config = load_config(None, base=base, max_steps=steps, per_device_train_batch_size=8, held_out=held_out,
                          max_length=MAX_LENGTH, logging_steps=steps, learning_rate=1e-4)
     s = train(engine, settings, config, progress=False)
-    out = {"pairs_per_second": s["pairs_per_second"], "dropped": 0, "train_runtime": s["train_seconds"]}
+    out = {"pairs_per_second": s["pairs_per_second"], "dropped": 0, "train_runtime": s["train_seconds"],
+           "tokens_per_second": s["train_tokens"] / s["train_seconds"]}
 print("RESULT " + json.dumps(out))
 """.replace("MAX_LENGTH", str(MAX_LENGTH))
 )
@@ -149,19 +152,29 @@ def main() -> None:
                 f"{impl} on {base}: {json.dumps(throughput[(base, impl)])} ({time.perf_counter() - start:.0f} s)",
                 flush=True,
             )
-    print("\n| base | trainer | steps x 8 pairs | train s | pairs/s | pairs TRL drops (> 256 tokens) |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print(
+        "\n| base | trainer | steps x 8 pairs | train s | pairs/s | tokens/s | pairs TRL drops (> 256 tokens) |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for (base, impl), r in throughput.items():
         print(
             f"| {base} | {'trl.RewardTrainer defaults' if impl == 'trl' else 'alignloop'} | {r['steps']} | "
-            f"{r['train_runtime']:.1f} | {r['pairs_per_second']:.2f} | {r['dropped']} |"
+            f"{r['train_runtime']:.1f} | {r['pairs_per_second']:.2f} | {r.get('tokens_per_second', 0):.0f} | "
+            f"{r['dropped']} |"
         )
     for base in args.bases:
         ratio = (
             throughput[(base, "alignloop")]["pairs_per_second"]
             / throughput[(base, "trl")]["pairs_per_second"]
         )
-        print(f"{base}: alignloop trains {ratio:.2f}x the pairs/s of trl.RewardTrainer with its defaults")
+        tokens = (
+            throughput[(base, "alignloop")]["tokens_per_second"]
+            / throughput[(base, "trl")]["tokens_per_second"]
+        )
+        print(
+            f"{base}: alignloop trains {ratio:.2f}x the pairs/s ({tokens:.2f}x the tokens/s) of "
+            "trl.RewardTrainer with its defaults"
+        )
 
 
 if __name__ == "__main__":

@@ -331,7 +331,7 @@ def _fit(engine, config, run_id, run_dir, source, base_version, train_pairs, hel
     metrics = {
         "base": config.base, "method": config.method, "train_pairs": len(train_pairs), "processes": trainer.accelerator.num_processes,
         "held_out_pairs": len(held_out), "trainable_params": trainable, "total_params": total, "steps": steps,
-        "train_seconds": round(train_seconds, 2), "pairs_per_second": round(steps * args.train_batch_size
+        "train_seconds": round(train_seconds, 2), "train_tokens": int(getattr(trainer, "_total_train_tokens", 0)), "pairs_per_second": round(steps * args.train_batch_size
         * config.gradient_accumulation_steps / train_seconds, 3) if steps else None,
         "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
         "encoding": encode_report.as_dict(), "skipped_in_files": skipped, "rounds": rounds,
