@@ -1,13 +1,14 @@
 """Concurrent chat requests decoded together: one worker thread per loaded model batches whatever is waiting.
 
-A request (messages already rendered to token ids, its own sampling settings and stop strings) is queued; the
-worker takes every waiting request (up to `max_batch`, after waiting at most `gather_ms` for company), left-pads
-them into one batch and decodes step by step with the KV cache, sampling each row with its own temperature and
-top-p from its own seeded generator. Each new piece of text goes straight to the request's consumer (SSE, the
-Gradio chat), so replies stream token by token; a row that hits EOS, a stop string or its token limit drops
-out of the output while the others go on. Requests arriving mid-batch wait for the next one (static batching:
-simple, and on a CPU the batch's matrix products are where the speed-up comes from; `bench/serve_load.py`
-measures it against one request at a time).
+A request (messages already rendered to token ids, its own sampling settings and stop strings) is queued. The
+worker decodes every request in flight together, one token per step with the KV cache, each row sampled with its
+own temperature and top-p from its own seeded generator, and sends each new piece of text straight to the
+request's consumer (SSE, the Gradio chat), so replies stream token by token. Batching is continuous: between
+two steps, waiting requests are encoded together (prefill) and join the batch (their cache is left-padded to the
+batch's length, masked out), and rows that hit EOS, a stop string or their token limit leave it (their cache
+rows are dropped, and leading columns nobody uses any more are trimmed). A new request therefore waits one
+step, not for the longest reply in flight; `bench/serve_load.py` measures the whole against one request at a
+time.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from alignloop.generate import render, stop_token_ids
 
@@ -57,19 +59,31 @@ class Stream:
                 return
 
 
+@dataclass
+class _Row:
+    """One request in flight: what it generated, what it has been sent, its sampler."""
+
+    request: Request
+    generator: torch.Generator
+    generated: list[int] = field(default_factory=list)
+    emitted: int = 0
+    logits: torch.Tensor | None = None  # for its next token
+
+
 class BatchingEngine:
     def __init__(self, model, tokenizer, *, max_batch: int = 16, gather_ms: float = 15.0):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch, self.gather_s = max_batch, gather_ms / 1000
         self.stops = stop_token_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stops[0]
-        self.pending: queue.Queue[Request] = queue.Queue()
+        self.pending: queue.Queue[Request | None] = queue.Queue()
         self.device = next(model.parameters()).device
-        self.batches = 0
+        self.batches = 0  # prefills: requests admitted together count once
         # transformers renamed `past_key_values` to `cache` in 5.x; speak whichever this version understands
-        self.cache_arg = (
-            "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        )
+        parameters = inspect.signature(model.forward).parameters
+        self.cache_arg = "cache" if "cache" in parameters else "past_key_values"
+        self.keep_last_logits = "logits_to_keep" in parameters
+        self.closed = False
         threading.Thread(target=self._worker, name="alignloop-engine", daemon=True).start()
 
     def render(self, messages: list[dict]) -> list[int]:
@@ -80,99 +94,176 @@ class BatchingEngine:
         return request
 
     def close(self) -> None:
-        self.pending.put(None)  # the worker ends after the batch in hand
+        self.pending.put(None)  # the worker ends once the requests in flight are done
+
+    # --- the loop ----------------------------------------------------------------------------------------------
 
     def _worker(self) -> None:
+        rows: list[_Row] = []
+        cache = mask = None
         while True:
-            first = self.pending.get()
-            if first is None:
-                return
-            batch = [first]
-            deadline = time.monotonic() + self.gather_s
-            while len(batch) < self.max_batch:
-                try:
-                    more = self.pending.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if more is None:
-                    self.pending.put(None)
-                    break
-                batch.append(more)
-            batch = [r for r in batch if not r.cancelled.is_set()]
-            if not batch:
-                continue
+            admitted = []
             try:
-                self._decode(batch)
-            except Exception as exc:  # one bad batch must not kill the worker
+                admitted = self._admit(block=not rows)
+                if admitted is None and not rows:
+                    return
+                if admitted:
+                    new_rows, new_cache, new_mask = self._prefill(admitted)
+                    cache, mask = _merge(cache, mask, new_cache, new_mask)
+                    rows += new_rows
+                keep = [i for i, row in enumerate(rows) if not self._sample_and_emit(row)]
+                if len(keep) < len(rows):
+                    rows = [rows[i] for i in keep]
+                    cache, mask = _select(cache, mask, keep) if rows else (None, None)
+                if rows:
+                    cache, mask = self._step(rows, cache, mask)
+            except Exception as exc:  # a failing batch ends its requests, never the worker
                 log.exception("generation failed")
-                for r in batch:
-                    r.emit(("error", str(exc)))
+                joined = {id(row.request) for row in rows}
+                for request in [row.request for row in rows] + [
+                    r for r in admitted or [] if id(r) not in joined
+                ]:
+                    request.emit(("error", str(exc)))
+                rows, cache, mask = [], None, None
+
+    def _admit(self, *, block: bool) -> list[Request] | None:
+        """Waiting requests that fit in the batch; blocks (then waits `gather_ms` for company) when idle.
+        None: the engine was closed and nothing is in flight."""
+        admitted: list[Request] = []
+        if self.closed:
+            return None if block else []
+        if block:
+            first = self.pending.get()
+            if first is None or self.closed:
+                self.closed = True
+                return None
+            admitted.append(first)
+            deadline = time.monotonic() + self.gather_s
+        else:
+            deadline = time.monotonic()
+        while len(admitted) < self.max_batch:
+            try:
+                more = (
+                    self.pending.get(timeout=max(0.0, deadline - time.monotonic()))
+                    if block
+                    else self.pending.get_nowait()
+                )
+            except queue.Empty:
+                break
+            if more is None:
+                self.closed = True
+                break
+            admitted.append(more)
+        return [r for r in admitted if not r.cancelled.is_set()]
 
     @torch.inference_mode()
-    def _decode(self, batch: list[Request]) -> None:
+    def _prefill(self, requests: list[Request]):
+        """Encode new requests together (left-padded); their rows, cache and mask, ready to merge."""
         self.batches += 1
-        B, P = len(batch), max(len(r.prompt_ids) for r in batch)
+        B, P = len(requests), max(len(r.prompt_ids) for r in requests)
         ids = torch.full((B, P), self.pad_id, dtype=torch.long)
         mask = torch.zeros((B, P), dtype=torch.long)
-        for i, r in enumerate(batch):
+        for i, r in enumerate(requests):
             ids[i, P - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
             mask[i, P - len(r.prompt_ids) :] = 1
-        generators = []
-        for r in batch:
-            g = torch.Generator()
-            g.manual_seed(r.seed if r.seed is not None else torch.seed())
-            generators.append(g)
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
-        generated: list[list[int]] = [[] for _ in batch]
-        emitted = [0] * B  # characters already sent
-        active = [True] * B
-        past, step_ids, step_pos = None, ids, positions
-        for _ in range(max(r.max_tokens for r in batch)):
-            out = self.model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True,
-                             **{self.cache_arg: past})  # fmt: skip
-            past = (
-                getattr(out, "cache", None) or out.past_key_values
-            )  # outputs were renamed later than inputs
-            logits = out.logits[:, -1, :].float().cpu()  # rows sample on the CPU with their own generators
-            next_ids = torch.full((B,), self.pad_id, dtype=torch.long)
-            for i, r in enumerate(batch):
-                if not active[i]:
-                    continue
-                if r.cancelled.is_set():
-                    active[i] = False
-                    continue
-                token = _sample(logits[i], r.temperature, r.top_p, generators[i])
-                next_ids[i] = token
-                finish = None
-                if token in self.stops:
-                    finish = "stop"
-                else:
-                    generated[i].append(token)
-                text = self.tokenizer.decode(generated[i], skip_special_tokens=True)
-                cut = _stop_at(text, r.stop)
-                if cut is not None:
-                    text, finish = text[:cut], "stop"
-                elif finish is None and len(generated[i]) >= r.max_tokens:
-                    finish = "length"
-                safe = len(text) if finish else _safe_prefix(text, r.stop)
-                if safe > emitted[i]:
-                    r.emit(("text", text[emitted[i] : safe]))
-                    emitted[i] = safe
-                if finish:
-                    active[i] = False
-                    eos = 1 if token in self.stops else 0  # the end-of-turn token was generated too
-                    usage = {"prompt_tokens": len(r.prompt_ids), "completion_tokens": len(generated[i]) + eos}
-                    r.emit(("done", finish, usage))
-            if not any(active):
-                break
-            step_ids = next_ids.to(self.device)[:, None]
-            step_pos = step_pos[:, -1:] + 1
-            mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=self.device)], dim=1)
-        for i, r in enumerate(batch):  # cancelled rows still get their end
-            if active[i] or r.cancelled.is_set():
-                r.emit(("done", "cancelled" if r.cancelled.is_set() else "length",
-                        {"prompt_tokens": len(r.prompt_ids), "completion_tokens": len(generated[i])}))  # fmt: skip
+        extra = {"logits_to_keep": 1} if self.keep_last_logits else {}
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         **{self.cache_arg: None}, **extra)  # fmt: skip
+        logits = out.logits[:, -1, :].float().cpu()  # rows sample on the CPU with their own generators
+        rows = []
+        for i, r in enumerate(requests):
+            generator = torch.Generator()
+            generator.manual_seed(r.seed if r.seed is not None else torch.seed())
+            rows.append(_Row(request=r, generator=generator, logits=logits[i]))
+        return rows, _cache_of(out), mask
+
+    @torch.inference_mode()
+    def _step(self, rows: list[_Row], cache, mask):
+        """One token for every row in flight."""
+        tokens = torch.tensor([[row.generated[-1]] for row in rows], device=self.device)
+        positions = mask.sum(1, keepdim=True)  # each row's next position: its real tokens so far
+        mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=self.device)], dim=1)
+        out = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=True,
+                         **{self.cache_arg: cache})  # fmt: skip
+        logits = out.logits[:, -1, :].float().cpu()
+        for i, row in enumerate(rows):
+            row.logits = logits[i]
+        return _cache_of(out), mask
+
+    def _sample_and_emit(self, row: _Row) -> bool:
+        """Sample the row's next token, send any new text; True when the row is finished."""
+        r = row.request
+        if r.cancelled.is_set():
+            r.emit(
+                (
+                    "done",
+                    "cancelled",
+                    {"prompt_tokens": len(r.prompt_ids), "completion_tokens": len(row.generated)},
+                )
+            )
+            return True
+        token = _sample(row.logits, r.temperature, r.top_p, row.generator)
+        finish = "stop" if token in self.stops else None
+        row.generated.append(token)
+        text_ids = row.generated[:-1] if finish else row.generated
+        text = self.tokenizer.decode(text_ids, skip_special_tokens=True)
+        cut = _stop_at(text, r.stop)
+        if cut is not None:
+            text, finish = text[:cut], "stop"
+        elif finish is None and len(row.generated) >= r.max_tokens:
+            finish = "length"
+        safe = len(text) if finish else _safe_prefix(text, r.stop)
+        if safe > row.emitted:
+            r.emit(("text", text[row.emitted : safe]))
+            row.emitted = safe
+        if finish:
+            usage = {"prompt_tokens": len(r.prompt_ids), "completion_tokens": len(row.generated)}
+            r.emit(("done", finish, usage))
+        return finish is not None
+
+
+# --- the KV cache of a batch whose rows come and go -----------------------------------------------------------
+
+
+def _cache_of(out):
+    return getattr(out, "cache", None) or out.past_key_values  # outputs were renamed later than inputs
+
+
+def _layers(cache) -> list:
+    layers = getattr(cache, "layers", None)
+    if layers is None or not all(hasattr(layer, "keys") and hasattr(layer, "values") for layer in layers):
+        raise RuntimeError("this model's cache cannot take rows joining mid-flight")
+    return layers
+
+
+def _merge(cache, mask, new_cache, new_mask):
+    """Rows right-aligned on their latest token: left-pad the shorter side (zeros, masked out), stack rows."""
+    if cache is None:
+        return new_cache, new_mask
+    T, Tn = mask.shape[1], new_mask.shape[1]
+    for layer, new in zip(_layers(cache), _layers(new_cache), strict=True):
+        keys, values, new_keys, new_values = layer.keys, layer.values, new.keys, new.values
+        if T < Tn:
+            keys, values = (F.pad(t, (0, 0, Tn - T, 0)) for t in (keys, values))
+        elif Tn < T:
+            new_keys, new_values = (F.pad(t, (0, 0, T - Tn, 0)) for t in (new_keys, new_values))
+        layer.keys, layer.values = torch.cat([keys, new_keys]), torch.cat([values, new_values])
+    width = max(T, Tn)
+    mask = torch.cat([F.pad(mask, (width - T, 0)), F.pad(new_mask, (width - Tn, 0))])
+    return cache, mask
+
+
+def _select(cache, mask, keep: list[int]):
+    """Keep some rows; drop leading columns no remaining row uses."""
+    index = torch.tensor(keep, device=mask.device)
+    mask = mask[index]
+    used = mask.any(0).nonzero()
+    start = int(used[0]) if len(used) else 0
+    for layer in _layers(cache):
+        layer.keys, layer.values = layer.keys[index, :, start:], layer.values[index, :, start:]
+    return cache, mask[:, start:]
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:

@@ -168,3 +168,41 @@ def test_generate_with_a_preset(workspace, tiny_model_dir, tmp_path, capsys):
     assert "no preset 'nope'" in capsys.readouterr().err
     with Session(engine) as s:
         assert {g.params["preset"] for g in s.exec(select(Generation)).all()} == {"terse@1"}
+
+
+def test_requests_join_and_leave_a_running_batch(tiny_model, tiny_tokenizer):
+    """Continuous batching: a request arriving mid-decode joins the batch in flight (it does not wait for the
+    longest reply), short replies leave early, and every reply equals its one-at-a-time greedy decoding."""
+    engine = BatchingEngine(tiny_model, tiny_tokenizer, max_batch=8, gather_ms=0)
+    prompts = [[{"role": "user", "content": f"Question {i}, tell me more?"}] for i in range(4)]
+    limits = [40, 3, 25, 5]
+    streams = [Stream() for _ in prompts]
+    finished, started = [], threading.Event()
+
+    def recorder(i):
+        def emit(event):
+            if event[0] == "done":
+                finished.append(i)
+            if event[0] == "text":
+                started.set()
+            streams[i](event)
+
+        return emit
+
+    engine.submit(Request(prompt_ids=engine.render(prompts[0]), max_tokens=limits[0], temperature=0,
+                          emit=recorder(0)))  # fmt: skip
+    started.wait(timeout=60)  # the long request is decoding: the others arrive mid-flight
+    for i in range(1, 4):
+        engine.submit(Request(prompt_ids=engine.render(prompts[i]), max_tokens=limits[i], temperature=0,
+                              emit=recorder(i)))  # fmt: skip
+    results = []
+    for s in streams:
+        events = list(s)
+        results.append("".join(e[1] for e in events if e[0] == "text"))
+        assert events[-1][0] == "done"
+    single = [generate(tiny_model, tiny_tokenizer, [p], progress=False,
+                       params=SamplingParams(max_new_tokens=n, temperature=0))[0][0].text
+              for p, n in zip(prompts, limits, strict=True)]  # fmt: skip
+    assert results == single
+    assert finished[-1] == 0 and engine.batches >= 2  # late short requests finished while the long one ran
+    engine.close()
