@@ -33,6 +33,7 @@ pass, which DDP's bucketing does not expect).
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -100,9 +101,7 @@ class PPOConfig:
     whiten_rewards: bool = field(default=False, metadata={"help": "Whiten per-token rewards before GAE."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping."})
     # --- bookkeeping ---
-    save_every: int = field(
-        default=10, metadata={"help": "Checkpoint every this many steps (0 = never)."}
-    )
+    save_every: int = field(default=10, metadata={"help": "Checkpoint every this many steps (0 = never)."})
     seed: int = field(default=0, metadata={"help": "Random seed."})
     name: str | None = field(default=None, metadata={"help": "Model version name (default: ppo-run<id>)."})
 
@@ -211,6 +210,7 @@ class ActorCritic(nn.Module):
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
         self.model = model
         self.value_head = ValueHead(model.config.hidden_size)
+        self.keeps_logits = "logits_to_keep" in inspect.signature(self.causal_lm.forward).parameters
 
     @property
     def causal_lm(self):
@@ -254,14 +254,17 @@ class ActorCritic(nn.Module):
             model, ctx = self.model, self.model.disable_adapter()
         else:
             model, ctx = self.model, _nullcontext()
+        P, R = batch.queries.shape[1], batch.responses.shape[1]
+        # Only the positions that predict response tokens need the (vocabulary-sized) output layer.
+        keep = {"logits_to_keep": R + 1} if self.keeps_logits else {}
         with ctx:
             out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                        output_hidden_states=want_hidden, use_cache=False)  # fmt: skip
-        P, R = batch.queries.shape[1], batch.responses.shape[1]
-        logits = out.logits[:, P - 1 : P + R - 1].float() / self.config.temperature
+                        output_hidden_states=want_hidden, use_cache=False, **keep)  # fmt: skip
+        logits = out.logits[:, -(R + 1) : -1].float() / self.config.temperature
         logp_all = F.log_softmax(logits, dim=-1)
         logprobs = logp_all.gather(-1, batch.responses.unsqueeze(-1)).squeeze(-1)
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
+        with torch.no_grad():  # a metric only: no entropy bonus, so no graph through it
+            entropy = -(logp_all.exp() * logp_all).sum(-1)
         hidden = out.hidden_states[-1][:, P - 1 : P + R - 1] if want_hidden else None
         return logprobs, entropy, hidden
 

@@ -49,3 +49,13 @@ def test_reward_and_ppo_train_in_two_processes(workspace, tiny_model_dir, tmp_pa
         assert policy.metrics["replicas_in_sync"] is True and policy.metrics["steps"] == 3
         runs = [r for r in crud.list_runs(s) if r.kind in ("reward", "rl")]
         assert [(r.kind, r.status) for r in runs] == [("reward", "succeeded"), ("rl", "succeeded")]
+
+    # The launcher's own CPU flags work too; Accelerate 1.15 then starts one process (without MPI).
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or "accelerate"
+    single = subprocess.run([accelerate, "launch", "--num_processes", "2", "--cpu", "-m", "alignloop.cli", "reward",
+                             "train", "--config", "configs/reward/tiny.yaml", "--base", str(tiny_model_dir),
+                             "--max-steps", "2", "--name", "rm-cpu-flag", "--workspace", str(settings.workspace)],
+                            capture_output=True, text=True, timeout=500, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert single.returncode == 0, single.stderr[-3000:]
+    with Session(engine) as s:
+        assert crud.get_model_version(s, name="rm-cpu-flag").metrics["processes"] == 1

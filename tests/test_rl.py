@@ -193,3 +193,37 @@ def test_ppo_cli_resume_stacked_rounds_and_eval(rl_workspace, tiny_model_dir, ca
         png = client.get(f"/admin/runs/{round2.run_id}/metrics.png")
         assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
         assert {r["kind"] for r in client.get("/api/rl/runs").json()} == {"rl", "eval"}
+
+
+def test_sigkilled_ppo_run_resumes_from_its_last_checkpoint(rl_workspace, tiny_model_dir):
+    """A real `alignloop rl train` process killed with SIGKILL mid-run; `--resume RUN` finishes it."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    settings, engine, ws, _ = rl_workspace
+    exe = shutil.which("alignloop")
+    cli = [exe] if exe else [sys.executable, "-m", "alignloop.cli"]
+    args = ["rl", "train", "--config", "configs/rl/tiny.yaml", "--policy", str(tiny_model_dir), "--reward-model",
+            "rm", "--steps", "60", "--name", "killed", *ws]  # fmt: skip
+    proc = subprocess.Popen([*cli, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    checkpoints = []
+    while time.time() < deadline and not checkpoints:
+        checkpoints = list(settings.runs_dir.glob("run*/checkpoints/step-000004.pt"))
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert checkpoints, "no checkpoint appeared"
+    run_id = int(checkpoints[0].parts[-3].removeprefix("run"))
+    with Session(engine) as s:
+        assert s.get(Run, run_id).status == "running"  # the process died without a word
+    assert main(["rl", "train", "--resume", str(run_id), *ws]) == 0
+    with Session(engine) as s:
+        run = s.get(Run, run_id)
+        steps = [h["step"] for h in run.metrics["history"]]
+        assert run.status == "succeeded" and steps == list(range(1, 61))
+        assert crud.get_model_version(s, name="killed").run_id == run_id
