@@ -7,9 +7,10 @@ Two settings, identical for both trainers (prompts, batch size, minibatches, PPO
 temperature, KL coefficient, learning rate, LoRA):
 - tiny: a 2-layer Llama (hidden 64) with the default model's tokenizer, full fine-tuning;
 - default: SmolLM2-135M-Instruct with LoRA r=16 on the attention and MLP projections.
-The reward model is the same in both trainers: the policy's base with a scalar head (seeded, not trained: a
-fixed function of the text that both must climb; TRL's PPO requires a reward model that shares the policy's
-tokenizer), applied the same way (prompt + response token ids, score at the last token before EOS). TRL's value model is a full copy of the base with a scalar head (its design); alignloop's is a
+The reward model is the same in both trainers and applied the same way (prompt + response token ids, score at the
+last token before EOS; TRL's PPO requires a reward model that shares the policy's tokenizer): for the tiny
+setting a seeded random scalar head; for the default setting `--trained-reward DIR`, a reward model trained on
+HH-RLHF from the default model's base (`bench/reward_hh.py` writes one), else a seeded random head. TRL's value model is a full copy of the base with a scalar head (its design); alignloop's is a
 second LoRA adapter on the policy's base. Each trainer runs in its own process; reported: seconds per PPO step
 (wall clock of training / steps), peak resident memory of the process, mean reward over the first and last
 steps. Ratios (alignloop / TRL) printed last.
@@ -81,6 +82,7 @@ torch.set_num_threads(os.cpu_count())
 tok = AutoTokenizer.from_pretrained(policy_path)
 model = AutoModelForCausalLM.from_pretrained(policy_path)
 rm = AutoModelForSequenceClassification.from_pretrained(rm_path).eval()
+rm.config.pad_token_id = tok.pad_token_id  # read the score where TRL reads it: the last token before padding/EOS
 from reward.score import RewardModel
 scorer = RewardModel(model=rm, tokenizer=tok, max_length=1024)
 from alignloop.generate import render
@@ -170,6 +172,12 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--settings", nargs="+", default=["tiny", "default"], choices=sorted(SETTINGS))
+    parser.add_argument(
+        "--trained-reward",
+        default=None,
+        help="a trained reward model on the default model's base "
+        "(e.g. from bench/reward_hh.py: <workspace>/runs/run<ID>/model) for the default setting",
+    )
     args = parser.parse_args()
     trl = trl_python()
     work = Path(tempfile.mkdtemp(prefix="ppo-bench-"))
@@ -178,7 +186,12 @@ def main() -> None:
     for setting in args.settings:
         kw = json.dumps({**COMMON, **SETTINGS[setting]})
         for name, python, script in (("trl 1.12", trl, TRL), ("alignloop", sys.executable, OURS)):
-            results[(setting, name)] = run(python, script, paths[setting], work / f"rm-{setting}", setting, args.steps,
+            rm = (
+                args.trained_reward
+                if setting == "default" and args.trained_reward
+                else work / f"rm-{setting}"
+            )
+            results[(setting, name)] = run(python, script, paths[setting], rm, setting, args.steps,
                                            QUESTIONS, kw)  # fmt: skip
             print(setting, name, json.dumps(results[(setting, name)]), flush=True)
     print("\n| setting | trainer | s/step | peak RSS MB | reward first steps | reward last steps | gain |")
