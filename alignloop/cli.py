@@ -376,10 +376,12 @@ def cmd_rl_train(args) -> int:
     from rl.train import load_config, train
 
     settings, engine = open_workspace(args)
-    config = load_config(
-        args.algo, args.config, policy=args.policy, reward_model=args.reward_model, steps=args.steps,
-        name=args.name, prompts=args.prompts,
-    )  # fmt: skip
+    config = None  # a resumed run takes its saved config
+    if args.resume is None:
+        config = load_config(
+            args.algo, args.config, policy=args.policy, reward_model=args.reward_model, steps=args.steps,
+            name=args.name, prompts=args.prompts,
+        )  # fmt: skip
     summary = train(engine, settings, args.algo, config, resume=args.resume)
     if "model" not in summary:
         return 0  # a non-main process of a multi-process launch
