@@ -29,7 +29,6 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from sqlmodel import Session
-from transformers import TrainerCallback
 from trl import RewardConfig, RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
@@ -37,6 +36,7 @@ from alignloop import AlignloopError, crud, distributed, registry
 from alignloop.config import Settings, read_run_config
 from alignloop.db import session_scope
 from alignloop.models import Run
+from alignloop.runlog import StepLog, trainer_callback
 from reward import evaluate as reward_eval
 from reward.data import Pair, RewardFormat, file_pairs, split_by_prompt, workspace_pairs
 from reward.score import RewardModel, default_pooling, load_sequence_classifier, write_meta
@@ -172,38 +172,10 @@ class PairRewardTrainer(RewardTrainer):
         return (loss, outputs) if return_outputs else loss
 
 
-class RunLogger(TrainerCallback):
-    """Every logged step goes to `metrics.jsonl` and the Run row (main process only); a time budget stops early."""
-
-    def __init__(self, engine, run_id: int | None, path: Path, max_seconds: float | None):
-        self.engine, self.run_id, self.path, self.max_seconds = engine, run_id, path, max_seconds
-        self.start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.max_seconds and time.perf_counter() - self.start > self.max_seconds:
-            control.should_training_stop = True
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or self.run_id is None:
-            return
-        entry = {"step": state.global_step, "time": time.time(), **(logs or {})}
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(entry) + "\n")
-        with session_scope(self.engine) as session:
-            run = session.get(Run, self.run_id)
-            run.metrics = {**run.metrics, "history": [*run.metrics.get("history", []), entry],
-                           "step": state.global_step}  # fmt: skip
-            session.add(run)
-
-
-def _is_main() -> bool:
-    return distributed.is_main()
-
-
 def _shared_run_id(engine, config: RewardRunConfig, comparison_ids: list[int]) -> int:
     """The main process opens the Run; the others learn its id (one Run per launch, not one per process)."""
     run_id = None
-    if _is_main():
+    if distributed.is_main():
         with session_scope(engine) as session:
             run_config = {
                 **asdict(config),
@@ -235,7 +207,7 @@ def train(engine, settings: Settings, config: RewardRunConfig, *, progress: bool
         return _fit(engine, config, run_id, run_dir, source, base_version, train_pairs, held_out, eval_sets,
                     skipped, progress)  # fmt: skip
     except BaseException as exc:
-        if _is_main():
+        if distributed.is_main():
             with session_scope(engine) as session:
                 crud.finish_run(session, run=session.get(Run, run_id), status="failed", error=str(exc)[:2000])
         raise
@@ -292,7 +264,10 @@ def _fit(engine, config, run_id, run_dir, source, base_version, train_pairs, hel
         peft_config=peft_config(config, model),
         data_collator=PairCollator(pad_token_id=tokenizer.pad_token_id),
         callbacks=[
-            RunLogger(engine, run_id if _is_main() else None, run_dir / "metrics.jsonl", config.max_seconds)
+            trainer_callback(
+                StepLog(engine, run_id, run_dir / "metrics.jsonl") if distributed.is_main() else None,
+                max_seconds=config.max_seconds,
+            )  # fmt: skip
         ],
     )
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
@@ -300,7 +275,7 @@ def _fit(engine, config, run_id, run_dir, source, base_version, train_pairs, hel
     start = time.perf_counter()
     trainer.train()
     train_seconds = time.perf_counter() - start
-    if not _is_main():
+    if not distributed.is_main():
         return {"run_id": run_id}
 
     # 3. Save (an adapter keeps its score head via modules_to_save), then evaluate what was saved.

@@ -24,6 +24,7 @@ from alignloop import AlignloopError, crud, distributed, registry
 from alignloop.config import Settings
 from alignloop.db import session_scope
 from alignloop.models import Run
+from alignloop.runlog import StepLog, trainer_callback
 from rl.ppo import PPOConfig, PPOTrainer
 
 ALGOS = ("ppo", "grpo", "rloo", "dpo")
@@ -75,31 +76,10 @@ def reward_function(settings: Settings, session, name: str):
     return lambda prompts, completions: scorer.score(list(prompts), [c.text for c in completions])
 
 
-class MetricsLog:
-    """One entry per step to metrics.jsonl and to the Run row."""
-
-    def __init__(self, engine, run_id: int, path: Path):
-        self.engine, self.run_id, self.path = engine, run_id, path
-
-    def __call__(self, entry: dict) -> None:
-        entry = {"time": time.time(), **entry}
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(entry) + "\n")
-        with session_scope(self.engine) as session:
-            run = session.get(Run, self.run_id)
-            run.metrics = {**run.metrics, "history": [*run.metrics.get("history", []), entry],
-                           "step": entry.get("step")}  # fmt: skip
-            session.add(run)
-
-
-def _is_main() -> bool:
-    return distributed.is_main()
-
-
 def _open_run(engine, algo: str, config: PPOConfig, resume: int | None) -> int:
     """The main process opens (or reopens) the Run; the others learn its id."""
     run_id = None
-    if _is_main():
+    if distributed.is_main():
         with session_scope(engine) as session:
             if resume is not None:
                 run = session.get(Run, resume)
@@ -139,7 +119,7 @@ def train(engine, settings: Settings, algo: str, config: PPOConfig, *, resume: i
         raise AlignloopError(f"DPO needs preference pairs: the workspace has {len(pairs)}")
 
     run_id = _open_run(engine, algo, config, resume)
-    if on_run is not None and _is_main():
+    if on_run is not None and distributed.is_main():
         on_run(run_id)  # the loop records the run before training, so an interrupted one can be resumed
     run_dir = settings.runs_dir / f"run{run_id}"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -151,11 +131,11 @@ def train(engine, settings: Settings, algo: str, config: PPOConfig, *, resume: i
                 engine, settings, algo, config, prompts, pairs, run_id, run_dir, progress
             )
     except BaseException as exc:
-        if _is_main():
+        if distributed.is_main():
             with session_scope(engine) as session:
                 crud.finish_run(session, run=session.get(Run, run_id), status="failed", error=str(exc)[:2000])
         raise
-    if not _is_main():
+    if not distributed.is_main():
         return {"run_id": run_id}
     with session_scope(engine) as session:
         name = config.name or f"{algo}-run{run_id}"
@@ -176,7 +156,7 @@ def _ppo(engine, settings, config, prompts, run_id, run_dir, resume, progress):
         model, tokenizer, licence = load_policy(settings, config.policy, session)
         reward_fn = reward_function(settings, session, config.reward_model)
     trainer = PPOTrainer(config, model, tokenizer, prompts, reward_fn, run_dir=run_dir,
-                         on_step=MetricsLog(engine, run_id, run_dir / "metrics.jsonl"))  # fmt: skip
+                         on_step=StepLog(engine, run_id, run_dir / "metrics.jsonl"))  # fmt: skip
     if resume is not None:
         checkpoint = trainer.latest_checkpoint()
         if checkpoint is None:
@@ -186,7 +166,7 @@ def _ppo(engine, settings, config, prompts, run_id, run_dir, resume, progress):
     start = time.perf_counter()
     history = trainer.train(progress=progress)
     out = run_dir / "model"
-    if _is_main():
+    if distributed.is_main():
         trainer.save_policy(out)
     metrics = summarise(history, time.perf_counter() - start)
     metrics |= {"processes": trainer.accelerator.num_processes, "replicas_in_sync": trainer.replicas_in_sync}
@@ -223,15 +203,8 @@ def summarise(history: list[dict], seconds: float) -> dict:
 def _trl(engine, settings, algo, config: PPOConfig, prompts, pairs, run_id, run_dir, progress):
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import TrainerCallback
 
-    log = MetricsLog(engine, run_id, run_dir / "metrics.jsonl")
-
-    class Logger(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if state.is_world_process_zero:
-                log({"step": state.global_step, **(logs or {})})
-
+    logger = trainer_callback(StepLog(engine, run_id, run_dir / "metrics.jsonl"))
     with Session(engine) as session:
         model, tokenizer, licence = load_policy(settings, config.policy, session)
         scorer = reward_function(settings, session, config.reward_model) if algo != "dpo" else None
@@ -261,7 +234,7 @@ def _trl(engine, settings, algo, config: PPOConfig, prompts, pairs, run_id, run_
         args = DPOConfig(per_device_train_batch_size=min(config.mini_batch_size, len(pairs)), beta=config.kl_coef
                          * 2, max_length=512, **common)  # fmt: skip
         trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
-                             peft_config=peft, callbacks=[Logger()])  # fmt: skip
+                             peft_config=peft, callbacks=[logger])  # fmt: skip
     else:
 
         def reward_func(prompts, completions, **kwargs) -> list[float]:
@@ -285,11 +258,11 @@ def _trl(engine, settings, algo, config: PPOConfig, prompts, pairs, run_id, run_
             temperature=config.temperature, beta=config.kl_coef, **common,
         )  # fmt: skip
         trainer = Trainer(model=model, reward_funcs=reward_func, args=args, train_dataset=data,
-                          processing_class=tokenizer, peft_config=peft, callbacks=[Logger()])  # fmt: skip
+                          processing_class=tokenizer, peft_config=peft, callbacks=[logger])  # fmt: skip
     trainer.train()
     seconds = time.perf_counter() - start
     out = run_dir / "model"
-    if _is_main():
+    if distributed.is_main():
         trainer.model.save_pretrained(out)
         tokenizer.save_pretrained(out)
         (out / "alignloop_policy.json").write_text(

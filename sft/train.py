@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from sqlmodel import Session
-from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from alignloop import AlignloopError, crud, registry
@@ -33,6 +32,7 @@ from alignloop.config import Settings, read_run_config
 from alignloop.db import session_scope
 from alignloop.generate import SamplingParams, generate
 from alignloop.models import Run
+from alignloop.runlog import StepLog, trainer_callback
 from sft.data import Example, chosen_examples, edited_examples, parse_instruction_file, split_held_out
 
 log = logging.getLogger(__name__)
@@ -140,23 +140,6 @@ def collect_examples(engine, config: SFTRunConfig) -> list[Example]:
     return examples
 
 
-class RunLogger(TrainerCallback):
-    """Writes every logged step to the Run row and to a JSON Lines file."""
-
-    def __init__(self, engine, run_id: int, path: Path):
-        self.engine, self.run_id, self.path = engine, run_id, path
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        entry = {"step": state.global_step, "time": time.time(), **(logs or {})}
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(entry) + "\n")
-        with session_scope(self.engine) as session:
-            run = session.get(Run, self.run_id)
-            history = list(run.metrics.get("history", [])) + [entry]
-            run.metrics = {**run.metrics, "history": history, "step": state.global_step}
-            session.add(run)
-
-
 def train(engine, settings: Settings, config: SFTRunConfig, *, progress: bool = True) -> dict:
     # 1. Everything that can be wrong with the input is found before anything is written.
     examples = collect_examples(engine, config)
@@ -216,7 +199,7 @@ def _fit(engine, config, run_id, run_dir, source, base_version, train_examples, 
         train_dataset=Dataset.from_list([e.row() for e in train_examples]),
         processing_class=tokenizer,
         peft_config=peft_config(config),
-        callbacks=[RunLogger(engine, run_id, run_dir / "metrics.jsonl")],
+        callbacks=[trainer_callback(StepLog(engine, run_id, run_dir / "metrics.jsonl"))],
     )
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
