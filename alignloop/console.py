@@ -69,6 +69,8 @@ def create_job(body: JobRequest, request: Request, user: AdminDep, session: Sess
     try:
         run = jobs.start_job(request.app.state.engine, request.app.state.settings, kind=body.kind,
                              arguments=body.arguments, user=user.name)  # fmt: skip
+    except jobs.TooManyJobs as exc:
+        raise HTTPException(status_code=429, detail=str(exc)) from None
     except AlignloopError as exc:
         raise HTTPException(status_code=400, detail=str(exc)) from None
     return {"id": run.id, "status": run.status}
