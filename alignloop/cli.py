@@ -180,12 +180,12 @@ def cmd_export_prefs(args) -> int:
 def cmd_export_feedback(args) -> int:
     from sqlmodel import Session
 
+    from alignloop.core import crud
     from alignloop.core.export import write_rows
-    from serve.chat import feedback_pairs
 
     _, engine = open_workspace(args)
     with Session(engine) as session:
-        rows = feedback_pairs(session)
+        rows = crud.feedback_pairs(session)
     if not rows:
         raise AlignloopError("nothing to export: no chat edits or up/down pairs yet")
     fmt = write_rows(rows, Path(args.out), fmt=args.format)
