@@ -1,5 +1,6 @@
-"""Sliding-window rate limits, in memory, per web worker process (N workers allow up to N times the limit;
-put a shared limiter in the reverse proxy if that matters). Used for failed logins and votes."""
+"""Limits. Sliding-window rate limits, in memory, per web worker process (N workers allow up to N times the
+limit; put a shared limiter in the reverse proxy if that matters), used for failed logins and votes; and the
+upper bounds on every count a command line or a config file can ask for (`COUNT_BOUNDS`, below)."""
 
 from __future__ import annotations
 
