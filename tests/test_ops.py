@@ -41,6 +41,8 @@ def admin_client(workspace):
 def test_bad_job_arguments_start_nothing(admin_client):
     client, _, engine = admin_client
     for body in ({"kind": "generate", "arguments": "--prompts many"}, {"kind": "rm", "arguments": ""},
+                 {"kind": "generate", "arguments": "--samples 99999999999999999999"},
+                 {"kind": "rl", "arguments": "--algo dpo --steps 100000000000"},
                  {"kind": "reward", "arguments": "--workspace /elsewhere"}, {"kind": "sft", "arguments": "--bogus"}):  # fmt: skip
         response = client.post("/api/jobs", json=body)
         assert response.status_code in (400, 422), body
