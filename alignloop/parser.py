@@ -46,25 +46,28 @@ class Parser(argparse.ArgumentParser):
         return self
 
     def parse_known_args(self, args=None, namespace=None):
-        return super(Parser, self.populated()).parse_known_args(args, namespace)
+        self.populated()
+        return super().parse_known_args(args, namespace)
 
     def format_help(self) -> str:
-        return super(Parser, self.populated()).format_help()
+        self.populated()
+        return super().format_help()
 
     def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def count(name: str, low: int | None = None, high: int | None = None):
-    """An argparse type for a bounded integer; the bound is the table's for `name` unless given here."""
+    """An argparse type for a bounded integer: `low`..`high` when given, else the table's bound for `name`
+    (`COUNT_BOUNDS`, which the config files are checked against too)."""
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a whole number, not {text[:30]!r}") from None
-        if low is not None or high is not None:
-            if not (low if low is not None else -MAX_ID) <= value <= (high if high is not None else MAX_ID):
+        if low is not None and high is not None:
+            if not low <= value <= high:
                 shown = text if len(text) <= 24 else text[:21] + "..."
                 raise argparse.ArgumentTypeError(f"must be between {low:,} and {high:,}, not {shown}")
         elif problem := check_bound(name, value, integer=True):
@@ -76,6 +79,8 @@ def count(name: str, low: int | None = None, high: int | None = None):
 
 
 def number(name: str):
+    """An argparse type for a number, bounded where the table names it (epochs, seconds, held_out)."""
+
     def parse(text: str) -> float:
         try:
             value = float(text)
@@ -105,7 +110,7 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, configs: dict[str, type], *, skip=()) -> None:
+def add_config_arguments(parser: argparse.ArgumentParser, configs: dict[str, type]) -> None:
     """One flag per field of the given run-config dataclasses (several: the union, each field once, its help
     saying which configs have it). Defaults are None: the YAML and then the dataclass fill what is not given."""
     seen: dict[str, tuple] = {}
@@ -117,7 +122,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, configs: dict[str, typ
             key = (hints[f.name], tuple(f.metadata.get("choices", ())), tuple(f.metadata.get("aliases", ())))
             if f.name in seen and seen[f.name][0] != key:
                 raise TypeError(f"{f.name} has a different type or choices in {label}'s config")
-            if f.name not in seen and f.name not in skip:
+            if f.name not in seen:
                 seen[f.name] = (key, f, hints[f.name])
     for name, (_, f, hint) in seen.items():
         only = "" if len(owners[name]) == len(configs) else f" ({', '.join(owners[name])} only)"
