@@ -1,4 +1,4 @@
-"""`alignloop rl train --algo ppo|grpo|rloo|dpo`: one entry point, one config style, one registration.
+"""`alignloop rl train --algo ppo|grpo|rloo|dpo`: one entry point, one registration.
 
 - ppo: alignloop's own (`rl.ppo`), against a registered reward model;
 - grpo, rloo: TRL's `GRPOTrainer` / `RLOOTrainer` with the same reward model as `reward_funcs`;
@@ -7,6 +7,7 @@ Every algorithm starts from a model reference (an adapter version is merged in m
 adapter sits on top of it), trains a LoRA adapter (or the full model), logs per-step metrics to the `Run` row
 and `runs/run<ID>/metrics.jsonl`, and registers the result as a `ModelVersion` of kind `policy` whose base is
 the starting reference (the registry stacks adapters when it loads them).
+Each algorithm reads its own config (`rl.configs.CONFIGS`) and saves exactly that in its `Run`.
 PPO checkpoints every `save_every` steps; `--resume RUN` continues that run from its last checkpoint.
 """
 
