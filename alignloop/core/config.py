@@ -158,8 +158,9 @@ def check_bounds(config, *, where: str = "") -> None:
     """Refuse counts out of `alignloop.core.limits.COUNT_BOUNDS`, so a YAML cannot ask for what the parser
     refuses (a flag and a field of the same name share one bound)."""
     prefix = f"{where}: " if where else ""
+    hints = typing.get_type_hints(type(config))
     for f in fields(config):
-        value, kind = getattr(config, f.name), _number_kind(type(config), f.name)
+        value, kind = getattr(config, f.name), _number_kind(hints[f.name])
         if value is None or kind is None:
             continue
         for item in value if isinstance(value, list) else [value]:
@@ -167,9 +168,8 @@ def check_bounds(config, *, where: str = "") -> None:
                 raise AlignloopError(prefix + problem)
 
 
-def _number_kind(cls, name: str) -> type | None:
-    """int or float when the field holds numbers (alone, in a list, or optional); None otherwise."""
-    hint = typing.get_type_hints(cls)[name]
+def _number_kind(hint) -> type | None:
+    """int or float when a field of this type holds numbers (alone, in a list, or optional); None otherwise."""
     union = typing.get_origin(hint) in (typing.Union, types.UnionType)
     args = [a for a in (typing.get_args(hint) if union else (hint,)) if a is not type(None)]
     args = [typing.get_args(a)[0] if typing.get_origin(a) is list else a for a in args]
