@@ -32,7 +32,7 @@ from alignloop.core.config import (
     workspace_path,
 )
 from alignloop.core.workspace import init_workspace  # noqa: E402
-from alignloop.parser import make_parser  # noqa: E402
+from alignloop.parser import config_overrides, make_parser  # noqa: E402
 
 log = logging.getLogger("alignloop")
 
@@ -180,12 +180,12 @@ def cmd_export_prefs(args) -> int:
 def cmd_export_feedback(args) -> int:
     from sqlmodel import Session
 
+    from alignloop.core import crud
     from alignloop.core.export import write_rows
-    from serve.chat import feedback_pairs
 
     _, engine = open_workspace(args)
     with Session(engine) as session:
-        rows = feedback_pairs(session)
+        rows = crud.feedback_pairs(session)
     if not rows:
         raise AlignloopError("nothing to export: no chat edits or up/down pairs yet")
     fmt = write_rows(rows, Path(args.out), fmt=args.format)
@@ -260,14 +260,10 @@ def cmd_argilla(args) -> int:
 
 
 def cmd_sft_train(args) -> int:
-    from sft.train import load_config, train
+    from sft.train import SFTRunConfig, load_config, train
 
     settings, engine = open_workspace(args)
-    config = load_config(
-        args.config, data=args.data or None, method=args.method, base=args.base, max_steps=args.max_steps,
-        name=args.name, merge=args.merge or None, from_chosen=args.from_chosen or None,
-        from_chat_edits=args.from_chat_edits or None,
-    )  # fmt: skip
+    config = load_config(args.config, **config_overrides(args, SFTRunConfig))
     summary = train(engine, settings, config)
     losses = summary["held_out_loss"]
     held = ", ".join(f"{k} {v:.3f}" for k, v in losses.items()) or "none held out"
@@ -280,14 +276,10 @@ def cmd_sft_train(args) -> int:
 
 
 def cmd_reward_train(args) -> int:
-    from reward.train import load_config, train
+    from reward.train import RewardRunConfig, load_config, train
 
     settings, engine = open_workspace(args)
-    config = load_config(
-        args.config, data=args.data or None, base=args.base, method=args.method, max_steps=args.max_steps,
-        max_seconds=args.max_seconds, name=args.name, eval_data=args.eval_data or None,
-        from_workspace=False if args.no_votes else None, gold_weights=args.gold_weights or None,
-    )  # fmt: skip
+    config = load_config(args.config, **config_overrides(args, RewardRunConfig))
     summary = train(engine, settings, config)
     if "model" not in summary:
         return 0  # a non-main process of a multi-process launch
@@ -345,15 +337,13 @@ def cmd_reward_eval(args) -> int:
 
 
 def cmd_rl_train(args) -> int:
+    from rl.configs import CONFIGS
     from rl.train import load_config, train
 
     settings, engine = open_workspace(args)
     config = None  # a resumed run takes its saved config
     if args.resume is None:
-        config = load_config(
-            args.algo, args.config, policy=args.policy, reward_model=args.reward_model, steps=args.steps,
-            name=args.name, prompts=args.prompts,
-        )  # fmt: skip
+        config = load_config(args.algo, args.config, **config_overrides(args, *CONFIGS.values()))
     summary = train(engine, settings, args.algo, config, resume=args.resume)
     if "model" not in summary:
         return 0  # a non-main process of a multi-process launch

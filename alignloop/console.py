@@ -49,32 +49,61 @@ class JobRequest(BaseModel):
     arguments: str = Field(default="", max_length=2000, description="command-line arguments, as for the CLI")
 
 
+class JobRunOut(BaseModel):
+    # A run the job's command created (a reward training, a PPO run...).
+    id: int
+    kind: str
+    status: str
+
+
+class JobOut(BaseModel):
+    # A background job: the CLI words it runs and how it ended.
+    id: int
+    kind: str | None
+    argv: list[str] | None
+    status: str
+    error: str | None
+    exit_code: int | None
+    runs: list[JobRunOut]
+
+
+class JobDetailOut(JobOut):
+    log: str = Field(description="the end of the job's output (progress bars at their last state)")
+
+
+class JobStatusOut(BaseModel):
+    id: int
+    status: str
+
+
 def _job_dict(run: Run, session) -> dict:
     return {"id": run.id, "kind": run.config.get("job_kind"), "argv": run.config.get("argv"), "status": run.status,
             "error": run.error, "exit_code": run.metrics.get("exit_code"),
             "runs": [{"id": r.id, "kind": r.kind, "status": r.status} for r in jobs.child_runs(session, run.id)]}  # fmt: skip
 
 
-@router.get("/api/jobs")
+@router.get("/api/jobs", response_model=list[JobOut])
 def list_jobs(user: AdminDep, session: SessionDep) -> list[dict]:
     """Background jobs, newest first."""
     rows = session.exec(select(Run).where(Run.kind == "job").order_by(col(Run.id).desc()).limit(100)).all()
     return [_job_dict(r, session) for r in rows]
 
 
-@router.post("/api/jobs", status_code=201)
+@router.post("/api/jobs", status_code=201, response_model=JobStatusOut)
 def create_job(body: JobRequest, request: Request, user: AdminDep, session: SessionDep) -> dict:
     """Start a job (validated like the CLI: bad arguments start nothing, 400)."""
     session.commit()
     try:
         run = jobs.start_job(request.app.state.engine, request.app.state.settings, kind=body.kind,
                              arguments=body.arguments, user=user.name)  # fmt: skip
+    except jobs.TooManyJobs as exc:
+        raise HTTPException(status_code=429, detail=str(exc)) from None
     except AlignloopError as exc:
         raise HTTPException(status_code=400, detail=str(exc)) from None
     return {"id": run.id, "status": run.status}
 
 
-@router.get("/api/jobs/{job_id}")
+@router.get("/api/jobs/{job_id}", response_model=JobDetailOut)
 def get_job(job_id: JobId, user: AdminDep, session: SessionDep) -> dict:
     run = session.get(Run, job_id)
     if run is None or run.kind != "job":
@@ -82,7 +111,7 @@ def get_job(job_id: JobId, user: AdminDep, session: SessionDep) -> dict:
     return {**_job_dict(run, session), "log": jobs.log_tail(run)}
 
 
-@router.post("/api/jobs/{job_id}/cancel")
+@router.post("/api/jobs/{job_id}/cancel", response_model=JobStatusOut)
 def cancel(job_id: JobId, request: Request, user: AdminDep, session: SessionDep) -> dict:
     session.commit()
     try:

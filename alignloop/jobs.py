@@ -3,6 +3,11 @@ state lives in a `Run` of kind `job` (command, pid, exit code) and whose output 
 
 - `start_job` validates the command with the CLI's own parser first (bad arguments start nothing), then
   spawns it in its own process group and a thread waits for it to end, recording succeeded / failed.
+- At most `max_jobs` (config.yaml, default 2) run at once: one more is refused before it spawns. Counting the
+  running jobs and recording the new one happen in one transaction that holds the write lock (SQLite's
+  BEGIN IMMEDIATE; a transaction-scoped advisory lock on PostgreSQL), so two admins clicking at once, or two
+  web workers, cannot both take the last slot. A training job can hold a machine for hours: the cap keeps a
+  runaway console from starting enough of them to push one another (or the web server) out of memory.
 - The runs the command creates (a reward training, a PPO run...) carry `job: <ID>` in their config
   (`ALIGNLOOP_JOB` in their environment), so the console can show their metrics beside the log.
 - `cancel_job` sends SIGTERM to the whole group (SIGKILL after a grace period) and records `cancelled`.
@@ -24,6 +29,7 @@ import threading
 import time
 from pathlib import Path
 
+from sqlalchemy import func, text
 from sqlmodel import Session, select
 
 from alignloop.core import AlignloopError, crud
@@ -40,6 +46,10 @@ JOB_KINDS = {  # what the console may start, and the CLI words that start it
     "round": ["round", "next"],
 }
 GRACE_SECONDS = 10
+
+
+class TooManyJobs(AlignloopError):
+    """`max_jobs` jobs are running already (the web API answers 429)."""
 
 
 def command_for(kind: str, arguments: str) -> list[str]:
@@ -67,6 +77,16 @@ def command_for(kind: str, arguments: str) -> list[str]:
 def start_job(engine, settings: Settings, *, kind: str, arguments: str = "", user: str | None = None) -> Run:
     argv = command_for(kind, arguments)
     with session_scope(engine) as session:
+        if session.get_bind().dialect.name == "postgresql":
+            session.exec(text("SELECT pg_advisory_xact_lock(hashtext('alignloop.jobs'))"))
+        running = session.exec(
+            select(func.count()).select_from(Run).where(Run.kind == "job", Run.status == "running")
+        ).one()
+        if running >= settings.max_jobs:
+            raise TooManyJobs(
+                f"{running} jobs are already running (max_jobs: {settings.max_jobs} in config.yaml): "
+                "wait for one to finish or cancel one"
+            )
         run = crud.create_run(
             session, kind="job", config={"job_kind": kind, "argv": argv, "started_by": user}
         )

@@ -2,21 +2,196 @@
 
 `alignloop.cli` maps each parsed command to its handler (`handler` names a `cmd_*` function there); the job
 runner (`alignloop.jobs`) parses a job's arguments with the same parser before it starts anything.
+
+The train subcommands are generated from their run configs (`SFTRunConfig`, `RewardRunConfig`, one config per
+RL algorithm), the way `HfArgumentParser`/`TrlParser` do it but with argparse alone: one flag per dataclass
+field, its type, default, choices and help read from the field (`metadata={"help", "choices", "aliases"}`),
+so a setting is declared once. A flag left out is None, so `--config run.yaml` supplies it, else the field's
+default: the command line overrides the YAML, which overrides the dataclass.
+
+Every count is bounded here (`alignloop.core.limits.COUNT_BOUNDS`, shared with the configs' own validation),
+so `--samples 99999999999999999999` ends at parse time with one line and allocates nothing.
+Trade-off: generated flags follow field names (`--max-steps`, `--per-device-train-batch-size`); a friendlier
+name is an `aliases` entry in the field's metadata, not a second declaration.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import types
+import typing
 
 from alignloop.core import __version__
+from alignloop.core.limits import MAX_BATCH, MAX_ID, MAX_NEW_TOKENS, MAX_PROMPTS, MAX_RESPONSES, check_bound
+
+# Flags of the train subcommands that are not run-config fields.
+NON_CONFIG_FLAGS = {"--config", "--algo", "--resume", "--workspace", "--help", "-h"}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with errors on one line (no usage block): `alignloop: error: argument --samples: ...`.
+
+    `populate` adds arguments on first use: the train subcommands read their config dataclasses from modules
+    that import torch and TRL, which `alignloop --help` or `alignloop users add` should not wait for."""
+
+    def __init__(self, *args, populate=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._populate = populate
+
+    def populated(self) -> Parser:
+        if self._populate is not None:
+            populate, self._populate = self._populate, None
+            populate(self)
+        return self
+
+    def parse_known_args(self, args=None, namespace=None):
+        self.populated()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self.populated()
+        return super().format_help()
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def count(name: str, low: int | None = None, high: int | None = None):
+    """An argparse type for a bounded integer: `low`..`high` when given, else the table's bound for `name`
+    (`COUNT_BOUNDS`, which the config files are checked against too)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, not {text[:30]!r}") from None
+        if low is not None and high is not None:
+            if not low <= value <= high:
+                shown = text if len(text) <= 24 else text[:21] + "..."
+                raise argparse.ArgumentTypeError(f"must be between {low:,} and {high:,}, not {shown}")
+        elif problem := check_bound(name, value, integer=True):
+            raise argparse.ArgumentTypeError(problem.removeprefix(f"{name} "))
+        return value
+
+    parse.__name__ = "int"  # argparse names the type in its messages
+    return parse
+
+
+def number(name: str):
+    """An argparse type for a number, bounded where the table names it (epochs, seconds, held_out)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, not {text[:30]!r}") from None
+        if problem := check_bound(name, value, integer=False):
+            raise argparse.ArgumentTypeError(problem.removeprefix(f"{name} "))
+        return value
+
+    parse.__name__ = "float"
+    return parse
+
+
+class _ListOrStr(argparse.Action):
+    """`list[str] | str` fields: one value stays a string ("all-linear"), several make a list."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values[0] if len(values) == 1 else list(values))
+
+
+def _members(hint) -> tuple:
+    """The types a field may hold: a union's members, or the type itself (`list[str]` stays one type)."""
+    return typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, configs: dict[str, type]) -> None:
+    """One flag per field of the given run-config dataclasses (several: the union, each field once, its help
+    saying which configs have it). Defaults are None: the YAML and then the dataclass fill what is not given."""
+    seen: dict[str, tuple] = {}
+    owners: dict[str, list[str]] = {}
+    for label, cls in configs.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            owners.setdefault(f.name, []).append(label)
+            key = (hints[f.name], tuple(f.metadata.get("choices", ())), tuple(f.metadata.get("aliases", ())))
+            if f.name in seen and seen[f.name][0] != key:
+                raise TypeError(f"{f.name} has a different type or choices in {label}'s config")
+            if f.name not in seen:
+                seen[f.name] = (key, f, hints[f.name])
+    for name, (_, f, hint) in seen.items():
+        only = "" if len(owners[name]) == len(configs) else f" ({', '.join(owners[name])} only)"
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        shown = "" if default is None or default == [] else f" [default: {default}]"
+        help_text = f.metadata.get("help", "") + shown + only
+        names = [flag(name), *f.metadata.get("aliases", ())]
+        options: dict = {"dest": name, "default": None, "help": help_text.replace("%", "%%")}
+        args = [a for a in _members(hint) if a is not type(None)]
+        if bool in args:
+            options["action"] = argparse.BooleanOptionalAction
+        else:
+            lists = [typing.get_args(a)[0] for a in args if typing.get_origin(a) is list]
+            base = lists[0] if lists else args[0]
+            options["type"] = count(name) if base is int else number(name) if base is float else str
+            if lists:
+                options["nargs"] = "+"
+                if str in args:
+                    options["action"] = _ListOrStr
+            if "choices" in f.metadata:
+                options["choices"] = list(f.metadata["choices"])
+            if base in (int, float):
+                options["metavar"] = "N"
+        parser.add_argument(*names, **options)
+
+
+def config_overrides(args: argparse.Namespace, *configs: type) -> dict:
+    """The run-config fields given on the command line (a flag left out is not an override)."""
+    names = {f.name for cls in configs for f in dataclasses.fields(cls)}
+    return {k: v for k, v in vars(args).items() if k in names and v is not None}
+
+
+def _sft_train_flags(p: argparse.ArgumentParser) -> None:
+    from sft.train import SFTRunConfig
+
+    p.add_argument("--config", default=None, help="YAML with SFTRunConfig fields (configs/sft/*.yaml)")
+    add_config_arguments(p, {"sft": SFTRunConfig})
+
+
+def _reward_train_flags(p: argparse.ArgumentParser) -> None:
+    from reward.train import RewardRunConfig
+
+    p.add_argument("--config", default=None, help="YAML with RewardRunConfig fields (configs/reward/*.yaml)")
+    add_config_arguments(p, {"reward": RewardRunConfig})
+
+
+def _rl_train_flags(p: argparse.ArgumentParser) -> None:
+    from rl.configs import CONFIGS
+
+    p.add_argument("--algo", default="ppo", choices=list(CONFIGS))
+    p.add_argument(
+        "--config", default=None, help="YAML with the algorithm's config fields (configs/rl/*.yaml)"
+    )
+    p.add_argument(
+        "--resume",
+        type=count("resume", 1, MAX_ID),
+        default=None,
+        metavar="RUN",
+        help="continue a PPO run from its checkpoint (with the run's saved config)",
+    )
+    add_config_arguments(p, CONFIGS)
 
 
 def make_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = Parser(add_help=False)
     common.add_argument(
         "--workspace", default=None, help="workspace folder (default: $ALIGNLOOP_HOME, else ./alignloop-data)"
     )
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="alignloop", description="Self-hosted human feedback and RLHF: annotate, reward, align, serve."
     )
     parser.add_argument("--version", action="version", version=f"alignloop {__version__}")
@@ -28,9 +203,11 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", parents=[common], help="init, import sample prompts, generate round 0, serve")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--prompts", type=int, default=40, help="sample prompts to generate for")
-    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--port", type=count("port", 1, 65535), default=7860)
+    p.add_argument(
+        "--prompts", type=count("prompts", 1, 1000), default=40, help="sample prompts to generate for"
+    )
+    p.add_argument("--max-new-tokens", type=count("max_new_tokens"), default=96)
     p.add_argument("--no-serve", action="store_true", help="stop after generating")
     p.set_defaults(handler="cmd_demo")
 
@@ -49,17 +226,29 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", parents=[common], help="sample responses and queue them as comparisons")
     p.add_argument("--model", default=None, help="'default', a registered version, a directory or a hub id")
     p.add_argument("--preset", default=None, help="an L1 prompting preset (name or name@version)")
-    p.add_argument("--prompts", type=int, default=32, help="number of prompts (those not yet in this round)")
-    p.add_argument("--samples", type=int, default=2, help="responses per prompt (K>2 makes ranking items)")
-    p.add_argument("--round", type=int, default=0)
+    p.add_argument(
+        "--prompts",
+        type=count("prompts", 1, MAX_PROMPTS),
+        default=32,
+        help="number of prompts (those not yet in this round)",
+    )
+    p.add_argument(
+        "--samples",
+        type=count("samples", 2, MAX_RESPONSES),
+        default=2,
+        help="responses per prompt (K>2 makes ranking items; the annotation page shows up to 4)",
+    )
+    p.add_argument("--round", type=count("round"), default=0)
     p.add_argument("--split", default="train", choices=["train", "eval"])
-    p.add_argument("--target-votes", type=int, default=None, help="votes each comparison needs")
-    p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument(
+        "--target-votes", type=count("target_votes"), default=None, help="votes each comparison needs"
+    )
+    p.add_argument("--max-new-tokens", type=count("max_new_tokens"), default=None)
+    p.add_argument("--temperature", type=number("temperature"), default=None)
+    p.add_argument("--top-p", type=number("top_p"), default=None)
+    p.add_argument("--top-k", type=count("top_k", 0, 1_000_000), default=0)
+    p.add_argument("--seed", type=count("seed"), default=0)
+    p.add_argument("--batch-size", type=count("batch_size", 1, MAX_BATCH), default=None)
     p.add_argument("--allow-noncommercial", action="store_true", help="accept a non-commercial licence")
     p.set_defaults(handler="cmd_generate")
 
@@ -81,7 +270,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p = prefs.add_parser("import", parents=[common], help="import HH-RLHF or TRL preference pairs as votes")
     p.add_argument("file", help=".jsonl: HH-RLHF chosen/rejected text, or TRL prompt/chosen/rejected")
-    p.add_argument("--round", type=int, default=0)
+    p.add_argument("--round", type=count("round"), default=0)
     p.set_defaults(handler="cmd_prefs_import")
 
     judge = sub.add_parser("judge", help="RLAIF: an AI annotator").add_subparsers(
@@ -93,7 +282,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--openai-base-url", default=None, help="use an OpenAI-compatible endpoint instead")
     p.add_argument("--openai-model", default=None)
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
-    p.add_argument("--max-items", type=int, default=None)
+    p.add_argument("--max-items", type=count("max_items", 1, 10 * MAX_PROMPTS), default=None)
     p.set_defaults(handler="cmd_judge_run")
 
     argilla = sub.add_parser("argilla", help="sync with an Argilla 2.x server").add_subparsers(
@@ -111,42 +300,29 @@ def make_parser() -> argparse.ArgumentParser:
         p.add_argument("--dataset", required=True, help="Argilla dataset name")
         p.add_argument("--argilla-workspace", required=True, help="Argilla workspace name")
         if action == "push":
-            p.add_argument("--round", type=int, default=None)
+            p.add_argument("--round", type=count("round"), default=None)
         p.set_defaults(handler="cmd_argilla")
 
     sft = sub.add_parser("sft", help="instruction tuning with PEFT (L2)").add_subparsers(
         dest="sft_command", required=True, metavar="ACTION"
     )
     p = sft.add_parser(
-        "train", parents=[common], help="tune a model on instruction data; registers the result"
+        "train",
+        parents=[common],
+        populate=_sft_train_flags,
+        help="tune a model on instruction data; registers the result",
     )
-    p.add_argument("--config", default=None, help="YAML with SFTRunConfig fields (configs/sft/*.yaml)")
-    p.add_argument("--data", nargs="+", default=None, help="dolly / alpaca / chat .jsonl files")
-    p.add_argument("--from-chosen", action="store_true", help="add chosen responses of voted comparisons")
-    p.add_argument("--from-chat-edits", action="store_true", help="add reviewers' edited chat answers")
-    p.add_argument("--method", default=None, choices=["lora", "prefix", "ia3", "full"])
-    p.add_argument(
-        "--base", default=None, help="model reference to tune (default: the config's, else 'default')"
-    )
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--name", default=None, help="name of the registered model version")
-    p.add_argument("--merge", action="store_true", help="save a merged standalone model (lora, ia3)")
     p.set_defaults(handler="cmd_sft_train")
 
     reward = sub.add_parser("reward", help="reward models: train and evaluate").add_subparsers(
         dest="reward_command", required=True, metavar="ACTION"
     )
-    p = reward.add_parser("train", parents=[common], help="train a reward model on preferences; registers it")
-    p.add_argument("--config", default=None, help="YAML with RewardRunConfig fields (configs/reward/*.yaml)")
-    p.add_argument("--data", nargs="+", default=None, help="extra preference files (HH-RLHF, TRL)")
-    p.add_argument("--no-votes", action="store_true", help="leave out the workspace's votes")
-    p.add_argument("--gold-weights", action="store_true", help="weight pairs by voters' gold accuracy")
-    p.add_argument("--eval-data", nargs="+", default=None, help="preference files to evaluate on too")
-    p.add_argument("--base", default=None, help="minilm | default | a model reference")
-    p.add_argument("--method", default=None, choices=["full", "lora"])
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--max-seconds", type=float, default=None, help="stop training after this long")
-    p.add_argument("--name", default=None, help="name of the registered model version")
+    p = reward.add_parser(
+        "train",
+        parents=[common],
+        populate=_reward_train_flags,
+        help="train a reward model on preferences; registers it",
+    )
     p.set_defaults(handler="cmd_reward_train")
     p = reward.add_parser(
         "eval", parents=[common], help="accuracy, calibration, length bias of a reward model"
@@ -161,16 +337,8 @@ def make_parser() -> argparse.ArgumentParser:
     rl = sub.add_parser("rl", help="reinforcement learning: PPO, GRPO, RLOO, DPO").add_subparsers(
         dest="rl_command", required=True, metavar="ACTION"
     )
-    p = rl.add_parser("train", parents=[common], help="optimise a policy; registers the result")
-    p.add_argument("--algo", default="ppo", choices=["ppo", "grpo", "rloo", "dpo"])
-    p.add_argument("--config", default=None, help="YAML with PPOConfig fields (configs/rl/*.yaml)")
-    p.add_argument("--policy", default=None, help="model reference to start from")
-    p.add_argument("--reward-model", default=None, help="registered reward model (ppo, grpo, rloo)")
-    p.add_argument("--prompts", default=None, help="'workspace' (default) or a prompt file")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--name", default=None, help="name of the registered model version")
-    p.add_argument(
-        "--resume", type=int, default=None, metavar="RUN", help="continue a PPO run from its checkpoint"
+    p = rl.add_parser(
+        "train", parents=[common], populate=_rl_train_flags, help="optimise a policy; registers the result"
     )
     p.set_defaults(handler="cmd_rl_train")
     p = rl.add_parser("eval", parents=[common], help="reward, KL, length and win rate on held-out prompts")
@@ -178,8 +346,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", required=True, help="the policy to compare with (e.g. the previous round's)")
     p.add_argument("--reward-model", required=True, help="the reward model used in training")
     p.add_argument("--judge", required=True, help="a different reward model, to judge the win rate")
-    p.add_argument("--num-prompts", type=int, default=32)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--num-prompts", type=count("num_prompts", 1, MAX_PROMPTS), default=32)
+    p.add_argument("--max-new-tokens", type=count("max_new_tokens", 1, MAX_NEW_TOKENS), default=64)
     p.add_argument("--preset", default=None, help="an L1 prompting preset for both policies")
     p.set_defaults(handler="cmd_rl_eval")
 
@@ -192,10 +360,15 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--reward-config", default=None, help="reward YAML (default configs/reward/default.yaml)")
     p.add_argument("--rl-config", default=None, help="RL YAML (default configs/rl/default.yaml)")
     p.add_argument("--algo", default="ppo", choices=["ppo", "grpo", "rloo", "dpo"])
-    p.add_argument("--prompts", type=int, default=32, help="prompts to queue for the next round")
+    p.add_argument(
+        "--prompts",
+        type=count("prompts", 1, MAX_PROMPTS),
+        default=32,
+        help="prompts to queue for the next round",
+    )
     p.set_defaults(handler="cmd_round_next")
     p = round_.add_parser("lineage", parents=[common], help="every model a vote influenced")
-    p.add_argument("--vote", type=int, required=True)
+    p.add_argument("--vote", type=count("vote", 1, MAX_ID), required=True)
     p.set_defaults(handler="cmd_round_lineage")
 
     keys = sub.add_parser("keys", help="API keys for /v1 (OpenAI-compatible) and scripts").add_subparsers(
@@ -208,7 +381,7 @@ def make_parser() -> argparse.ArgumentParser:
     p = keys.add_parser("list", parents=[common], help="list keys (never the keys themselves)")
     p.set_defaults(handler="cmd_keys")
     p = keys.add_parser("revoke", parents=[common], help="revoke a key")
-    p.add_argument("id", type=int)
+    p.add_argument("id", type=count("id", 1, MAX_ID))
     p.set_defaults(handler="cmd_keys")
 
     presets = sub.add_parser("presets", help="L1 prompting presets").add_subparsers(
@@ -232,7 +405,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="auto", choices=["auto", "jsonl", "parquet", "dataset"])
     p.add_argument("--include-ties", action="store_true")
     p.add_argument("--include-both-bad", action="store_true")
-    p.add_argument("--round", type=int, nargs="+", default=None, help="only these rounds")
+    p.add_argument("--round", type=count("rounds"), nargs="+", default=None, help="only these rounds")
     p.set_defaults(handler="cmd_export_prefs")
 
     p = export.add_parser(
@@ -254,9 +427,12 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", parents=[common], help="run the web app")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=count("port", 1, 65535), default=7860)
     p.add_argument(
-        "--workers", type=int, default=1, help="web worker processes (one Python process uses one core)"
+        "--workers",
+        type=count("workers", 1, 64),
+        default=1,
+        help="web worker processes (one Python process uses one core)",
     )
     p.set_defaults(handler="cmd_serve")
     return parser

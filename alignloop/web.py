@@ -15,6 +15,7 @@ from typing import Annotated
 
 from fastapi import FastAPI, Form, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
+from pydantic import BaseModel
 from sqlmodel import Session, select
 from starlette.middleware.sessions import SessionMiddleware
 
@@ -36,6 +37,47 @@ from alignloop.core.models import Comparison, Prompt, User
 log = logging.getLogger(__name__)
 
 PAGE_SIZE = 50
+
+
+# --- JSON shapes of the endpoints defined here (the routers keep theirs beside them) ---
+class ResponseOut(BaseModel):
+    # One response of a comparison, in position order (a, b, ...).
+    generation_id: int
+    text: str
+
+
+class ComparisonOut(BaseModel):
+    # A comparison with its prompt (chat messages) and responses.
+    id: int
+    round: int
+    status: str
+    num_votes: int
+    target_votes: int
+    prompt: list[dict]
+    responses: list[ResponseOut]
+
+
+class ModelVersionOut(BaseModel):
+    # A registered model version; `lineage` names its ancestors, nearest first.
+    id: int
+    name: str
+    kind: str
+    base: str
+    round: int | None
+    licence: str | None
+    run_id: int | None
+    lineage: list[str]
+    metrics: dict
+
+
+class UserOut(BaseModel):
+    # A user as admins see it (never the password hash).
+    id: int
+    name: str
+    role: str
+    kind: str
+    disabled: bool
+
 POSTGRES_DB_SLOTS = 16  # below the engine's pool size + overflow (30)
 UI_PATHS = {"/annotate", "/chat", "/arena"}
 LOGIN_WINDOW_SECONDS = 300
@@ -260,7 +302,7 @@ def _register_routes(app: FastAPI) -> None:
         nav += "</p>"
         return page("Queue", f"<h2>Queued comparisons ({total})</h2>{nav}{cards}", user)
 
-    @app.get("/api/comparisons", tags=["comparisons"])
+    @app.get("/api/comparisons", tags=["comparisons"], response_model=list[ComparisonOut])
     def api_comparisons(
         user: UserDep,
         session: SessionDep,
@@ -287,7 +329,7 @@ def _register_routes(app: FastAPI) -> None:
             )
         return out
 
-    @app.get("/api/models", tags=["models"])
+    @app.get("/api/models", tags=["models"], response_model=list[ModelVersionOut])
     def api_models(user: UserDep, session: SessionDep) -> list[dict]:
         """Registered model versions with their lineage (newest ancestor first)."""
         return [
@@ -305,7 +347,7 @@ def _register_routes(app: FastAPI) -> None:
             for v in crud.list_model_versions(session)
         ]
 
-    @app.get("/api/users", tags=["users"])
+    @app.get("/api/users", tags=["users"], response_model=list[UserOut])
     def api_users(user: AdminDep, session: SessionDep) -> list[dict]:
         """Every user (admins only)."""
         return [

@@ -9,10 +9,11 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import HTMLResponse, RedirectResponse
+from pydantic import BaseModel
 
 from alignloop.core.http import MAX_INT, AdminDep, SessionDep, page
 from alignloop.core.models import User
-from annotate.quality import quality_report
+from annotate.quality import QualityReport, quality_report
 
 router = APIRouter(tags=["quality"])
 
@@ -27,7 +28,27 @@ def _fmt(value, digits: int = 2) -> str:
     )
 
 
-@router.get("/api/quality")
+class RoundModelOut(BaseModel):
+    name: str
+    kind: str
+    lineage: list[str]  # the model itself first, then its ancestors
+
+
+class RoundOut(BaseModel):
+    # One round of the loop: its data, its annotators' work, its models.
+    round: int
+    status: str
+    prompts: int
+    queued: int
+    done: int
+    votes_per_annotator: dict[str, int]
+    krippendorff_alpha: float | None
+    policy: str | None
+    reward_model: str | None
+    models: list[RoundModelOut]
+
+
+@router.get("/api/quality", response_model=QualityReport)
 def quality_json(
     user: AdminDep, session: SessionDep, round: Annotated[int | None, Query(ge=0, le=MAX_INT)] = None
 ) -> dict:
@@ -101,7 +122,7 @@ def user_action(
     return RedirectResponse("/admin", status_code=303)
 
 
-@router.get("/api/rounds")
+@router.get("/api/rounds", response_model=list[RoundOut])
 def rounds_json(user: AdminDep, session: SessionDep) -> list[dict]:
     """Each round: prompts, comparisons queued/done, votes per annotator, agreement, models and lineage."""
     from sqlmodel import func, select

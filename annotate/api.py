@@ -26,6 +26,13 @@ class ItemOut(BaseModel):
     expires_at: str
 
 
+class ProgressOut(BaseModel):
+    done_today: int
+    done_in_round: int
+    left: int = Field(description="items this annotator could still be given")
+    round: int | None
+
+
 class VoteIn(BaseModel):
     comparison_id: int = Field(ge=1, le=MAX_INT)
     choice: Literal["a", "b", "tie", "both_bad"] | None = Field(
@@ -113,7 +120,7 @@ def skip(comparison_id: Annotated[int, Query(ge=1, le=MAX_INT)], user: Annotator
     return Response(status_code=204)
 
 
-@router.get("/progress")
+@router.get("/progress", response_model=ProgressOut)
 def progress(user: AnnotatorDep, session: SessionDep) -> dict:
     """Votes today and in the current round, and how many items are left for the caller."""
     return queue.progress(session, user_id=user.id).__dict__

@@ -19,10 +19,10 @@ from sqlmodel import Session
 from alignloop.core import AlignloopError, crud
 from alignloop.core.config import Settings
 from alignloop.core.db import session_scope
+from alignloop.core.limits import MAX_RESPONSES  # the page has this many response boxes
 from alignloop.core.models import User
 from annotate import queue
 
-MAX_RESPONSES = 4
 DEFAULT_GUIDELINES = """\
 **Compare the responses to the conversation and pick the better one.**
 

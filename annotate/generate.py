@@ -15,6 +15,7 @@ from sqlmodel import Session, select
 from alignloop.core import AlignloopError, crud, registry
 from alignloop.core.config import Settings
 from alignloop.core.db import session_scope
+from alignloop.core.limits import MAX_BATCH, MAX_NEW_TOKENS, MAX_PROMPTS, MAX_RESPONSES
 from alignloop.core.models import Comparison, Prompt, Run
 from alignloop.core.presets import apply_preset
 from alignloop.core.sampling import SamplingParams, generate
@@ -52,10 +53,18 @@ def queue_comparisons(
     The model runs outside any database transaction (it takes minutes; a held write lock would stall the
     annotators), then everything is written in one short transaction. Returns a summary.
     """
-    if num_samples < 2:
-        raise AlignloopError("a comparison needs at least 2 samples per prompt")
-    if num_prompts < 1:
-        raise AlignloopError("--prompts must be at least 1")
+    if not 2 <= num_samples <= MAX_RESPONSES:
+        raise AlignloopError(
+            f"a comparison needs 2 to {MAX_RESPONSES} samples per prompt (what the annotation page shows)"
+        )
+    counts = (
+        ("--prompts", num_prompts, MAX_PROMPTS),
+        ("--batch-size", batch_size, MAX_BATCH),
+        ("--max-new-tokens", params.max_new_tokens if params else None, MAX_NEW_TOKENS),
+    )
+    for name, value, high in counts:
+        if value is not None and not 1 <= value <= high:
+            raise AlignloopError(f"{name} must be between 1 and {high:,}")
     params = params or SamplingParams(
         max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p
     )

@@ -49,7 +49,9 @@ METHODS = ("full", "lora")
 class RewardRunConfig:
     # --- data ---
     data: list[str] = field(default_factory=list, metadata={"help": "Preference files (HH-RLHF or TRL)."})
-    from_workspace: bool = field(default=True, metadata={"help": "Use the workspace's aggregated votes."})
+    from_workspace: bool = field(
+        default=True, metadata={"help": "Use the workspace's aggregated votes.", "aliases": ["--votes"]}
+    )
     rounds: list[int] | None = field(default=None, metadata={"help": "Only votes from these rounds."})
     gold_weights: bool = field(default=False, metadata={"help": "Weight pairs by voters' gold accuracy."})
     margin_scale: float = field(default=0.0, metadata={"help": "TRL margin for unanimous votes (0 = off)."})
@@ -60,8 +62,12 @@ class RewardRunConfig:
     max_pairs: int | None = field(default=None, metadata={"help": "Use at most this many training pairs."})
     # --- model ---
     base: str = field(default="minilm", metadata={"help": "minilm | default | any model reference."})
-    method: str = field(default="full", metadata={"help": "full | lora"})
-    pooling: str = field(default="auto", metadata={"help": "auto | mean | last (see reward.score)."})
+    method: str = field(
+        default="full", metadata={"help": "Train the whole model or a LoRA adapter.", "choices": METHODS}
+    )
+    pooling: str = field(
+        default="auto", metadata={"help": "See reward.score.", "choices": ("auto", "mean", "last")}
+    )
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator."})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from fastapi import APIRouter, HTTPException
 from fastapi.responses import FileResponse, HTMLResponse
+from pydantic import BaseModel
 
 from alignloop.core import crud
 from alignloop.core.http import AdminDep, SessionDep, page
@@ -16,11 +17,21 @@ from alignloop.core.models import ModelVersion, Run
 router = APIRouter(tags=["reward"])
 
 
+class RewardModelOut(BaseModel):
+    # A registered reward model and its figures (accuracy, ECE, length bias... as training recorded them).
+    id: int
+    name: str
+    base: str
+    round: int | None
+    run_id: int | None
+    metrics: dict
+
+
 def _fmt(value) -> str:
     return "–" if value is None else f"{value:.3f}" if isinstance(value, float) else html.escape(str(value))
 
 
-@router.get("/api/reward/models")
+@router.get("/api/reward/models", response_model=list[RewardModelOut])
 def reward_models(user: AdminDep, session: SessionDep) -> list[dict]:
     """Registered reward models with their training and evaluation figures."""
     return [

@@ -1,4 +1,4 @@
-"""`alignloop rl train --algo ppo|grpo|rloo|dpo`: one entry point, one config style, one registration.
+"""`alignloop rl train --algo ppo|grpo|rloo|dpo`: one entry point, one registration.
 
 - ppo: alignloop's own (`rl.ppo`), against a registered reward model;
 - grpo, rloo: TRL's `GRPOTrainer` / `RLOOTrainer` with the same reward model as `reward_funcs`;
@@ -7,12 +7,14 @@ Every algorithm starts from a model reference (an adapter version is merged in m
 adapter sits on top of it), trains a LoRA adapter (or the full model), logs per-step metrics to the `Run` row
 and `runs/run<ID>/metrics.jsonl`, and registers the result as a `ModelVersion` of kind `policy` whose base is
 the starting reference (the registry stacks adapters when it loads them).
+Each algorithm reads its own config (`rl.configs.CONFIGS`) and saves exactly that in its `Run`.
 PPO checkpoints every `save_every` steps; `--resume RUN` continues that run from its last checkpoint.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -21,30 +23,66 @@ import torch
 from sqlmodel import Session
 
 from alignloop.core import AlignloopError, crud, distributed, registry
-from alignloop.core.config import Settings
+from alignloop.core.config import Settings, read_config_file, read_run_config
 from alignloop.core.db import session_scope
 from alignloop.core.models import Run
 from alignloop.core.runlog import StepLog, trainer_callback
-from rl.ppo import PPOConfig, PPOTrainer
+from rl.configs import CONFIGS, DPOConfig, GRPOConfig, RLConfig
+from rl.ppo import PPOTrainer
+from rl.ppo import load_config as load_ppo
 
-ALGOS = ("ppo", "grpo", "rloo", "dpo")
+log = logging.getLogger(__name__)
+ALGOS = tuple(CONFIGS)
 
 
-def load_config(algo: str, path: str | Path | None, **overrides) -> PPOConfig:
-    """All algorithms share PPOConfig's fields; the TRL ones read what they have a use for."""
-    from rl.ppo import load_config as load_ppo
+def load_config(algo: str, path: str | Path | None, **overrides) -> RLConfig:
+    """The algorithm's own config from YAML plus overrides (None = not given).
 
+    A YAML key of another RL algorithm is skipped (the files in configs/rl serve them all); an override the
+    algorithm has no field for is an error (someone asked for it on purpose)."""
     if algo not in ALGOS:
         raise AlignloopError(f"algo must be one of {', '.join(ALGOS)}, not {algo!r}")
-    config = load_ppo(path, **overrides)
-    if algo in ("ppo", "grpo", "rloo") and not config.reward_model:
+    own = {f.name for f in fields(CONFIGS[algo])}
+    known = {f.name for cls in CONFIGS.values() for f in fields(cls)}
+    raw = read_config_file(path, what="RL")
+    raw.pop("algo", None)
+    if unknown := sorted(set(raw) - known):
+        raise AlignloopError(f"{path}: unknown RL setting(s) {', '.join(unknown)}")
+    if skipped := sorted(set(raw) - own):
+        log.info("%s: %s skips the other algorithms' settings %s", path, algo, ", ".join(skipped))
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if foreign := sorted(set(given) - own):
+        flags = ", ".join("--" + k.replace("_", "-") for k in foreign)
+        raise AlignloopError(f"{flags}: not a setting of {algo} (see `alignloop rl train --help`)")
+    values = {k: v for k, v in raw.items() if k in own} | given
+    where = str(path) if path is not None else f"{algo} config"
+    if algo == "ppo":
+        try:
+            config = load_ppo(None, **values)
+        except AlignloopError as exc:
+            raise AlignloopError(f"{where}: {exc}") from None
+    else:
+        config = read_run_config(CONFIGS[algo], None, values, what=algo)
+        _check_trl(config, where)
+    if algo != "dpo" and not config.reward_model:
         raise AlignloopError(
             f"{algo} needs a reward model: --reward-model NAME (see `alignloop reward train`)"
         )
     return config
 
 
-def load_prompts(engine, config: PPOConfig) -> list[list[dict]]:
+def _check_trl(config: GRPOConfig | DPOConfig, where: str) -> None:
+    if config.method not in ("lora", "full"):
+        raise AlignloopError(f"{where}: method must be lora or full, not {config.method!r}")
+    if config.steps < 1 or config.mini_batch_size < 1 or config.learning_rate <= 0:
+        raise AlignloopError(f"{where}: steps and mini_batch_size must be at least 1, learning_rate > 0")
+    if isinstance(config, GRPOConfig) and (config.num_generations < 2 or config.temperature <= 0):
+        raise AlignloopError(f"{where}: num_generations must be at least 2 and temperature > 0")
+    if isinstance(config, DPOConfig) and config.beta <= 0:
+        raise AlignloopError(f"{where}: beta must be > 0")
+
+
+def load_prompts(engine, config: RLConfig) -> list[list[dict]]:
     if config.prompts == "workspace":
         with Session(engine) as session:
             prompts = [p.messages for p in crud.list_prompts(session, split="train")]
@@ -76,7 +114,7 @@ def reward_function(settings: Settings, session, name: str):
     return lambda prompts, completions: scorer.score(list(prompts), [c.text for c in completions])
 
 
-def _open_run(engine, algo: str, config: PPOConfig, resume: int | None) -> int:
+def _open_run(engine, algo: str, config: RLConfig, resume: int | None) -> int:
     """The main process opens (or reopens) the Run; the others learn its id."""
     run_id = None
     if distributed.is_main():
@@ -91,7 +129,7 @@ def _open_run(engine, algo: str, config: PPOConfig, resume: int | None) -> int:
     return distributed.broadcast(run_id)
 
 
-def train(engine, settings: Settings, algo: str, config: PPOConfig, *, resume: int | None = None,
+def train(engine, settings: Settings, algo: str, config: RLConfig | None, *, resume: int | None = None,
           round: int | None = None, progress: bool = True, on_run=None) -> dict:  # fmt: skip
     if resume is not None:
         with Session(engine) as session:
@@ -102,13 +140,14 @@ def train(engine, settings: Settings, algo: str, config: PPOConfig, *, resume: i
                 raise AlignloopError(f"run {resume} already finished")
             saved = dict(run.config)
             algo = saved.pop("algo")
-            config = PPOConfig(**{k: v for k, v in saved.items() if k in {f.name for f in fields(PPOConfig)}})
+            cls = CONFIGS[algo]
+            config = cls(**{k: v for k, v in saved.items() if k in {f.name for f in fields(cls)}})
     # 1. Read and check everything before writing anything.
     prompts = load_prompts(engine, config) if algo != "dpo" else []
     with Session(engine) as session:
         start_version = crud.get_model_version(session, name=config.policy)
         registry.locate(config.policy, settings=settings, session=session)
-        if config.reward_model and algo != "dpo":
+        if algo != "dpo":
             version = crud.get_model_version(session, name=config.reward_model)
             if version is None or version.kind != "reward":
                 raise AlignloopError(f"{config.reward_model!r} is not a registered reward model")
@@ -200,7 +239,7 @@ def summarise(history: list[dict], seconds: float) -> dict:
 # --- TRL algorithms ------------------------------------------------------------------------------------------
 
 
-def _trl(engine, settings, algo, config: PPOConfig, prompts, pairs, run_id, run_dir, progress):
+def _trl(engine, settings, algo, config: GRPOConfig | DPOConfig, prompts, pairs, run_id, run_dir, progress):
     from datasets import Dataset
     from peft import LoraConfig
 
@@ -227,12 +266,17 @@ def _trl(engine, settings, algo, config: PPOConfig, prompts, pairs, run_id, run_
     )  # fmt: skip
     start = time.perf_counter()
     if algo == "dpo":
-        from trl import DPOConfig, DPOTrainer
+        from trl import DPOConfig as TRLDPOConfig
+        from trl import DPOTrainer
 
         data = Dataset.from_list([{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]}
                                   for p in pairs])  # fmt: skip
-        args = DPOConfig(per_device_train_batch_size=min(config.mini_batch_size, len(pairs)), beta=config.kl_coef
-                         * 2, max_length=512, **common)  # fmt: skip
+        args = TRLDPOConfig(
+            per_device_train_batch_size=min(config.mini_batch_size, len(pairs)),
+            beta=config.beta,
+            max_length=config.max_length,
+            **common,
+        )
         trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                              peft_config=peft, callbacks=[logger])  # fmt: skip
     else:
@@ -251,7 +295,7 @@ def _trl(engine, settings, algo, config: PPOConfig, prompts, pairs, run_id, run_
         else:
             from trl import RLOOConfig as Config
             from trl import RLOOTrainer as Trainer
-        num_generations = max(2, min(4, config.batch_size))
+        num_generations = config.num_generations
         args = Config(
             per_device_train_batch_size=num_generations * max(1, config.mini_batch_size // num_generations),
             num_generations=num_generations, max_completion_length=config.max_new_tokens,

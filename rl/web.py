@@ -7,6 +7,7 @@ import html
 
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
+from pydantic import BaseModel
 from sqlmodel import col, select
 
 from alignloop.core.http import AdminDep, SessionDep, page
@@ -15,11 +16,20 @@ from alignloop.core.models import ModelVersion, Run
 router = APIRouter(tags=["rl"])
 
 
+class RLRunOut(BaseModel):
+    # An RL training run or a policy evaluation: its saved config and final metrics (no per-step history).
+    id: int
+    kind: str
+    status: str
+    config: dict
+    metrics: dict
+
+
 def _fmt(value) -> str:
     return "–" if value is None else f"{value:.3f}" if isinstance(value, float) else html.escape(str(value))
 
 
-@router.get("/api/rl/runs")
+@router.get("/api/rl/runs", response_model=list[RLRunOut])
 def rl_runs(user: AdminDep, session: SessionDep) -> list[dict]:
     """RL training runs and policy evaluations, newest first, without the per-step history."""
     runs = session.exec(

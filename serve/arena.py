@@ -15,6 +15,7 @@ from typing import Annotated
 
 import gradio as gr
 from fastapi import APIRouter, Depends
+from pydantic import BaseModel
 from sqlmodel import Session
 
 from alignloop.core import AlignloopError, crud
@@ -23,14 +24,19 @@ from alignloop.core.db import session_scope
 from alignloop.core.http import SessionDep, require_role
 from alignloop.core.models import User
 from serve.chat import merge_streams, model_choices, reviewer, stream_text
-from serve.leaderboard import arena_battles, leaderboard
+from serve.leaderboard import LeaderboardRow, arena_battles, leaderboard
 
 router = APIRouter(tags=["arena"])
 ReviewerDep = Annotated[User, Depends(require_role("reviewer", "admin"))]
 CHOICE_LABELS = {"a": "A is better", "b": "B is better", "tie": "Tie", "both_bad": "Both bad"}
 
 
-@router.get("/api/leaderboard")
+class LeaderboardOut(BaseModel):
+    battles: int
+    models: list[LeaderboardRow]
+
+
+@router.get("/api/leaderboard", response_model=LeaderboardOut)
 def leaderboard_json(user: ReviewerDep, session: SessionDep) -> dict:
     """Versions ranked by Bradley-Terry strength (Elo scale) with bootstrap 95% intervals and battle counts."""
     battles = arena_battles(session)

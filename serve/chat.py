@@ -3,7 +3,7 @@
 `build_ui(engine, settings, pool)` returns the Blocks; `web.py` mounts it at /chat behind the login (reviewers
 and admins). Replies stream token by token from the shared batching engine (`serve.engine`). Thumbs up/down
 and a better answer written by the reviewer are stored as `ChatFeedback`: edits become SFT data
-(`sft train --from-chat-edits`), and `feedback_pairs` turns them (and up/down pairs on one conversation) into
+(`sft train --from-chat-edits`), and `crud.feedback_pairs` turns them (and up/down pairs on one conversation) into
 preference pairs (`alignloop export feedback`). Model text is shown escaped: markup is displayed, not run.
 """
 
@@ -12,11 +12,10 @@ from __future__ import annotations
 import html
 import queue
 import threading
-from collections import defaultdict
 from collections.abc import Iterator
 
 import gradio as gr
-from sqlmodel import Session, select
+from sqlmodel import Session
 
 from alignloop.core import AlignloopError, crud
 from alignloop.core.config import Settings
@@ -37,10 +36,8 @@ def reviewer(session: Session, request: gr.Request, roles=REVIEW_ROLES) -> User:
 
 
 def model_choices(engine) -> list[str]:
-    from serve.openai_api import servable_models
-
     with Session(engine) as session:
-        return servable_models(session)
+        return crud.servable_models(session)
 
 
 def preset_choices(engine) -> list[str]:
@@ -111,28 +108,6 @@ def save_feedback(
         session.add(ChatFeedback(user_id=user.id, model_version_id=version.id if version else None,
                                  messages=history[:-1], response=history[-1]["content"], rating=rating,
                                  edited=edited.strip() if edited else None))  # fmt: skip
-
-
-def feedback_pairs(session: Session) -> list[dict]:
-    """Preference pairs from chat feedback: a reviewer's better answer beats the reply it replaced; on one
-    conversation, a thumbs-up reply beats a thumbs-down one."""
-    rows = session.exec(select(ChatFeedback).order_by(ChatFeedback.id)).all()
-    pairs = [
-        {"prompt": r.messages, "chosen": [{"role": "assistant", "content": r.edited}],
-         "rejected": [{"role": "assistant", "content": r.response}], "source": "chat-edit"}
-        for r in rows if r.edited and r.edited != r.response
-    ]  # fmt: skip
-    by_conversation: dict[str, dict[int, set[str]]] = defaultdict(lambda: defaultdict(set))
-    for r in rows:
-        if r.rating in (1, -1):
-            by_conversation[crud.prompt_hash(r.messages)][r.rating].add(r.response)
-    prompts = {crud.prompt_hash(r.messages): r.messages for r in rows}
-    for key, ratings in by_conversation.items():
-        for good in sorted(ratings[1]):
-            for bad in sorted(ratings[-1] - ratings[1]):
-                pairs.append({"prompt": prompts[key], "chosen": [{"role": "assistant", "content": good}],
-                              "rejected": [{"role": "assistant", "content": bad}], "source": "chat-rating"})  # fmt: skip
-    return pairs
 
 
 def build_ui(engine, settings: Settings, pool) -> gr.Blocks:

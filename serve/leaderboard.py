@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from pydantic import BaseModel
 from scipy.optimize import minimize
 from sqlmodel import Session, select
 
@@ -62,6 +63,17 @@ def fit(battles: list[Battle], models: list[str], l2: float = 1e-4) -> np.ndarra
 
     beta = minimize(loss, np.zeros(len(models)), jac=True, method="L-BFGS-B").x
     return beta - beta.mean()
+
+
+class LeaderboardRow(BaseModel):
+    # One version's standing: Bradley-Terry rating on the Elo scale with its bootstrap 95% interval.
+    rank: int
+    model: str
+    rating: float
+    ci_low: float
+    ci_high: float
+    battles: int
+    win_rate: float
 
 
 def leaderboard(battles: list[Battle], *, rounds: int = 200, seed: int = 0) -> list[dict]:

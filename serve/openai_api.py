@@ -30,7 +30,6 @@ from alignloop.core.models import User
 from serve.engine import Request as EngineRequest
 
 router = APIRouter(prefix="/v1", tags=["openai"])
-SERVABLE_KINDS = ("policy", "sft")
 MAX_TOKENS = 4096
 
 
@@ -87,6 +86,49 @@ class ChatCompletionRequest(BaseModel):
         return value
 
 
+# OpenAI's response shapes, as much of them as alignloop fills in (the official client parses these).
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: str  # stop | length | cancelled
+    logprobs: None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+
+
+STREAMED = {200: {"content": {"text/event-stream": {}}, "description": "with `stream: true`: chunks as SSE"}}
+
+
 # --- auth ----------------------------------------------------------------------------------------------------
 
 
@@ -109,15 +151,11 @@ def api_user(request: Request, session: SessionDep) -> User:
 ApiUser = Annotated[User, Depends(api_user)]
 
 
-def servable_models(session: Session) -> list[str]:
-    return ["default"] + [v.name for v in crud.list_model_versions(session) if v.kind in SERVABLE_KINDS]
-
-
 def model_ref(session: Session, name: str, default_policy: str) -> str:
     if name == "default":
         return default_policy
     version = crud.get_model_version(session, name=name)
-    if version is None or version.kind not in SERVABLE_KINDS:
+    if version is None or version.kind not in crud.SERVABLE_KINDS:
         raise OpenAIError(404, f"The model '{name}' does not exist (GET /v1/models lists them)",
                           code="model_not_found", param="model")  # fmt: skip
     return name
@@ -126,15 +164,15 @@ def model_ref(session: Session, name: str, default_policy: str) -> str:
 # --- endpoints -----------------------------------------------------------------------------------------------
 
 
-@router.get("/models")
+@router.get("/models", response_model=ModelList)
 def list_models(user: ApiUser, session: SessionDep) -> dict:
     created = int(time.time())
     return {"object": "list",
             "data": [{"id": n, "object": "model", "created": created, "owned_by": "alignloop"}
-                     for n in servable_models(session)]}  # fmt: skip
+                     for n in crud.servable_models(session)]}  # fmt: skip
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", response_model=ChatCompletion, responses=STREAMED)
 async def chat_completions(body: ChatCompletionRequest, request: Request, user: ApiUser, session: SessionDep):
     state = request.app.state
     ref = model_ref(session, body.model, state.settings.default_policy)

@@ -57,7 +57,7 @@ class SFTRunConfig:
     )
     # --- model ---
     base: str = field(default="default", metadata={"help": "Model reference to tune."})
-    method: str = field(default="lora", metadata={"help": "lora | prefix | ia3 | full"})
+    method: str = field(default="lora", metadata={"help": "PEFT method (or full).", "choices": METHODS})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})

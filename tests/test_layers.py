@@ -68,3 +68,13 @@ def test_the_cycle_finder_finds_a_planted_cycle():
     graph.add_import(importer="a.y", imported="a.z")
     graph.add_import(importer="a.z", imported="a.x")
     assert _cycles(graph) == [["a.x", "a.y", "a.z"]]
+
+
+def test_the_stage_names_belong_to_alignloop_alone():
+    """The stages install as top-level packages (README "Architecture" says why): no other installed
+    distribution may provide a module of the same name, or one would shadow the other."""
+    from importlib.metadata import packages_distributions
+
+    owners = packages_distributions()
+    for name in PACKAGES:
+        assert owners.get(name, ["alignloop"]) == ["alignloop"], (name, owners.get(name))

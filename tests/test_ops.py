@@ -41,6 +41,8 @@ def admin_client(workspace):
 def test_bad_job_arguments_start_nothing(admin_client):
     client, _, engine = admin_client
     for body in ({"kind": "generate", "arguments": "--prompts many"}, {"kind": "rm", "arguments": ""},
+                 {"kind": "generate", "arguments": "--samples 99999999999999999999"},
+                 {"kind": "rl", "arguments": "--algo dpo --steps 100000000000"},
                  {"kind": "reward", "arguments": "--workspace /elsewhere"}, {"kind": "sft", "arguments": "--bogus"}):  # fmt: skip
         response = client.post("/api/jobs", json=body)
         assert response.status_code in (400, 422), body
@@ -83,6 +85,56 @@ def test_cancel_stops_the_process_group(admin_client, tiny_model_dir, tmp_path):
     assert wait_for(lambda: not jobs._alive(pid), timeout=30)
     assert job_status(engine, job_id) == "cancelled"
     assert client.post(f"/api/jobs/{job_id}/cancel").status_code == 409
+
+
+def test_at_most_max_jobs_run_at_once(admin_client, tiny_model_dir, tmp_path):
+    """Issue 13 (M4): the third job is refused while two run, also when the requests race each other."""
+    import threading
+
+    client, settings, engine = admin_client
+    assert settings.max_jobs == 2  # the default in config.yaml
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Say {i}", "response": f"{i}"}) + "\n" for i in range(8)))
+    args = f"--data {data} --base {tiny_model_dir} --max-steps 100000 --method lora"
+
+    def running_pids():
+        with Session(engine) as s:
+            rows = s.exec(select(Run).where(Run.kind == "job", Run.status == "running")).all()
+            return [r.metrics["pid"] for r in rows]
+
+    try:
+        first = [client.post("/api/jobs", json={"kind": "sft", "arguments": args}) for _ in range(2)]
+        assert [r.status_code for r in first] == [201, 201]
+        third = client.post("/api/jobs", json={"kind": "sft", "arguments": args})
+        assert third.status_code == 429 and "max_jobs: 2" in third.json()["detail"]
+        with Session(engine) as s:
+            assert len(s.exec(select(Run).where(Run.kind == "job")).all()) == 2  # the refused one left no row
+        for r in first:
+            assert client.post(f"/api/jobs/{r.json()['id']}/cancel").status_code == 200
+
+        # Four admins at once for two free slots: exactly two start (count and insert are one transaction).
+        barrier, outcomes = threading.Barrier(4), []
+
+        def start():
+            barrier.wait()
+            try:
+                outcomes.append(jobs.start_job(engine, settings, kind="sft", arguments=args).id)
+            except jobs.TooManyJobs:
+                outcomes.append("refused")
+
+        threads = [threading.Thread(target=start) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(map(str, outcomes)).count("refused") == 2 and len(running_pids()) == 2
+    finally:
+        pids = running_pids()
+        with Session(engine) as s:
+            ids = [r.id for r in s.exec(select(Run).where(Run.kind == "job", Run.status == "running")).all()]
+        for job_id in ids:
+            jobs.cancel_job(engine, job_id)
+        assert wait_for(lambda: not any(jobs._alive(pid) for pid in pids), timeout=60)
 
 
 def test_a_restart_leaves_no_job_falsely_running(workspace):

@@ -144,6 +144,8 @@ def test_each_algorithm_trains_and_registers_a_policy(rl_workspace, tiny_model_d
     with Session(engine) as s:
         version = crud.get_model_version(s, name=f"pol-{algo}")
         assert version.kind == "policy" and version.metrics["algo"] == algo and version.run_id
+        saved = s.get(Run, version.run_id).config  # each algorithm saves its own settings, no others
+        assert ("cliprange" in saved) == (algo == "ppo") and ("beta" in saved) == (algo == "dpo")
         run = s.get(Run, version.run_id)
         assert run.status == "succeeded" and run.metrics["history"]
         tuned = resolve(f"pol-{algo}", settings=settings, session=s).model

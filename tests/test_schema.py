@@ -47,3 +47,21 @@ def test_no_server_errors_and_responses_match_the_schema(app_and_key):
         run()
         checked.append(operation.label)
     assert len(checked) >= 15, checked
+
+
+def test_every_json_endpoint_documents_a_named_response_model(app_and_key):
+    """No endpoint answers an untyped dict: each success body is a pydantic model (or a list of one), so the
+    schema tells a client what it gets and the response is checked against it on the way out."""
+    app, _ = app_and_key
+    untyped, checked = [], 0
+    for path, operations in app.openapi()["paths"].items():
+        for method, operation in operations.items():
+            for status, response in operation.get("responses", {}).items():
+                schema = response.get("content", {}).get("application/json", {}).get("schema")
+                if not status.startswith("2") or schema is None:
+                    continue
+                named = schema.get("items", schema) if schema.get("type") == "array" else schema
+                checked += 1
+                if "$ref" not in named:
+                    untyped.append(f"{method.upper()} {path} {status}")
+    assert untyped == [] and checked >= 15

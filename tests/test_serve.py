@@ -10,7 +10,7 @@ from alignloop.core import AlignloopError, crud
 from alignloop.core.db import session_scope
 from alignloop.core.models import ChatFeedback, Comparison, Vote
 from serve.arena import pick_pair, record_battle
-from serve.chat import feedback_pairs, save_feedback
+from serve.chat import save_feedback
 from serve.leaderboard import Battle, leaderboard
 
 
@@ -78,7 +78,7 @@ def test_chat_feedback_becomes_sft_and_preference_data(workspace):
         save_feedback(engine, reviewer, model="default", history=question, rating=1, edited=None)
     with Session(engine) as s:
         assert len(s.exec(select(ChatFeedback)).all()) == 3
-        pairs = feedback_pairs(s)
+        pairs = crud.feedback_pairs(s)
     by_source = {p["source"]: (p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in pairs}
     assert by_source == {
         "chat-edit": ("Paris is the capital of France.", "Lyon."),

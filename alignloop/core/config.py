@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import os
 import secrets
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import yaml
 
 from alignloop.core import AlignloopError
+from alignloop.core.limits import check_bound
 
 CONFIG_NAME = "config.yaml"
 DEFAULT_WORKSPACE = "alignloop-data"
@@ -60,6 +63,10 @@ class Settings:
     votes_per_minute: int = field(
         default=600, metadata={"help": "Votes one annotator may submit per minute (per web worker)."}
     )
+    # --- jobs ---
+    max_jobs: int = field(
+        default=2, metadata={"help": "Background jobs (console) that may run at once; more are refused."}
+    )
 
     @property
     def db_url(self) -> str:
@@ -103,6 +110,7 @@ def load_settings(workspace: str | os.PathLike | None = None) -> Settings:
     if unknown:
         raise AlignloopError(f"{config_file}: unknown setting(s) {', '.join(unknown)}")
     settings = Settings(workspace=path, **raw)
+    check_bounds(settings, where=str(config_file))
     if settings.login_attempts < 1 or settings.votes_per_minute < 1:
         raise AlignloopError(f"{config_file}: login_attempts and votes_per_minute must be at least 1")
     if not 0 <= settings.gold_share <= 1 or settings.lease_minutes <= 0 or settings.target_votes < 1:
@@ -133,28 +141,56 @@ def new_settings(workspace: Path, **overrides) -> Settings:
     return settings
 
 
-def read_run_config(cls, path: str | os.PathLike | None, overrides: dict, *, what: str, ignore: tuple = ()):
-    """A run config dataclass from YAML plus command-line overrides (None = not given); unknown keys and
-    unreadable files are errors that name the file."""
-    from dataclasses import fields as dataclass_fields
+def read_config_file(path: str | os.PathLike | None, *, what: str) -> dict:
+    """A YAML run config as a mapping ({} for no file); unreadable files are errors that name the file."""
+    if path is None:
+        return {}
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise AlignloopError(f"{path}: cannot read the {what} config ({exc.__class__.__name__})") from None
+    if not isinstance(raw, dict):
+        raise AlignloopError(f"{path}: expected a mapping of {what} settings")
+    return raw
 
-    raw: dict = {}
-    if path is not None:
-        try:
-            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise AlignloopError(
-                f"{path}: cannot read the {what} config ({exc.__class__.__name__})"
-            ) from None
-        if not isinstance(raw, dict):
-            raise AlignloopError(f"{path}: expected a mapping of {what} settings")
+
+def check_bounds(config, *, where: str = "") -> None:
+    """Refuse counts out of `alignloop.core.limits.COUNT_BOUNDS`, so a YAML cannot ask for what the parser
+    refuses (a flag and a field of the same name share one bound)."""
+    prefix = f"{where}: " if where else ""
+    hints = typing.get_type_hints(type(config))
+    for f in fields(config):
+        value, kind = getattr(config, f.name), _number_kind(hints[f.name])
+        if value is None or kind is None:
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            if problem := check_bound(f.name, item, integer=kind is int):
+                raise AlignloopError(prefix + problem)
+
+
+def _number_kind(hint) -> type | None:
+    """int or float when a field of this type holds numbers (alone, in a list, or optional); None otherwise."""
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    args = [a for a in (typing.get_args(hint) if union else (hint,)) if a is not type(None)]
+    args = [typing.get_args(a)[0] if typing.get_origin(a) is list else a for a in args]
+    if bool in args:
+        return None
+    return int if args == [int] else float if float in args else None
+
+
+def read_run_config(cls, path: str | os.PathLike | None, overrides: dict, *, what: str, ignore: tuple = ()):
+    """A run config dataclass from YAML plus command-line overrides (None = not given); unknown keys,
+    unreadable files and counts out of bounds are errors that name the file."""
+    raw = read_config_file(path, what=what)
     for key in ignore:
         raw.pop(key, None)
-    unknown = sorted(set(raw) - {f.name for f in dataclass_fields(cls)})
+    unknown = sorted(set(raw) - {f.name for f in fields(cls)})
     if unknown:
         raise AlignloopError(f"{path}: unknown {what} setting(s) {', '.join(unknown)}")
     raw.update({k: v for k, v in overrides.items() if v is not None})
     try:
-        return cls(**raw)
+        config = cls(**raw)
     except TypeError as exc:
         raise AlignloopError(f"bad {what} config: {exc}") from None
+    check_bounds(config, where=str(path) if path is not None else f"{what} config")
+    return config

@@ -29,6 +29,7 @@ from alignloop.core.models import (
     SPLITS,
     USER_KINDS,
     ApiKey,
+    ChatFeedback,
     Comparison,
     ComparisonItem,
     Generation,
@@ -261,6 +262,15 @@ def register_model(
 
 def get_model_version(session: Session, *, name: str) -> ModelVersion | None:
     return session.exec(select(ModelVersion).where(ModelVersion.name == name)).first()
+
+
+# Kinds a chat (/chat, /arena, /v1) can talk to: reward models score, they do not answer.
+SERVABLE_KINDS = ("policy", "sft")
+
+
+def servable_models(session: Session) -> list[str]:
+    """Names a chat can use: "default" (the workspace's default policy), then each policy and SFT version."""
+    return ["default"] + [v.name for v in list_model_versions(session) if v.kind in SERVABLE_KINDS]
 
 
 def list_model_versions(session: Session, *, kind: str | None = None) -> list[ModelVersion]:
@@ -531,6 +541,28 @@ def record_vote(
 
 
 # --- export --------------------------------------------------------------------------------------------------
+
+
+def feedback_pairs(session: Session) -> list[dict]:
+    """Preference pairs from chat feedback: a reviewer's better answer beats the reply it replaced; on one
+    conversation, a thumbs-up reply beats a thumbs-down one."""
+    rows = session.exec(select(ChatFeedback).order_by(ChatFeedback.id)).all()
+    pairs = [
+        {"prompt": r.messages, "chosen": [{"role": "assistant", "content": r.edited}],
+         "rejected": [{"role": "assistant", "content": r.response}], "source": "chat-edit"}
+        for r in rows if r.edited and r.edited != r.response
+    ]  # fmt: skip
+    by_conversation: dict[str, dict[int, set[str]]] = defaultdict(lambda: defaultdict(set))
+    for r in rows:
+        if r.rating in (1, -1):
+            by_conversation[prompt_hash(r.messages)][r.rating].add(r.response)
+    prompts = {prompt_hash(r.messages): r.messages for r in rows}
+    for key, ratings in by_conversation.items():
+        for good in sorted(ratings[1]):
+            for bad in sorted(ratings[-1] - ratings[1]):
+                pairs.append({"prompt": prompts[key], "chosen": [{"role": "assistant", "content": good}],
+                              "rejected": [{"role": "assistant", "content": bad}], "source": "chat-rating"})  # fmt: skip
+    return pairs
 
 
 def _assistant(text: str) -> list[dict]:
