@@ -12,6 +12,7 @@ import logging
 import os
 import secrets
 import sys
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 
@@ -78,6 +79,10 @@ def open_workspace(args) -> tuple[Settings, object]:
     from alignloop.db import create_schema, make_engine
 
     settings = load_settings(args.workspace)
+    # --device/--dtype override config.yaml for every model this command loads (see alignloop.devices).
+    overrides = {k: getattr(args, k, None) for k in ("device", "dtype")}
+    if any(overrides.values()):
+        settings = replace(settings, **{k: v for k, v in overrides.items() if v})
     engine = make_engine(settings.db_url)
     create_schema(engine)
     return settings, engine
@@ -253,7 +258,8 @@ def cmd_judge_run(args) -> int:
             source = registry.locate(
                 args.model or settings.default_policy, settings=settings, session=session
             )
-        loaded = registry.load_causal_lm(source)
+            placement = registry.placement_for(source, settings)
+        loaded = registry.load_causal_lm(source, placement=placement, settings=settings)
         judge = LocalJudge(loaded.model, loaded.tokenizer)
     counts = run_judge(engine, judge=judge, user_name=args.user, max_items=args.max_items)
     print(
@@ -511,6 +517,7 @@ def cmd_serve(args) -> int:
     options["timeout_graceful_shutdown"] = 5
     if workers > 1:  # separate processes, each building the app from the workspace named in the environment
         os.environ["ALIGNLOOP_HOME"] = str(settings.workspace)
+        os.environ["ALIGNLOOP_DEVICE"], os.environ["ALIGNLOOP_DTYPE"] = settings.device, settings.dtype
         uvicorn.run("alignloop.web:app_from_env", factory=True, workers=workers, **options)
     else:
         uvicorn.run(create_app(settings, engine), **options)
@@ -570,6 +577,15 @@ def make_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--workspace", default=None, help="workspace folder (default: $ALIGNLOOP_HOME, else ./alignloop-data)"
     )
+    # Commands that run a model for inference take these (training placement is Accelerate's).
+    placed = argparse.ArgumentParser(add_help=False, parents=[common])
+    placed.add_argument(
+        "--device", default=None, help="auto | cpu | cuda | cuda:N (default: config.yaml's device)"
+    )
+    placed.add_argument(
+        "--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
+        help="model precision (default: config.yaml's; auto = bf16 where the device does it natively)",
+    )  # fmt: skip
     parser = argparse.ArgumentParser(
         prog="alignloop", description="Self-hosted human feedback and RLHF: annotate, reward, align, serve."
     )
@@ -580,7 +596,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--database-url", default="", help="SQLAlchemy URL (default: SQLite in the workspace)")
     p.set_defaults(func=cmd_init)
 
-    p = sub.add_parser("demo", parents=[common], help="init, import sample prompts, generate round 0, serve")
+    p = sub.add_parser("demo", parents=[placed], help="init, import sample prompts, generate round 0, serve")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--prompts", type=int, default=40, help="sample prompts to generate for")
@@ -600,7 +616,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default=None, choices=["train", "eval"], help="override every record's split")
     p.set_defaults(func=cmd_prompts_import)
 
-    p = sub.add_parser("generate", parents=[common], help="sample responses and queue them as comparisons")
+    p = sub.add_parser("generate", parents=[placed], help="sample responses and queue them as comparisons")
     p.add_argument("--model", default=None, help="'default', a registered version, a directory or a hub id")
     p.add_argument("--preset", default=None, help="an L1 prompting preset (name or name@version)")
     p.add_argument("--prompts", type=int, default=32, help="number of prompts (those not yet in this round)")
@@ -641,7 +657,7 @@ def make_parser() -> argparse.ArgumentParser:
     judge = sub.add_parser("judge", help="RLAIF: an AI annotator").add_subparsers(
         dest="judge_command", required=True, metavar="ACTION"
     )
-    p = judge.add_parser("run", parents=[common], help="vote on queued comparisons as an AI judge")
+    p = judge.add_parser("run", parents=[placed], help="vote on queued comparisons as an AI judge")
     p.add_argument("--user", default="ai-judge", help="the judge's (AI) user; created if missing")
     p.add_argument("--model", default=None, help="local judge model reference (default: the default policy)")
     p.add_argument("--openai-base-url", default=None, help="use an OpenAI-compatible endpoint instead")
@@ -703,7 +719,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="name of the registered model version")
     p.set_defaults(func=cmd_reward_train)
     p = reward.add_parser(
-        "eval", parents=[common], help="accuracy, calibration, length bias of a reward model"
+        "eval", parents=[placed], help="accuracy, calibration, length bias of a reward model"
     )
     p.add_argument("model", help="a registered reward model")
     p.add_argument(
@@ -727,7 +743,7 @@ def make_parser() -> argparse.ArgumentParser:
         "--resume", type=int, default=None, metavar="RUN", help="continue a PPO run from its checkpoint"
     )
     p.set_defaults(func=cmd_rl_train)
-    p = rl.add_parser("eval", parents=[common], help="reward, KL, length and win rate on held-out prompts")
+    p = rl.add_parser("eval", parents=[placed], help="reward, KL, length and win rate on held-out prompts")
     p.add_argument("policy", help="the policy to evaluate")
     p.add_argument("--baseline", required=True, help="the policy to compare with (e.g. the previous round's)")
     p.add_argument("--reward-model", required=True, help="the reward model used in training")
@@ -806,7 +822,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_restore)
 
-    p = sub.add_parser("serve", parents=[common], help="run the web app")
+    p = sub.add_parser("serve", parents=[placed], help="run the web app")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument(

@@ -32,7 +32,7 @@ from sqlmodel import Session
 from trl import RewardConfig, RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
-from alignloop import AlignloopError, crud, distributed, registry
+from alignloop import AlignloopError, crud, devices, distributed, registry
 from alignloop.config import Settings, read_run_config
 from alignloop.db import session_scope
 from alignloop.models import Run
@@ -141,11 +141,8 @@ def peft_config(config: RewardRunConfig, model):
 
 
 def native_bf16() -> bool:
-    """bf16 autocast where the hardware does bf16 matrix products natively (recent GPUs; CPUs with AVX512-BF16
-    or AMX, where they run about twice as fast as float32 here)."""
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    return bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
+    """bf16 autocast where the hardware does bf16 matrix products natively (the device policy's test)."""
+    return devices.native_bf16()
 
 
 class PairCollator(DataCollatorForPreference):
