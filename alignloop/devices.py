@@ -240,14 +240,17 @@ def check_fits(
         return None
     need = estimate_bytes(num_params, placement, trainable=trainable)
     free = available_bytes(placement.device, settings)
-    log.info("memory: %s (%.2fB params) needs ~%.2f GiB on %s; %.2f GiB free",
-             ref, num_params / 1e9, need / GIB, placement.describe(), free / GIB)  # fmt: skip
+    log.info("memory: %s (%.2fB params) needs ~%s on %s; %s free",
+             ref, num_params / 1e9, _size(need), placement.describe(), _size(free))  # fmt: skip
     if need > free:
         hint = "" if placement.quantize == "4bit" else "; try quantize: 4bit for it in config.yaml"
         if not placement.is_cuda:
             hint += " or a GPU machine"
         raise AlignloopError(
-            f"model {ref!r} needs ~{need / GIB:.1f} GiB on {placement.describe()} but only {free / GIB:.1f} GiB "
-            f"is free{hint}"
+            f"model {ref!r} needs ~{_size(need)} on {placement.describe()} but only {_size(free)} is free{hint}"
         )
     return need
+
+
+def _size(num_bytes: float) -> str:
+    return f"{num_bytes / GIB:.1f} GiB" if num_bytes >= GIB / 10 else f"{num_bytes / 2**20:.1f} MiB"

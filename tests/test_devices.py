@@ -127,7 +127,7 @@ def test_a_model_that_cannot_fit_is_refused_before_anything_is_written(
     assert main(["prompts", "import", str(prompts), *ws]) == 0
     settings.memory_limit_gb = 1e-6  # about 1 KiB: far below the tiny model's weights
     write_settings(settings)
-    with pytest.raises(AlignloopError, match=r"needs ~.* GiB on cpu .* but only .* GiB is free"):
+    with pytest.raises(AlignloopError, match=r"needs ~.*iB on cpu .* but only .*iB is free"):
         registry.resolve(str(tiny_model_dir), settings=load_settings(settings.workspace))
     code = main(["generate", "--model", str(tiny_model_dir), "--prompts", "2", "--max-new-tokens", "4", *ws])
     err = capsys.readouterr().err.strip()
