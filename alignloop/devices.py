@@ -252,5 +252,21 @@ def check_fits(
     return need
 
 
+def check_training_fits(
+    ref: str, path: Path, settings, *, full: bool, caps: Capabilities | None = None
+) -> int | None:
+    """`check_fits` for a training run, before it opens its Run: float32 master weights (or the base's 4/8 bits)
+    on the device Accelerate will use, plus weight, gradient and AdamW moments for what trains (everything
+    for full fine-tuning, about 1% for LoRA)."""
+    caps = caps or Capabilities.detect()
+    quantize = settings.quantize.get(ref, "none")
+    device = "cuda" if caps.cuda else "cpu"
+    placement = Placement(device, "float32" if quantize == "none" else "bfloat16", quantize)
+    num_params = count_parameters(path)
+    if num_params is None:
+        return None
+    return check_fits(ref, path, placement, settings, trainable=num_params if full else num_params // 100)
+
+
 def _size(num_bytes: float) -> str:
     return f"{num_bytes / GIB:.1f} GiB" if num_bytes >= GIB / 10 else f"{num_bytes / 2**20:.1f} MiB"

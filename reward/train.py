@@ -192,6 +192,9 @@ def train(engine, settings: Settings, config: RewardRunConfig, *, progress: bool
     eval_sets = {Path(p).name: file_pairs(p)[0] for p in config.eval_data}
     with Session(engine) as session:
         source = registry.locate(config.base, settings=settings, session=session)
+        devices.check_training_fits(
+            config.base, registry.weights_path(source), settings, full=config.method == "full"
+        )
         base_version = crud.get_model_version(session, name=config.base)
         if config.name and crud.get_model_version(session, name=config.name) is not None:
             raise AlignloopError(f"a model version named {config.name!r} is already registered")

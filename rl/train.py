@@ -111,7 +111,11 @@ def train(engine, settings: Settings, algo: str, config: PPOConfig, *, resume: i
     prompts = load_prompts(engine, config) if algo != "dpo" else []
     with Session(engine) as session:
         start_version = crud.get_model_version(session, name=config.policy)
-        registry.locate(config.policy, settings=settings, session=session)
+        source = registry.locate(config.policy, settings=settings, session=session)
+        # A model that cannot fit is refused here, before the Run opens (one line, not an OOM mid-run).
+        devices.check_training_fits(
+            config.policy, registry.weights_path(source), settings, full=config.method == "full"
+        )
         if config.reward_model and algo != "dpo":
             version = crud.get_model_version(session, name=config.reward_model)
             if version is None or version.kind != "reward":

@@ -148,6 +148,9 @@ def train(engine, settings: Settings, config: SFTRunConfig, *, progress: bool = 
         train_examples = train_examples[: config.max_examples]
     with Session(engine) as session:
         source = registry.locate(config.base, settings=settings, session=session)
+        devices.check_training_fits(
+            config.base, registry.weights_path(source), settings, full=config.method == "full"
+        )
         base_version = crud.get_model_version(session, name=config.base)
 
     with session_scope(engine) as session:

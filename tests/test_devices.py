@@ -134,3 +134,28 @@ def test_a_model_that_cannot_fit_is_refused_before_anything_is_written(
     assert code != 0 and "needs ~" in err and len(err.splitlines()) == 1
     with Session(engine) as s:
         assert s.exec(select(Run)).all() == []  # no Run opened, nothing generated
+
+
+@pytest.mark.parametrize("command", ["reward", "rl"])
+def test_a_training_run_that_cannot_fit_is_refused_before_its_run_opens(
+    workspace, tiny_model_dir, tmp_path, capsys, command
+):
+    settings, engine, _ = workspace
+    ws = ["--workspace", str(settings.workspace)]
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps({"prompt": f"Question {i}?", "chosen": "Thank you!", "rejected": "No."})
+                             + "\n" for i in range(4)))  # fmt: skip
+    assert main(["prompts", "import", str(prefs), *ws]) == 0
+    settings.memory_limit_gb = 1e-6
+    write_settings(settings)
+    if command == "reward":
+        args = ["reward", "train", "--config", "configs/reward/tiny.yaml", "--base", str(tiny_model_dir),
+                "--data", str(prefs)]  # fmt: skip
+    else:  # the reward model is checked after the policy: a missing one would be the error otherwise
+        args = ["rl", "train", "--config", "configs/rl/tiny.yaml", "--policy", str(tiny_model_dir),
+                "--algo", "dpo"]  # fmt: skip
+    code = main([*args, *ws])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and "needs ~" in err and len(err.splitlines()) == 1, err
+    with Session(engine) as s:
+        assert s.exec(select(Run)).all() == []
