@@ -15,7 +15,8 @@ and config from `--default-dir` but random weights, since the weights do not tra
 5. ppo: `alignloop rl train --algo ppo`: the reward model must be loaded on the policy's device;
 then, once: PPO on the tiny model raises a known reward on the GPU; the default-size model in 4 bit
 (bitsandbytes) loads and generates; a model above `memory_limit_gb` is refused before loading; a ZeRO-2
-two-process reward step when two GPUs and DeepSpeed are present (skipped otherwise, and said so).
+two-process reward step when two GPUs and DeepSpeed are present (skipped otherwise, and said so); with
+`--value-models`, seconds per PPO step for the value adapter vs the shared head at the default size.
 """
 
 from __future__ import annotations
@@ -269,6 +270,27 @@ def ppo_learns_tiny(device: str):
             "ok": last > first and trainer.accelerator.device.type == torch.device(device).type}  # fmt: skip
 
 
+def value_model_choice(model_dir: Path, value_model: str):
+    """rl.ppo's value-model choice at the default model's size (its docstring cites these figures): seconds per
+    step and peak memory with the value as a second LoRA adapter vs a head on the policy."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rl.ppo import PPOTrainer, load_config
+
+    torch.manual_seed(0)
+    policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    chats = [[{"role": "user", "content": q}] for q in QUESTIONS]
+    config = load_config(None, steps=6, batch_size=32, mini_batch_size=16, ppo_epochs=2, max_new_tokens=48,
+                         learning_rate=1e-4, value_model=value_model, missing_eos_penalty=0.0)  # fmt: skip
+    trainer = PPOTrainer(config, policy, tok, chats, lambda p, c: [float(len(x.token_ids)) / 48 for x in c])
+    trainer.train(progress=False)
+    steps = trainer.history[2:]
+    mean = lambda key: round(sum(h[key] for h in steps) / len(steps), 2)  # noqa: E731
+    return {"value_model": value_model, "s_per_step": mean("step_s"), "update_s": mean("update_s"),
+            "generate_s": mean("generate_s")}  # fmt: skip
+
+
 def quantized_default(model_dir: Path, settings, bits: str):
     from dataclasses import replace
 
@@ -352,6 +374,7 @@ def main() -> int:
     parser.add_argument("--sizes", default="tiny,default", help="tiny, default or both")
     parser.add_argument("--default-dir", type=Path, default=None,
                         help="the materialised default model (config and tokenizer are used, not its weights)")  # fmt: skip
+    parser.add_argument("--value-models", action="store_true", help="also time PPO's two value-model choices")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON rows and the table here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
@@ -377,6 +400,11 @@ def main() -> int:
         timed("load_4bit", "default", lambda: quantized_default(dirs["default"], settings, "4bit"))
         timed("load_8bit", "default", lambda: quantized_default(dirs["default"], settings, "8bit"))
         timed("ppo_qlora", "default", lambda: ppo_qlora(dirs["default"], settings, ws))
+        if args.value_models:
+            for value_model in ("adapter", "shared"):
+                timed(
+                    "ppo_value_model", "default", lambda v=value_model: value_model_choice(dirs["default"], v)
+                )
     timed("refuse_too_big", sizes[-1], lambda: refuses_when_too_big(dirs[sizes[-1]], settings))
     timed("zero2_2proc", "tiny", lambda: zero2_two_process(root, ws, dirs["tiny"]))
     print(table())
