@@ -283,8 +283,9 @@ def _fit(engine, config, run_id, run_dir, source, base_version, train_pairs, hel
     trainer.model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     write_meta(out, max_length=config.max_length, base=config.base, method=config.method, pooling=pooling)
-    # Evaluate the saved files, loaded back as any later user will (float32, no training-time autocast):
-    # the figures then describe exactly the model that gets registered.
+    # Evaluate the saved files, loaded back (float32 on the CPU, no training-time autocast): the figures then
+    # describe exactly the weights that get registered, the same on every machine. Scoring elsewhere follows
+    # the device policy (bf16 on a GPU), which moves scores by rounding only.
     saved = registry.ModelSource(ref=str(out), path=out, licence=source.licence,
                                  base=source if config.method == "lora" else None)  # fmt: skip
     model, _ = load_sequence_classifier(saved, pooling=pooling)
