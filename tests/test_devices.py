@@ -159,3 +159,18 @@ def test_a_training_run_that_cannot_fit_is_refused_before_its_run_opens(
     assert code != 0 and "needs ~" in err and len(err.splitlines()) == 1, err
     with Session(engine) as s:
         assert s.exec(select(Run)).all() == []
+
+
+def test_the_command_lines_device_reaches_the_load(workspace, tiny_model_dir, tmp_path, capsys):
+    settings, engine, _ = workspace
+    ws = ["--workspace", str(settings.workspace)]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Question?"}) + "\n")
+    assert main(["prompts", "import", str(prompts), *ws]) == 0
+    code = main(["generate", "--model", str(tiny_model_dir), "--device", "cuda", "--prompts", "1", *ws])
+    err = capsys.readouterr().err.strip()
+    if torch.cuda.is_available():
+        pytest.skip("a GPU machine honours --device cuda")
+    assert code != 0 and "has no CUDA GPU" in err and len(err.splitlines()) == 1
+    with Session(engine) as s:
+        assert s.exec(select(Run)).all() == []
