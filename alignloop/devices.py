@@ -30,7 +30,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from alignloop import AlignloopError
+from alignloop.core import AlignloopError
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ Prints one JSON line per check and, at the end, a Markdown table (the README's "
 For each size (the tests' tiny Llama; the default model's architecture, SmolLM2-135M, with its real tokenizer
 and config from `--default-dir` but random weights, since the weights do not travel to a GPU machine):
 1. generate: `registry.resolve` places the model by the device policy (GPU, bf16 where native), batched
-   sampling; `alignloop generate` queues comparisons through the CLI;
-2. serve: `serve.engine.BatchingEngine` on the same model, greedy, compared with `alignloop.generate`;
+   sampling; `alignloop.core.sampling` queues comparisons through the CLI;
+2. serve: `serve.engine.BatchingEngine` on the same model, greedy, compared with `alignloop.core.sampling`;
 3. judge: `alignloop judge run` (the local judge) votes on the queued comparisons;
 4. reward: `alignloop reward train` on synthetic pairs (bf16 autocast where native), then scoring through
    `RewardModel.load` (placed by the policy);
@@ -39,11 +39,12 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 from conftest import build_tiny_llama, build_tiny_tokenizer  # noqa: E402
 
-from alignloop import devices, registry  # noqa: E402
+from alignloop import devices  # noqa: E402
 from alignloop.cli import main as cli  # noqa: E402
-from alignloop.config import load_settings, new_settings, write_settings  # noqa: E402
-from alignloop.db import create_schema, make_engine  # noqa: E402
-from alignloop.generate import SamplingParams, generate  # noqa: E402
+from alignloop.core import registry
+from alignloop.core.config import load_settings, new_settings, write_settings  # noqa: E402
+from alignloop.core.db import create_schema, make_engine  # noqa: E402
+from alignloop.core.sampling import SamplingParams, generate  # noqa: E402
 
 ROWS: list[dict] = []
 QUESTIONS = [f"Tell me something useful about topic number {i}, please." for i in range(48)]
@@ -232,7 +233,7 @@ def check_size(size: str, model_dir: Path, settings, ws: list[str], expected: de
             RewardModel.load = classmethod(load)
         from sqlmodel import Session
 
-        from alignloop import crud
+        from alignloop.core import crud
 
         with Session(make_engine(settings.db_url)) as session:
             metrics = crud.get_model_version(session, name=f"ppo-{size}").metrics
@@ -312,7 +313,7 @@ def ppo_qlora(model_dir: Path, settings, ws: list[str]):
 
     from sqlmodel import Session
 
-    from alignloop import crud
+    from alignloop.core import crud
 
     write_settings(replace(settings, quantize={str(model_dir): "4bit"}))
     try:
@@ -328,7 +329,7 @@ def ppo_qlora(model_dir: Path, settings, ws: list[str]):
 def refuses_when_too_big(model_dir: Path, settings):
     from dataclasses import replace
 
-    from alignloop import AlignloopError
+    from alignloop.core import AlignloopError
 
     half = devices.count_parameters(model_dir) * 0.5 / devices.GIB  # GiB: a quarter of the bf16 weights
     try:

@@ -7,11 +7,12 @@ import pytest
 import torch
 from sqlmodel import Session, select
 
-from alignloop import AlignloopError, devices, registry
+from alignloop import devices
 from alignloop.cli import main
-from alignloop.config import load_settings, write_settings
+from alignloop.core import AlignloopError, registry
+from alignloop.core.config import load_settings, write_settings
+from alignloop.core.models import Run
 from alignloop.devices import Capabilities, Placement, pick
-from alignloop.models import Run
 
 H100 = Capabilities(cuda=True, cuda_bf16=True, cpu_bf16=True)
 T4 = Capabilities(cuda=True, cuda_bf16=False, cpu_bf16=False)  # a GPU without native bf16
@@ -86,7 +87,7 @@ def test_bad_placement_settings_in_config_yaml_are_refused(workspace):
 def test_adapter_quantization_follows_its_base(tmp_path):
     base = registry.ModelSource(ref="big-8b", path=tmp_path, licence=None)
     adapter = registry.ModelSource(ref="round1", path=tmp_path, licence=None, base=base)
-    from alignloop.config import Settings
+    from alignloop.core.config import Settings
 
     settings = Settings(quantize={"big-8b": "8bit"})
     with pytest.raises(

@@ -4,9 +4,10 @@ import pytest
 import torch
 from sqlmodel import Session, select
 
-from alignloop import AlignloopError, crud
-from alignloop.generate import SamplingParams, generate, queue_comparisons, render
-from alignloop.models import Comparison, Generation, ModelVersion, Run
+from alignloop.core import AlignloopError, crud
+from alignloop.core.models import Comparison, Generation, ModelVersion, Run
+from alignloop.core.sampling import SamplingParams, generate, render
+from annotate.generate import queue_comparisons
 
 PROMPTS = [
     [{"role": "user", "content": "Hi"}],
@@ -146,7 +147,7 @@ def test_queue_comparisons_records_everything(workspace, tiny_model_dir):
 
 
 def test_a_failed_generation_marks_the_run_failed(workspace, tiny_model_dir, monkeypatch):
-    from alignloop import registry
+    from alignloop.core import registry
 
     settings, engine, _ = workspace
     with Session(engine) as s:
