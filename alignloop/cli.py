@@ -225,7 +225,8 @@ def cmd_judge_run(args) -> int:
             source = registry.locate(
                 args.model or settings.default_policy, settings=settings, session=session
             )
-        loaded = registry.load_causal_lm(source)
+            placement = registry.placement_for(source, settings)
+        loaded = registry.load_causal_lm(source, placement=placement, settings=settings)
         judge = LocalJudge(loaded.model, loaded.tokenizer)
     counts = run_judge(engine, judge=judge, user_name=args.user, max_items=args.max_items)
     print(
@@ -473,6 +474,7 @@ def cmd_serve(args) -> int:
     options["timeout_graceful_shutdown"] = 5
     if workers > 1:  # separate processes, each building the app from the workspace named in the environment
         os.environ["ALIGNLOOP_HOME"] = str(settings.workspace)
+        os.environ["ALIGNLOOP_DEVICE"], os.environ["ALIGNLOOP_DTYPE"] = settings.device, settings.dtype
         uvicorn.run("alignloop.web:app_from_env", factory=True, workers=workers, **options)
     else:
         uvicorn.run(create_app(settings, engine), **options)

@@ -191,6 +191,15 @@ def make_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--workspace", default=None, help="workspace folder (default: $ALIGNLOOP_HOME, else ./alignloop-data)"
     )
+    # Commands that run a model for inference take these (training placement is Accelerate's).
+    placed = argparse.ArgumentParser(add_help=False, parents=[common])
+    placed.add_argument(
+        "--device", default=None, help="auto | cpu | cuda | cuda:N (default: config.yaml's device)"
+    )
+    placed.add_argument(
+        "--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
+        help="model precision (default: config.yaml's; auto = bf16 where the device does it natively)",
+    )  # fmt: skip
     parser = Parser(
         prog="alignloop", description="Self-hosted human feedback and RLHF: annotate, reward, align, serve."
     )
@@ -201,7 +210,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--database-url", default="", help="SQLAlchemy URL (default: SQLite in the workspace)")
     p.set_defaults(handler="cmd_init")
 
-    p = sub.add_parser("demo", parents=[common], help="init, import sample prompts, generate round 0, serve")
+    p = sub.add_parser("demo", parents=[placed], help="init, import sample prompts, generate round 0, serve")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=count("port", 1, 65535), default=7860)
     p.add_argument(
@@ -223,7 +232,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default=None, choices=["train", "eval"], help="override every record's split")
     p.set_defaults(handler="cmd_prompts_import")
 
-    p = sub.add_parser("generate", parents=[common], help="sample responses and queue them as comparisons")
+    p = sub.add_parser("generate", parents=[placed], help="sample responses and queue them as comparisons")
     p.add_argument("--model", default=None, help="'default', a registered version, a directory or a hub id")
     p.add_argument("--preset", default=None, help="an L1 prompting preset (name or name@version)")
     p.add_argument(
@@ -276,7 +285,7 @@ def make_parser() -> argparse.ArgumentParser:
     judge = sub.add_parser("judge", help="RLAIF: an AI annotator").add_subparsers(
         dest="judge_command", required=True, metavar="ACTION"
     )
-    p = judge.add_parser("run", parents=[common], help="vote on queued comparisons as an AI judge")
+    p = judge.add_parser("run", parents=[placed], help="vote on queued comparisons as an AI judge")
     p.add_argument("--user", default="ai-judge", help="the judge's (AI) user; created if missing")
     p.add_argument("--model", default=None, help="local judge model reference (default: the default policy)")
     p.add_argument("--openai-base-url", default=None, help="use an OpenAI-compatible endpoint instead")
@@ -325,7 +334,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler="cmd_reward_train")
     p = reward.add_parser(
-        "eval", parents=[common], help="accuracy, calibration, length bias of a reward model"
+        "eval", parents=[placed], help="accuracy, calibration, length bias of a reward model"
     )
     p.add_argument("model", help="a registered reward model")
     p.add_argument(
@@ -341,7 +350,7 @@ def make_parser() -> argparse.ArgumentParser:
         "train", parents=[common], populate=_rl_train_flags, help="optimise a policy; registers the result"
     )
     p.set_defaults(handler="cmd_rl_train")
-    p = rl.add_parser("eval", parents=[common], help="reward, KL, length and win rate on held-out prompts")
+    p = rl.add_parser("eval", parents=[placed], help="reward, KL, length and win rate on held-out prompts")
     p.add_argument("policy", help="the policy to evaluate")
     p.add_argument("--baseline", required=True, help="the policy to compare with (e.g. the previous round's)")
     p.add_argument("--reward-model", required=True, help="the reward model used in training")
@@ -425,7 +434,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler="cmd_restore")
 
-    p = sub.add_parser("serve", parents=[common], help="run the web app")
+    p = sub.add_parser("serve", parents=[placed], help="run the web app")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=count("port", 1, 65535), default=7860)
     p.add_argument(

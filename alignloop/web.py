@@ -78,6 +78,7 @@ class UserOut(BaseModel):
     kind: str
     disabled: bool
 
+
 POSTGRES_DB_SLOTS = 16  # below the engine's pool size + overflow (30)
 UI_PATHS = {"/annotate", "/chat", "/arena"}
 LOGIN_WINDOW_SECONDS = 300

@@ -71,6 +71,12 @@ def queue_comparisons(
     if params.temperature == 0:
         raise AlignloopError("greedy decoding gives identical samples; use a temperature above 0")
     target_votes = target_votes or settings.target_votes
+    with Session(engine) as lookup:  # a model that cannot fit is refused before a Run is opened
+        for ref in [model_ref] + ([versus] if versus else []):
+            source = registry.locate(
+                ref, settings=settings, session=lookup, allow_noncommercial=allow_noncommercial
+            )
+            registry.check_memory(source, registry.placement_for(source, settings), settings)
     with session_scope(engine) as session:
         prompts = pick_prompts(session, num_prompts=num_prompts, round=round, split=split)
         if not prompts:
@@ -97,7 +103,8 @@ def queue_comparisons(
                 source = registry.locate(
                     ref, settings=settings, session=lookup, allow_noncommercial=allow_noncommercial
                 )
-            loaded = registry.load_causal_lm(source)
+                placement = registry.placement_for(source, settings)
+            loaded = registry.load_causal_lm(source, placement=placement, settings=settings)
             completions = generate(
                 loaded.model,
                 loaded.tokenizer,

@@ -60,7 +60,8 @@ class LocalJudge:
 
     @torch.inference_mode()
     def prefer_first(self, prompt: Sequence[dict], first: str, second: str) -> float:
-        ids = torch.tensor([render(self.tokenizer, judge_messages(prompt, first, second))])
+        device = next(self.model.parameters()).device  # the judge may sit on a GPU: the ids go there too
+        ids = torch.tensor([render(self.tokenizer, judge_messages(prompt, first, second))], device=device)
         logits = self.model(input_ids=ids).logits[0, -1, self.letter_ids]  # (2,) logits of "A", "B"
         return torch.softmax(logits.float(), dim=-1)[0].item()
 

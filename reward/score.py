@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from alignloop.core import AlignloopError, registry
+from alignloop.core import AlignloopError, devices, registry
 from alignloop.core.config import Settings
 from reward.data import RewardFormat
 
@@ -63,17 +63,21 @@ def default_pooling(weights) -> str:
     return "mean" if AutoConfig.from_pretrained(weights).model_type == "bert" else "last"
 
 
-def load_sequence_classifier(source: registry.ModelSource, *, pooling: str = "auto"):
+def load_sequence_classifier(source: registry.ModelSource, *, pooling: str = "auto",
+                             placement: devices.Placement | None = None, settings: Settings | None = None):  # fmt: skip
     """A model with a scalar head on top of `source` (a full model, or a base plus a PEFT adapter, merged).
     `pooling`: "last" (the model's own: last token for decoders, [CLS] for encoders), "mean" (BERT-type
-    encoders), or "auto" (mean for BERT-type encoders, else last)."""
+    encoders), or "auto" (mean for BERT-type encoders, else last). `placement` defaults to float32 on the
+    CPU, what training starts from (the Trainer moves it); scoring passes the inference placement."""
+    placement = placement or devices.Placement(device="cpu", dtype="float32")
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     weights = source.base.path if source.base is not None else source.path
     try:
         pooling = default_pooling(weights) if pooling == "auto" else pooling
         cls = mean_pool_classifier_class() if pooling == "mean" else AutoModelForSequenceClassification
-        model = cls.from_pretrained(weights, num_labels=1, dtype=torch.float32)
+        devices.check_fits(source.ref, Path(weights), placement, settings)
+        model = cls.from_pretrained(weights, num_labels=1, **devices.load_kwargs(placement))
         tokenizer_dir = source.path if registry.has_tokenizer(source.path) else weights
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     except (OSError, ValueError) as exc:
@@ -95,13 +99,18 @@ class RewardModel:
     ref: str = ""
 
     @classmethod
-    def load(cls, ref: str, *, settings: Settings, session=None) -> RewardModel:
+    def load(cls, ref: str, *, settings: Settings, session=None, device: str | None = None,
+             dtype: str | None = None) -> RewardModel:  # fmt: skip
+        """A registered reward model, placed by the device policy; `device` (PPO passes the policy's) and
+        `dtype` override config.yaml's."""
         source = registry.locate(ref, settings=settings, session=session)
+        placement = registry.placement_for(source, settings, device=device, dtype=dtype)
         meta_file = source.path / META_FILE
         if not meta_file.is_file():
             raise AlignloopError(f"{ref!r} is not a reward model ({META_FILE} missing in {source.path})")
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
-        model, tokenizer = load_sequence_classifier(source, pooling=meta.get("pooling", "last"))
+        model, tokenizer = load_sequence_classifier(source, pooling=meta.get("pooling", "last"),
+                                                    placement=placement, settings=settings)  # fmt: skip
         model.eval()
         return cls(model=model, tokenizer=tokenizer, max_length=meta["max_length"], ref=ref)
 

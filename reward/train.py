@@ -32,7 +32,7 @@ from sqlmodel import Session
 from trl import RewardConfig, RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
-from alignloop.core import AlignloopError, crud, distributed, registry
+from alignloop.core import AlignloopError, crud, devices, distributed, registry
 from alignloop.core.config import Settings, read_run_config
 from alignloop.core.db import session_scope
 from alignloop.core.models import Run
@@ -147,11 +147,8 @@ def peft_config(config: RewardRunConfig, model):
 
 
 def native_bf16() -> bool:
-    """bf16 autocast where the hardware does bf16 matrix products natively (recent GPUs; CPUs with AVX512-BF16
-    or AMX, where they run about twice as fast as float32 here)."""
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    return bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
+    """bf16 autocast where the hardware does bf16 matrix products natively (the device policy's test)."""
+    return devices.native_bf16()
 
 
 class PairCollator(DataCollatorForPreference):
@@ -201,6 +198,9 @@ def train(engine, settings: Settings, config: RewardRunConfig, *, progress: bool
     eval_sets = {Path(p).name: file_pairs(p)[0] for p in config.eval_data}
     with Session(engine) as session:
         source = registry.locate(config.base, settings=settings, session=session)
+        devices.check_training_fits(
+            config.base, registry.weights_path(source), settings, full=config.method == "full"
+        )
         base_version = crud.get_model_version(session, name=config.base)
         if config.name and crud.get_model_version(session, name=config.name) is not None:
             raise AlignloopError(f"a model version named {config.name!r} is already registered")
@@ -289,8 +289,9 @@ def _fit(engine, config, run_id, run_dir, source, base_version, train_pairs, hel
     trainer.model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     write_meta(out, max_length=config.max_length, base=config.base, method=config.method, pooling=pooling)
-    # Evaluate the saved files, loaded back as any later user will (float32, no training-time autocast):
-    # the figures then describe exactly the model that gets registered.
+    # Evaluate the saved files, loaded back (float32 on the CPU, no training-time autocast): the figures then
+    # describe exactly the weights that get registered, the same on every machine. Scoring elsewhere follows
+    # the device policy (bf16 on a GPU), which moves scores by rounding only.
     saved = registry.ModelSource(ref=str(out), path=out, licence=source.licence,
                                  base=source if config.method == "lora" else None)  # fmt: skip
     model, _ = load_sequence_classifier(saved, pooling=pooling)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from sqlmodel import Session
 
-from alignloop.core import AlignloopError, crud, distributed, registry
+from alignloop.core import AlignloopError, crud, devices, distributed, registry
 from alignloop.core.config import Settings, read_config_file, read_run_config
 from alignloop.core.db import session_scope
 from alignloop.core.models import Run
@@ -99,18 +99,22 @@ def load_prompts(engine, config: RLConfig) -> list[list[dict]]:
     return prompts
 
 
-def load_policy(settings: Settings, ref: str, session=None):
-    """The starting policy as a plain model: adapters merged, so a new adapter (and the reference) sit on it."""
-    loaded = registry.resolve(ref, settings=settings, session=session)
+def load_policy(settings: Settings, ref: str, session=None, *, training: bool = False):
+    """The starting policy as a plain model: adapters merged, so a new adapter (and the reference) sit on it.
+    For training: float32 master weights (or the 4/8-bit base config.yaml sets) that Accelerate places;
+    otherwise (evaluation) the inference placement."""
+    source = registry.locate(ref, settings=settings, session=session)
+    placement = devices.for_training(settings, ref) if training else registry.placement_for(source, settings)
+    loaded = registry.load_causal_lm(source, placement=placement, settings=settings)
     model = loaded.model.merge_and_unload() if hasattr(loaded.model, "merge_and_unload") else loaded.model
     return model, loaded.tokenizer, loaded.licence
 
 
-def reward_function(settings: Settings, session, name: str):
-    """(prompts, completions) -> scores, from a registered reward model (any tokenizer)."""
+def reward_function(settings: Settings, session, name: str, *, device: str | None = None):
+    """(prompts, completions) -> scores, from a registered reward model (any tokenizer), on `device`."""
     from reward.score import RewardModel
 
-    scorer = RewardModel.load(name, settings=settings, session=session)
+    scorer = RewardModel.load(name, settings=settings, session=session, device=device)
     return lambda prompts, completions: scorer.score(list(prompts), [c.text for c in completions])
 
 
@@ -146,7 +150,14 @@ def train(engine, settings: Settings, algo: str, config: RLConfig | None, *, res
     prompts = load_prompts(engine, config) if algo != "dpo" else []
     with Session(engine) as session:
         start_version = crud.get_model_version(session, name=config.policy)
-        registry.locate(config.policy, settings=settings, session=session)
+        source = registry.locate(config.policy, settings=settings, session=session)
+        # A model that cannot fit is refused here, before the Run opens (one line, not an OOM mid-run).
+        devices.check_training_fits(
+            config.policy,
+            registry.weights_path(source),
+            settings,
+            full=getattr(config, "method", "lora") == "full",
+        )
         if algo != "dpo":
             version = crud.get_model_version(session, name=config.reward_model)
             if version is None or version.kind != "reward":
@@ -192,8 +203,10 @@ def train(engine, settings: Settings, algo: str, config: RLConfig | None, *, res
 
 def _ppo(engine, settings, config, prompts, run_id, run_dir, resume, progress):
     with Session(engine) as session:
-        model, tokenizer, licence = load_policy(settings, config.policy, session)
-        reward_fn = reward_function(settings, session, config.reward_model)
+        model, tokenizer, licence = load_policy(settings, config.policy, session, training=True)
+        # Scoring follows the policy: the device Accelerate gives this process (its GPU), not the CPU.
+        policy_device = str(distributed.state().device)
+        reward_fn = reward_function(settings, session, config.reward_model, device=policy_device)
     trainer = PPOTrainer(config, model, tokenizer, prompts, reward_fn, run_dir=run_dir,
                          on_step=StepLog(engine, run_id, run_dir / "metrics.jsonl"))  # fmt: skip
     if resume is not None:
@@ -245,8 +258,13 @@ def _trl(engine, settings, algo, config: GRPOConfig | DPOConfig, prompts, pairs,
 
     logger = trainer_callback(StepLog(engine, run_id, run_dir / "metrics.jsonl"))
     with Session(engine) as session:
-        model, tokenizer, licence = load_policy(settings, config.policy, session)
-        scorer = reward_function(settings, session, config.reward_model) if algo != "dpo" else None
+        model, tokenizer, licence = load_policy(settings, config.policy, session, training=True)
+        policy_device = str(distributed.state().device)  # where the Trainer will put the policy
+        scorer = (
+            reward_function(settings, session, config.reward_model, device=policy_device)
+            if algo != "dpo"
+            else None
+        )
     peft = (
         LoraConfig(
             r=config.lora_r,
@@ -261,7 +279,7 @@ def _trl(engine, settings, algo, config: GRPOConfig | DPOConfig, prompts, pairs,
     common = dict(
         output_dir=str(run_dir / "trainer"), max_steps=config.steps, learning_rate=config.learning_rate,
         logging_steps=1, save_strategy="no", report_to=[], seed=config.seed, use_cpu=not cuda,
-        bf16=cuda and torch.cuda.is_bf16_supported(), activation_checkpointing=False, disable_tqdm=not progress,
+        bf16=cuda and devices.native_bf16("cuda"), activation_checkpointing=False, disable_tqdm=not progress,
         max_grad_norm=config.max_grad_norm,
     )  # fmt: skip
     start = time.perf_counter()

@@ -27,7 +27,7 @@ from datasets import Dataset
 from sqlmodel import Session
 from trl import SFTConfig, SFTTrainer
 
-from alignloop.core import AlignloopError, crud, registry
+from alignloop.core import AlignloopError, crud, devices, registry
 from alignloop.core.config import Settings, read_run_config
 from alignloop.core.db import session_scope
 from alignloop.core.models import Run
@@ -148,6 +148,9 @@ def train(engine, settings: Settings, config: SFTRunConfig, *, progress: bool = 
         train_examples = train_examples[: config.max_examples]
     with Session(engine) as session:
         source = registry.locate(config.base, settings=settings, session=session)
+        devices.check_training_fits(
+            config.base, registry.weights_path(source), settings, full=config.method == "full"
+        )
         base_version = crud.get_model_version(session, name=config.base)
 
     with session_scope(engine) as session:
@@ -156,7 +159,16 @@ def train(engine, settings: Settings, config: SFTRunConfig, *, progress: bool = 
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         summary = _fit(
-            engine, config, run.id, run_dir, source, base_version, train_examples, held_out, progress
+            engine,
+            config,
+            run.id,
+            run_dir,
+            source,
+            base_version,
+            train_examples,
+            held_out,
+            progress,
+            settings=settings,
         )
     except BaseException as exc:
         with session_scope(engine) as session:
@@ -165,10 +177,14 @@ def train(engine, settings: Settings, config: SFTRunConfig, *, progress: bool = 
     return summary
 
 
-def _fit(engine, config, run_id, run_dir, source, base_version, train_examples, held_out, progress) -> dict:
+def _fit(engine, config, run_id, run_dir, source, base_version, train_examples, held_out, progress, *,
+         settings: Settings) -> dict:  # fmt: skip
     torch.manual_seed(config.seed)
     # 2. The base model, wrapped by the method. A base that is itself an adapter is merged first.
-    loaded = registry.load_causal_lm(source)
+    # float32 master weights where the Trainer puts them; a base set to 4/8-bit in config.yaml loads
+    # quantized on the GPU (QLoRA).
+    placement = devices.for_training(settings, config.base)
+    loaded = registry.load_causal_lm(source, placement=placement, settings=settings)
     model, tokenizer = loaded.model, loaded.tokenizer
     if source.base is not None:
         model = model.merge_and_unload()
@@ -189,7 +205,7 @@ def _fit(engine, config, run_id, run_dir, source, base_version, train_examples, 
         save_strategy="no",
         report_to=[],
         use_cpu=not cuda,
-        bf16=cuda and torch.cuda.is_bf16_supported(),
+        bf16=cuda and devices.native_bf16("cuda"),
         activation_checkpointing=False,  # see the module docstring
         disable_tqdm=not progress,
     )

@@ -146,16 +146,31 @@ def test_queue_comparisons_records_everything(workspace, tiny_model_dir):
     assert again["prompts"] == 0  # every train prompt already has a comparison in round 0
 
 
-def test_a_failed_generation_marks_the_run_failed(workspace):
+def test_a_failed_generation_marks_the_run_failed(workspace, tiny_model_dir, monkeypatch):
+    from alignloop.core import registry
+
     settings, engine, _ = workspace
     with Session(engine) as s:
         crud.add_prompts(s, prompts=[crud.PromptCreate(messages=PROMPTS[0])], source="t")
         s.commit()
+    # A model that does not exist (or cannot fit) is refused before a Run opens: nothing is written.
     with pytest.raises(AlignloopError, match="not found"):
         queue_comparisons(engine, settings=settings, model_ref="no-such-model", num_prompts=1, progress=False)
     with Session(engine) as s:
+        assert s.exec(select(Run)).all() == []
+
+    # A failure once the Run is open (here: while loading the weights) marks it failed.
+    def broken_load(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(registry, "load_causal_lm", broken_load)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        queue_comparisons(
+            engine, settings=settings, model_ref=str(tiny_model_dir), num_prompts=1, progress=False
+        )
+    with Session(engine) as s:
         (run,) = s.exec(select(Run)).all()
-        assert run.status == "failed" and "not found" in run.error
+        assert run.status == "failed" and "out of memory" in run.error
         assert s.exec(select(Comparison)).first() is None
 
 

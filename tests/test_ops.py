@@ -94,7 +94,9 @@ def test_at_most_max_jobs_run_at_once(admin_client, tiny_model_dir, tmp_path):
     client, settings, engine = admin_client
     assert settings.max_jobs == 2  # the default in config.yaml
     data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"instruction": f"Say {i}", "response": f"{i}"}) + "\n" for i in range(8)))
+    data.write_text(
+        "".join(json.dumps({"instruction": f"Say {i}", "response": f"{i}"}) + "\n" for i in range(8))
+    )
     args = f"--data {data} --base {tiny_model_dir} --max-steps 100000 --method lora"
 
     def running_pids():

@@ -229,3 +229,27 @@ def test_sigkilled_ppo_run_resumes_from_its_last_checkpoint(rl_workspace, tiny_m
         steps = [h["step"] for h in run.metrics["history"]]
         assert run.status == "succeeded" and steps == list(range(1, 61))
         assert crud.get_model_version(s, name="killed").run_id == run_id
+
+
+def test_ppo_scores_rollouts_on_the_policys_device(rl_workspace, tiny_model_dir, monkeypatch):
+    """The reward model is loaded where the policy trains (the GPU on a GPU machine), not on the CPU."""
+    import rl.train
+    from reward.score import RewardModel
+
+    settings, engine, ws, password = rl_workspace
+    seen, load, init = {}, RewardModel.load.__func__, rl.train.PPOTrainer.__init__
+
+    def recording_load(cls, ref, **kwargs):
+        scorer = load(cls, ref, **kwargs)
+        seen["asked"], seen["scorer"] = kwargs.get("device"), str(next(scorer.model.parameters()).device)
+        return scorer
+
+    def recording_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        seen["policy"] = str(next(self.ac.model.parameters()).device)
+
+    monkeypatch.setattr(RewardModel, "load", classmethod(recording_load))
+    monkeypatch.setattr(rl.train.PPOTrainer, "__init__", recording_init)
+    assert main(["rl", "train", "--config", "configs/rl/tiny.yaml", "--reward-model", "rm", "--policy",
+                 str(tiny_model_dir), "--steps", "1", *ws]) == 0  # fmt: skip
+    assert seen["asked"] == seen["scorer"] == seen["policy"]

@@ -1,7 +1,7 @@
 """Workspace settings: one folder holds config.yaml, the SQLite database, the model cache and run outputs.
 
 Settings come from `config.yaml` in the workspace, then environment variables override them
-(`ALIGNLOOP_DATABASE_URL`). The workspace itself is `--workspace`, else `$ALIGNLOOP_HOME`, else
+(`ALIGNLOOP_DATABASE_URL`, `ALIGNLOOP_DEVICE`, `ALIGNLOOP_DTYPE`). The workspace itself is `--workspace`, else `$ALIGNLOOP_HOME`, else
 `./alignloop-data`. Nothing here mutates module state: callers pass a `Settings` around.
 """
 
@@ -36,6 +36,22 @@ class Settings:
     )
     allow_noncommercial: bool = field(
         default=False, metadata={"help": "Load models whose licence forbids commercial use."}
+    )
+    device: str = field(
+        default="auto", metadata={"help": "Where models run: auto (the GPU if any), cpu, cuda, cuda:N."}
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "auto (bf16 where the device does it natively, else float32), float32, bfloat16, float16."
+        },
+    )
+    quantize: dict[str, str] = field(
+        default_factory=dict,
+        metadata={"help": "Per model reference: 4bit | 8bit (bitsandbytes, CUDA only), e.g. {my-8b: 4bit}."},
+    )
+    memory_limit_gb: float | None = field(
+        default=None, metadata={"help": "Refuse loads estimated above this many GiB (default: what is free)."}
     )
     # --- annotation ---
     target_votes: int = field(default=1, metadata={"help": "Votes each comparison needs before it is done."})
@@ -125,7 +141,27 @@ def load_settings(workspace: str | os.PathLike | None = None) -> Settings:
         raise AlignloopError(f"{config_file}: aspects must be a list of 1 to 6 names")
     if url := os.environ.get("ALIGNLOOP_DATABASE_URL"):
         settings.database_url = url
+    # `serve --workers N --device/--dtype` hands its choice to the worker processes this way.
+    settings.device = os.environ.get("ALIGNLOOP_DEVICE") or settings.device
+    settings.dtype = os.environ.get("ALIGNLOOP_DTYPE") or settings.dtype
+    _check_placement_settings(settings, config_file)
     return settings
+
+
+def _check_placement_settings(settings: Settings, config_file: Path) -> None:
+    from alignloop.core.devices import DTYPES, QUANTIZE
+
+    device = settings.device
+    if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise AlignloopError(f"{config_file}: device must be auto, cpu, cuda or cuda:N, not {device!r}")
+    if settings.dtype not in DTYPES:
+        raise AlignloopError(
+            f"{config_file}: dtype must be one of {', '.join(DTYPES)}, not {settings.dtype!r}"
+        )
+    if not isinstance(settings.quantize, dict) or any(v not in QUANTIZE for v in settings.quantize.values()):
+        raise AlignloopError(f"{config_file}: quantize maps model references to one of {', '.join(QUANTIZE)}")
+    if settings.memory_limit_gb is not None and settings.memory_limit_gb <= 0:
+        raise AlignloopError(f"{config_file}: memory_limit_gb must be positive")
 
 
 def write_settings(settings: Settings) -> None:

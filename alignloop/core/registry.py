@@ -13,6 +13,8 @@ A reference is one of:
 
 The licence is read from GGUF metadata (`general.license`), the model card's front matter, or config.json.
 Licences that forbid commercial use are refused unless the user overrides (`allow_noncommercial`).
+Every load goes through the device policy in `alignloop.devices` (GPU and bf16 where native, 4/8-bit per model
+from config.yaml, a memory estimate checked first); training callers pass `devices.for_training(...)`.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pathlib import Path
 import yaml
 from filelock import FileLock
 
-from alignloop.core import AlignloopError
+from alignloop.core import AlignloopError, devices
 from alignloop.core.config import Settings
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,7 @@ class LoadedModel:
     model: object  # transformers.PreTrainedModel (or a PeftModel)
     tokenizer: object  # transformers.PreTrainedTokenizerBase
     licence: str | None
+    placement: devices.Placement | None = None  # where and in what precision it was loaded
 
 
 # --- licences ------------------------------------------------------------------------------------------------
@@ -271,17 +274,46 @@ def _hub_snapshot(repo_id: str) -> Path:
 # --- loading -------------------------------------------------------------------------------------------------
 
 
-def load_causal_lm(source: ModelSource, *, dtype=None) -> LoadedModel:
-    import torch
+def weights_path(source: ModelSource) -> Path:
+    """The directory holding the full weights (an adapter's base, down the stack)."""
+    while source.base is not None:
+        source = source.base
+    return source.path
+
+
+def placement_for(source: ModelSource, settings: Settings, *, device: str | None = None,
+                  dtype: str | None = None) -> devices.Placement:  # fmt: skip
+    """Inference placement: the command's --device/--dtype, else config.yaml's; `quantize` is looked up for the
+    reference asked for, then for the bases under it (quantizing a base quantizes every adapter over it)."""
+    refs, below = [], source
+    while below is not None:
+        refs.append(below.ref)
+        below = below.base
+    quantize = next((settings.quantize[r] for r in refs if r in settings.quantize), None)
+    return devices.placement(settings, device=device, dtype=dtype, quantize=quantize)
+
+
+def check_memory(source: ModelSource, placement: devices.Placement, settings: Settings | None = None) -> None:
+    """Refuse (one line) a model whose estimate exceeds what its device has free; callers run this before
+    they write anything, so a refused run leaves no trace."""
+    devices.check_fits(source.ref, weights_path(source), placement, settings)
+
+
+def load_causal_lm(source: ModelSource, *, placement: devices.Placement | None = None,
+                   settings: Settings | None = None, check_memory: bool = True) -> LoadedModel:  # fmt: skip
+    """Load onto `placement` (default: the machine's inference policy, see `alignloop.devices`), after checking
+    that the estimate fits what the device has free."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dtype = dtype or torch.float32
+    placement = placement or devices.pick()
+    if check_memory:
+        devices.check_fits(source.ref, weights_path(source), placement, settings)
     if source.base is not None:
         # An adapter over a base that may itself be an adapter (RLHF rounds stack on each other): load the
         # base (merged), then this adapter on top.
         from peft import PeftModel
 
-        below = load_causal_lm(source.base, dtype=dtype)
+        below = load_causal_lm(source.base, placement=placement, settings=settings, check_memory=False)
         base_model = below.model.merge_and_unload() if source.base.base is not None else below.model
         model = PeftModel.from_pretrained(base_model, source.path)
         tokenizer = below.tokenizer
@@ -289,25 +321,25 @@ def load_causal_lm(source: ModelSource, *, dtype=None) -> LoadedModel:
             tokenizer = AutoTokenizer.from_pretrained(source.path)
     else:
         try:
-            model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(source.path, **devices.load_kwargs(placement))
             tokenizer = AutoTokenizer.from_pretrained(source.path)
         except (OSError, ValueError) as exc:
             raise AlignloopError(f"cannot load model {source.ref!r} from {source.path}: {exc}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
-    return LoadedModel(
-        ref=source.ref, path=source.path, model=model, tokenizer=tokenizer, licence=source.licence
-    )
+    return LoadedModel(ref=source.ref, path=source.path, model=model, tokenizer=tokenizer,
+                       licence=source.licence, placement=placement)  # fmt: skip
 
 
 def has_tokenizer(path: Path) -> bool:
     return (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file()
 
 
-def resolve(
-    ref: str, *, settings: Settings, session=None, allow_noncommercial: bool | None = None, dtype=None
-) -> LoadedModel:
-    """Load a causal LM and its tokenizer from any reference (see the module docstring)."""
+def resolve(ref: str, *, settings: Settings, session=None, allow_noncommercial: bool | None = None,
+            device: str | None = None, dtype: str | None = None) -> LoadedModel:  # fmt: skip
+    """Load a causal LM and its tokenizer from any reference (see the module docstring), placed by the
+    device policy (`alignloop.devices`): `device`/`dtype` override config.yaml's."""
     source = locate(ref, settings=settings, session=session, allow_noncommercial=allow_noncommercial)
-    return load_causal_lm(source, dtype=dtype)
+    placement = placement_for(source, settings, device=device, dtype=dtype)
+    return load_causal_lm(source, placement=placement, settings=settings)
