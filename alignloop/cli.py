@@ -11,6 +11,7 @@ import logging
 import os
 import secrets
 import sys
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 
@@ -51,7 +52,10 @@ def cmd_init(args) -> int:
 
 
 def open_workspace(args) -> tuple[Settings, object]:
-    return workspace.open_workspace(args.workspace)
+    settings, engine = workspace.open_workspace(args.workspace)
+    # --device/--dtype override config.yaml for every model this command loads (see alignloop.core.devices).
+    overrides = {k: v for k in ("device", "dtype") if (v := getattr(args, k, None))}
+    return (replace(settings, **overrides) if overrides else settings), engine
 
 
 def cmd_prompts_import(args) -> int:

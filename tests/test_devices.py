@@ -1,4 +1,4 @@
-"""The device and dtype policy (alignloop.devices): what a machine with given abilities picks, overrides from
+"""The device and dtype policy (alignloop.core.devices): what a machine with given abilities picks, overrides from
 the command line and config.yaml, refusals, memory estimates, and scoring on the policy's device."""
 
 import json

@@ -13,7 +13,7 @@ A reference is one of:
 
 The licence is read from GGUF metadata (`general.license`), the model card's front matter, or config.json.
 Licences that forbid commercial use are refused unless the user overrides (`allow_noncommercial`).
-Every load goes through the device policy in `alignloop.devices` (GPU and bf16 where native, 4/8-bit per model
+Every load goes through the device policy in `alignloop.core.devices` (GPU and bf16 where native, 4/8-bit per model
 from config.yaml, a memory estimate checked first); training callers pass `devices.for_training(...)`.
 """
 
@@ -301,7 +301,7 @@ def check_memory(source: ModelSource, placement: devices.Placement, settings: Se
 
 def load_causal_lm(source: ModelSource, *, placement: devices.Placement | None = None,
                    settings: Settings | None = None, check_memory: bool = True) -> LoadedModel:  # fmt: skip
-    """Load onto `placement` (default: the machine's inference policy, see `alignloop.devices`), after checking
+    """Load onto `placement` (default: the machine's inference policy, see `alignloop.core.devices`), after checking
     that the estimate fits what the device has free."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -339,7 +339,7 @@ def has_tokenizer(path: Path) -> bool:
 def resolve(ref: str, *, settings: Settings, session=None, allow_noncommercial: bool | None = None,
             device: str | None = None, dtype: str | None = None) -> LoadedModel:  # fmt: skip
     """Load a causal LM and its tokenizer from any reference (see the module docstring), placed by the
-    device policy (`alignloop.devices`): `device`/`dtype` override config.yaml's."""
+    device policy (`alignloop.core.devices`): `device`/`dtype` override config.yaml's."""
     source = locate(ref, settings=settings, session=session, allow_noncommercial=allow_noncommercial)
     placement = placement_for(source, settings, device=device, dtype=dtype)
     return load_causal_lm(source, placement=placement, settings=settings)
