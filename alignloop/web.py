@@ -182,6 +182,12 @@ def render_comparison(session: Session, comparison: Comparison) -> str:
     return f'<div class="card"><div class="meta">{meta}</div>{turns}<div class="responses">{responses}</div></div>'
 
 
+def _leased_to(user: User) -> int | None:
+    """Annotators (who may be untrusted crowd workers) see only the items leased to them; reviewers and
+    admins see every item."""
+    return user.id if user.role == "annotator" else None
+
+
 def _register_routes(app: FastAPI) -> None:
     @app.get("/healthz", include_in_schema=False)
     def healthz():
@@ -248,9 +254,10 @@ def _register_routes(app: FastAPI) -> None:
     def queue_page(
         user: UserDep, session: SessionDep, page_number: Annotated[int, Query(alias="page", ge=1)] = 1
     ):
-        total = crud.count_comparisons(session, status="queued")
+        mine = _leased_to(user)
+        total = crud.count_comparisons(session, status="queued", leased_to=mine)
         comparisons = crud.list_comparisons(
-            session, status="queued", limit=PAGE_SIZE, offset=(page_number - 1) * PAGE_SIZE
+            session, status="queued", limit=PAGE_SIZE, offset=(page_number - 1) * PAGE_SIZE, leased_to=mine
         )
         cards = "".join(render_comparison(session, c) for c in comparisons) or "<p>The queue is empty.</p>"
         pages = (total + PAGE_SIZE - 1) // PAGE_SIZE
@@ -269,9 +276,13 @@ def _register_routes(app: FastAPI) -> None:
         limit: Annotated[int, Query(ge=1, le=500)] = 100,
         offset: Annotated[int, Query(ge=0, le=MAX_INT)] = 0,
     ) -> list[dict]:
-        """Comparisons with their prompt and responses (in position order: a, b, ...)."""
+        """Comparisons with their prompt and responses (in position order: a, b, ...); an annotator gets only
+        the items currently leased to them."""
         out = []
-        for c in crud.list_comparisons(session, status=status, round=round, limit=limit, offset=offset):
+        listed = crud.list_comparisons(
+            session, status=status, round=round, limit=limit, offset=offset, leased_to=_leased_to(user)
+        )
+        for c in listed:
             prompt = session.get(Prompt, c.prompt_id)
             items = crud.comparison_generations(session, comparison_id=c.id)
             out.append(

@@ -49,10 +49,23 @@ def _v3_presets_and_keys(engine: Engine) -> None:
     """New tables only (Preset, ApiKey): `create_all` has already made them; nothing to alter."""
 
 
-MIGRATIONS: dict[int, Callable[[Engine], None]] = {2: _v2_annotation_queue, 3: _v3_presets_and_keys}
+def _v4_lease_start(engine: Engine) -> None:
+    """Lease.leased_at (server-side vote timing); the LoginThrottle table is new, made by `create_all`."""
+    _add_columns(engine, "lease", {"leased_at": "TIMESTAMP"})
+
+
+MIGRATIONS: dict[int, Callable[[Engine], None]] = {
+    2: _v2_annotation_queue,
+    3: _v3_presets_and_keys,
+    4: _v4_lease_start,
+}
 
 
 def make_engine(url: str, *, echo: bool = False) -> Engine:
+    if not url.startswith(("sqlite://", "postgresql://", "postgresql+psycopg://")):
+        raise AlignloopError(
+            f"unsupported database URL {url.split('://')[0]!r}: use sqlite:///PATH or postgresql://USER@HOST/DB"
+        )
     if url.startswith("sqlite"):
         in_memory = url in ("sqlite://", "sqlite:///:memory:")
         engine = create_engine(
@@ -101,8 +114,28 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cursor.close()
 
 
+def _stored_version(engine: Engine) -> int | None:
+    """The version recorded in the database, or None for a database without alignloop's tables yet."""
+    with engine.connect() as conn:
+        if not inspect(conn).has_table("schemainfo"):
+            return None
+        return conn.execute(text("SELECT version FROM schemainfo WHERE id = 1")).scalar()
+
+
 def create_schema(engine: Engine) -> int:
-    """Create missing tables and record the schema version; safe to call any number of times."""
+    """Create missing tables and record the schema version; safe to call any number of times.
+
+    A database written by a newer alignloop is refused before anything is created in it: `create_all` on such a
+    database would add this version's idea of missing tables to a schema it does not understand.
+    """
+    try:
+        stored = _stored_version(engine)
+    except OperationalError as exc:
+        raise AlignloopError(f"cannot open database {engine.url!r}: {exc.orig}") from None
+    if stored is not None and stored > SCHEMA_VERSION:
+        raise AlignloopError(
+            f"database schema version {stored} is newer than this alignloop ({SCHEMA_VERSION}); upgrade alignloop"
+        )
     try:
         SQLModel.metadata.create_all(engine)
     except OperationalError as exc:
