@@ -473,6 +473,7 @@ def cmd_restore(args) -> int:
 def cmd_serve(args) -> int:
     import uvicorn
 
+    from alignloop.core import logins
     from alignloop.web import create_app
 
     settings, engine = open_workspace(args)
@@ -481,6 +482,7 @@ def cmd_serve(args) -> int:
     # Browsers hold Gradio's event streams open; without a bound, a shutdown waits for them indefinitely.
     options = {"host": args.host, "port": args.port, "log_level": "info", "server_header": False}
     options["timeout_graceful_shutdown"] = 5
+    options.update(logins.proxy_options(settings))  # X-Forwarded-For only from the configured proxies
     if workers > 1:  # separate processes, each building the app from the workspace named in the environment
         os.environ["ALIGNLOOP_HOME"] = str(settings.workspace)
         uvicorn.run("alignloop.web:app_from_env", factory=True, workers=workers, **options)

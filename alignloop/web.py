@@ -18,7 +18,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from sqlmodel import Session, select
 from starlette.middleware.sessions import SessionMiddleware
 
-from alignloop.core import __version__, crud
+from alignloop.core import __version__, crud, logins
 from alignloop.core.config import Settings
 from alignloop.core.db import make_engine
 from alignloop.core.http import (
@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 PAGE_SIZE = 50
 POSTGRES_DB_SLOTS = 16  # below the engine's pool size + overflow (30)
 UI_PATHS = {"/annotate", "/chat", "/arena"}
-LOGIN_WINDOW_SECONDS = 300
 ERROR_RESPONSES = {  # documented on every operation: what any handler may answer besides success
     400: {"description": "invalid input (a message says why)"},
     401: {"description": "not logged in, or an invalid API key"},
@@ -65,8 +64,6 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
     sqlite = app.state.engine.dialect.name == "sqlite"
     app.state.db_slots = asyncio.Semaphore(1 if sqlite else POSTGRES_DB_SLOTS)
     app.state.model_pool = _model_pool(settings, app.state.engine)
-    app.state.login_failures = RateLimiter(settings.login_attempts, LOGIN_WINDOW_SECONDS)
-    app.state.login_failures_by_address = RateLimiter(3 * settings.login_attempts, LOGIN_WINDOW_SECONDS)
     app.state.vote_limiter = RateLimiter(settings.votes_per_minute, 60)
     app.add_exception_handler(LoginRequired, _login_required)
     app.add_exception_handler(Exception, _internal_error)
@@ -211,10 +208,10 @@ def _register_routes(app: FastAPI) -> None:
         password: Annotated[str, Form(max_length=MAX_FORM_CHARS)],
     ):
         state = request.app.state
+        # The peer address; uvicorn puts X-Forwarded-For here only from `forwarded_allow_ips` (logins.py).
         address = request.client.host if request.client else "?"
-        wait = max(
-            state.login_failures.blocked_for(username), state.login_failures_by_address.blocked_for(address)
-        )
+        keys = logins.keys_for(username, address, state.settings.login_attempts)
+        wait = logins.reserve(state.engine, keys)  # counted before the hash: parallel guesses queue here
         if wait:
             return HTMLResponse(
                 page("Log in", "<h2>Too many failed attempts</h2><p>Wait a few minutes and try again.</p>").body,
@@ -225,9 +222,8 @@ def _register_routes(app: FastAPI) -> None:
         with Session(request.app.state.engine, expire_on_commit=False) as session:
             user = crud.get_user(session, name=username)
         if not crud.check_password(user, password):
-            state.login_failures.record(username)
-            state.login_failures_by_address.record(address)
             return RedirectResponse("/login?error=1", status_code=303)
+        logins.succeeded(state.engine, keys)
         request.session.clear()
         request.session["user_id"] = user.id
         return RedirectResponse("/annotate/" if user.role == "annotator" else "/", status_code=303)
