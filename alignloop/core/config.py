@@ -7,8 +7,11 @@ Settings come from `config.yaml` in the workspace, then environment variables ov
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -46,6 +49,14 @@ class Settings:
     )
     lease_minutes: float = field(
         default=10, metadata={"help": "How long an item stays reserved for its annotator."}
+    )
+    judge_endpoints: list[dict] = field(
+        default_factory=list,
+        metadata={
+            "help": "OpenAI-compatible endpoints a judge job started from the web may use, each "
+            "{base_url: URL, api_key_env: VARIABLE}: the key in that variable goes to that URL only. "
+            "The CLI on the owner's shell is not limited."
+        },
     )
     # --- generation defaults ---
     max_new_tokens: int = field(default=128, metadata={"help": "Tokens per sampled response."})
@@ -101,30 +112,132 @@ def load_settings(workspace: str | os.PathLike | None = None) -> Settings:
         )
     try:
         raw = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise AlignloopError(f"{config_file}: not valid YAML ({exc.__class__.__name__})") from None
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError, OSError) as exc:
+        raise AlignloopError(f"{config_file}: not readable YAML ({exc.__class__.__name__})") from None
     if not isinstance(raw, dict):
         raise AlignloopError(f"{config_file}: expected a mapping of settings")
     known = {f.name for f in fields(Settings)} - {"workspace"}
-    unknown = sorted(set(raw) - known)
+    unknown = sorted(set(map(str, raw)) - known)
     if unknown:
         raise AlignloopError(f"{config_file}: unknown setting(s) {', '.join(unknown)}")
-    settings = Settings(workspace=path, **raw)
-    if settings.login_attempts < 1 or settings.votes_per_minute < 1:
-        raise AlignloopError(f"{config_file}: login_attempts and votes_per_minute must be at least 1")
-    if not 0 <= settings.gold_share <= 1 or settings.lease_minutes <= 0 or settings.target_votes < 1:
+    settings = Settings(workspace=path, **coerce_fields(Settings, raw, where=str(config_file)))
+    check_settings(settings, where=str(config_file))
+    if url := os.environ.get("ALIGNLOOP_DATABASE_URL"):
+        settings.database_url = url
+    return settings
+
+
+# Bounds a workspace's settings must respect: (low, high, what a bad value would do).
+_SETTING_BOUNDS = {
+    "target_votes": (1, 1000),
+    "gold_share": (0, 1),
+    "lease_minutes": (1 / 60, 7 * 24 * 60),
+    "max_new_tokens": (1, 1_000_000),
+    "temperature": (0, 100),
+    "top_p": (1e-9, 1),
+    "batch_size": (1, 65_536),
+    "login_attempts": (1, 10_000),
+    "votes_per_minute": (1, 1_000_000),
+}
+MIN_SECRET_KEY_CHARS = 32
+
+
+def check_settings(settings: Settings, *, where: str) -> None:
+    """Refuse settings that would break or weaken the app later, naming the setting (issue #13 L8)."""
+    for name, (low, high) in _SETTING_BOUNDS.items():
+        value = getattr(settings, name)
+        if not low <= value <= high:
+            raise AlignloopError(f"{where}: {name} must be between {low:g} and {high:g}, not {value!r}")
+    if len(settings.secret_key) < MIN_SECRET_KEY_CHARS:
         raise AlignloopError(
-            f"{config_file}: gold_share must be in [0, 1], lease_minutes and target_votes positive"
+            f"{where}: secret_key must be at least {MIN_SECRET_KEY_CHARS} random characters "
+            "(python -c 'import secrets; print(secrets.token_urlsafe(32))')"
         )
     if (
         not settings.aspects
         or len(settings.aspects) > 6
-        or not all(isinstance(a, str) and a for a in settings.aspects)
+        or not all(a and len(a) <= 64 for a in settings.aspects)
     ):
-        raise AlignloopError(f"{config_file}: aspects must be a list of 1 to 6 names")
-    if url := os.environ.get("ALIGNLOOP_DATABASE_URL"):
-        settings.database_url = url
-    return settings
+        raise AlignloopError(f"{where}: aspects must be a list of 1 to 6 names")
+    for entry in settings.judge_endpoints:
+        if (
+            not isinstance(entry, dict)
+            or set(entry) != {"base_url", "api_key_env"}
+            or not str(entry["base_url"]).startswith(("http://", "https://"))
+            or not str(entry["api_key_env"]).isidentifier()
+        ):
+            raise AlignloopError(
+                f"{where}: each judge_endpoints entry is {{base_url: http(s)://..., api_key_env: VARIABLE}}"
+            )
+
+
+def _is_list_of(hint, item_type) -> bool:
+    return typing.get_origin(hint) is list and typing.get_args(hint) in ((item_type,), ())
+
+
+def coerce_fields(cls, raw: dict, *, where: str) -> dict:
+    """Values from YAML in the types `cls` declares, or a one-line error naming the field.
+
+    PyYAML reads `5e-5` as a string (YAML 1.1 wants `5.0e-5`), so numbers written as strings are accepted
+    for number fields; a bool is not a number here, and a single string is a one-item list for list fields.
+    """
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for key, value in raw.items():
+        hint = hints[key]
+        options = set(typing.get_args(hint)) if isinstance(hint, types.UnionType) else {hint}
+        if value is None and type(None) in options:
+            out[key] = None
+            continue
+        options.discard(type(None))
+        (want,) = options if len(options) == 1 else (None,)
+        try:
+            out[key] = _coerce(want, value)
+        except (TypeError, ValueError, OverflowError):
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+            raise AlignloopError(f"{where}: {key} must be {_type_name(want)}, not {shown}") from None
+    return out
+
+
+def _coerce(want, value):
+    if want in (int, float):
+        if isinstance(value, bool):
+            raise TypeError
+        if isinstance(value, str):
+            value = float(value.strip()) if want is float else int(value.strip())
+        if want is int and isinstance(value, float):
+            if not value.is_integer():
+                raise ValueError
+            value = int(value)
+        if not isinstance(value, int | float) or not math.isfinite(value) or abs(value) > 2**63:
+            raise ValueError
+        return want(value)
+    if want is bool:
+        if not isinstance(value, bool):
+            raise TypeError
+        return value
+    if want is str:
+        if not isinstance(value, str):
+            raise TypeError
+        return value
+    if _is_list_of(want, str):
+        value = [value] if isinstance(value, str) else value
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise TypeError
+        return value
+    if _is_list_of(want, dict):
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise TypeError
+        return value
+    return value  # a type without a rule here (dicts of metrics ...): the dataclass's own checks apply
+
+
+def _type_name(want) -> str:
+    if _is_list_of(want, str):
+        return "a list of strings"
+    if _is_list_of(want, dict):
+        return "a list of mappings"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(want, str(want))
 
 
 def write_settings(settings: Settings) -> None:
@@ -149,7 +262,7 @@ def read_run_config(cls, path: str | os.PathLike | None, overrides: dict, *, wha
     if path is not None:
         try:
             raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as exc:
+        except (OSError, yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:
             raise AlignloopError(
                 f"{path}: cannot read the {what} config ({exc.__class__.__name__})"
             ) from None
@@ -157,10 +270,11 @@ def read_run_config(cls, path: str | os.PathLike | None, overrides: dict, *, wha
             raise AlignloopError(f"{path}: expected a mapping of {what} settings")
     for key in ignore:
         raw.pop(key, None)
-    unknown = sorted(set(raw) - {f.name for f in dataclass_fields(cls)})
+    unknown = sorted(set(map(str, raw)) - {f.name for f in dataclass_fields(cls)})
     if unknown:
         raise AlignloopError(f"{path}: unknown {what} setting(s) {', '.join(unknown)}")
     raw.update({k: v for k, v in overrides.items() if v is not None})
+    raw = coerce_fields(cls, raw, where=str(path) if path is not None else f"the {what} config")
     try:
         return cls(**raw)
     except TypeError as exc:

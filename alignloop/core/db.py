@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from sqlalchemy import event, inspect, text
 from sqlalchemy.engine import Engine
@@ -18,6 +19,7 @@ from sqlalchemy.pool import StaticPool
 from sqlmodel import Session, SQLModel, create_engine, select
 
 from alignloop.core import AlignloopError
+from alignloop.core.files import private_file
 from alignloop.core.models import SCHEMA_VERSION, Comparison, SchemaInfo
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000  # how long a transaction waits for the write lock in all
@@ -68,6 +70,8 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
         )
     if url.startswith("sqlite"):
         in_memory = url in ("sqlite://", "sqlite:///:memory:")
+        if not in_memory:
+            _private_sqlite_files(url)
         engine = create_engine(
             url,
             echo=echo,
@@ -84,6 +88,18 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
     return create_engine(url, echo=echo, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def _private_sqlite_files(url: str) -> None:
+    """The database file 0600 before SQLite opens it: SQLite gives its -wal and -shm files the database
+    file's permissions, so they follow."""
+    path = Path(url.split("///", 1)[1].split("?", 1)[0])
+    if not path.parent.is_dir():
+        return  # SQLite reports the missing folder itself
+    private_file(path)
+    for suffix in ("-wal", "-shm"):
+        if (extra := path.with_name(path.name + suffix)).exists():
+            private_file(extra)
 
 
 def _begin_immediate(conn) -> None:
