@@ -131,3 +131,33 @@ def test_annotators_see_only_their_leased_items(api):
     _login(client, "rev")
     assert len(client.get("/api/comparisons").json()) == 3
     assert "Queued comparisons (3)" in client.get("/queue").text
+
+
+def test_the_annotation_page_votes_only_on_the_leased_item(workspace):
+    """The Gradio handlers go through the same rule: a state naming another item is not voted on."""
+    import gradio as gr
+
+    from annotate.app import build_ui
+
+    settings, engine, _ = workspace
+    with Session(engine, expire_on_commit=False) as s:
+        (ann,) = users(s, 1)
+        first, second = seed(s, 2)
+        s.commit()
+    demo = build_ui(engine, settings)
+    vote_a = next(f.fn for f in demo.fns.values() if f.name == "vote")
+    request = gr.Request(username=ann.name)
+    with Session(engine) as s:
+        item = queue.next_item(s, user_id=ann.id, gold_share=0)
+        s.commit()
+    other = second.id if item.comparison_id == first.id else first.id
+    cells = [None] * (4 * len(settings.aspects))
+    shown = vote_a(request, {"comparison_id": other, "num": 2}, "", "", *cells)
+    assert "ran out" in shown[2]
+    with Session(engine) as s:
+        assert s.exec(select(Vote)).all() == []
+    shown = vote_a(request, {"comparison_id": item.comparison_id, "num": 2}, "", "", *cells)
+    assert "Saved" in shown[2]
+    with Session(engine) as s:
+        (vote,) = s.exec(select(Vote)).all()
+    assert vote.comparison_id == item.comparison_id and vote.seconds is not None

@@ -20,9 +20,11 @@ package has no SQL storage (memory, Redis, Memcached, MongoDB), so this is a sma
 
 from __future__ import annotations
 
+import random
 from datetime import datetime, timedelta
 
-from sqlmodel import Session, select
+from sqlalchemy import delete, or_
+from sqlmodel import Session, col, select
 
 from alignloop.core.db import session_scope
 from alignloop.core.models import LoginThrottle, utcnow
@@ -31,6 +33,7 @@ WINDOW_SECONDS = 300
 BACKOFF_SECONDS = 30  # the first wait; each further attempt doubles it
 MAX_BACKOFF_SECONDS = 900
 ADDRESS_FACTOR = 3
+PRUNE_CHANCE, PRUNE_AFTER_SECONDS = 0.02, 3600
 
 
 def keys_for(name: str, address: str, limit: int) -> dict[str, int]:
@@ -66,6 +69,16 @@ def reserve(engine, keys: dict[str, int], *, now: datetime | None = None) -> flo
     """
     now = now or utcnow()
     with session_scope(engine) as session:
+        if random.random() < PRUNE_CHANCE:  # keep the table small: forget series quiet for an hour
+            horizon = now - timedelta(seconds=PRUNE_AFTER_SECONDS)
+            session.connection().execute(
+                delete(LoginThrottle).where(
+                    LoginThrottle.window_start < horizon,
+                    or_(
+                        col(LoginThrottle.next_allowed_at).is_(None), LoginThrottle.next_allowed_at < horizon
+                    ),
+                )
+            )
         rows = []
         for key in sorted(keys):
             _insert_missing(session, key, now)
