@@ -217,14 +217,14 @@ def _coerce(want, value):
             raise TypeError
         return value
     if want is str:
-        if not isinstance(value, str):
+        if not isinstance(value, str | os.PathLike):
             raise TypeError
-        return value
+        return os.fspath(value)
     if _is_list_of(want, str):
-        value = [value] if isinstance(value, str) else value
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        value = [value] if isinstance(value, str | os.PathLike) else value
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str | os.PathLike) for v in value):
             raise TypeError
-        return value
+        return [os.fspath(v) for v in value]
     if _is_list_of(want, dict):
         if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
             raise TypeError
