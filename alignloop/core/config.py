@@ -113,7 +113,7 @@ def load_settings(workspace: str | os.PathLike | None = None) -> Settings:
     try:
         raw = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError, RecursionError, OSError) as exc:
-        raise AlignloopError(f"{config_file}: not readable YAML ({exc.__class__.__name__})") from None
+        raise AlignloopError(f"{config_file}: not valid YAML ({exc.__class__.__name__})") from None
     if not isinstance(raw, dict):
         raise AlignloopError(f"{config_file}: expected a mapping of settings")
     known = {f.name for f in fields(Settings)} - {"workspace"}
@@ -147,7 +147,7 @@ def check_settings(settings: Settings, *, where: str) -> None:
     for name, (low, high) in _SETTING_BOUNDS.items():
         value = getattr(settings, name)
         if not low <= value <= high:
-            raise AlignloopError(f"{where}: {name} must be between {low:g} and {high:g}, not {value!r}")
+            raise AlignloopError(f"{where}: {name} must be in [{low:g}, {high:g}], not {value!r}")
     if len(settings.secret_key) < MIN_SECRET_KEY_CHARS:
         raise AlignloopError(
             f"{where}: secret_key must be at least {MIN_SECRET_KEY_CHARS} random characters "
