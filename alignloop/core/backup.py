@@ -83,7 +83,7 @@ def _backup(settings: Settings, out: Path) -> dict:
         proc = subprocess.run([dump, "--format=custom", "--file", str(out / PG_FILE), "--dbname", dbname],
                               capture_output=True, text=True, env=env)  # fmt: skip
         if proc.returncode:
-            raise AlignloopError(f"pg_dump failed: {proc.stderr.strip()[:500]}")
+            raise AlignloopError(f"pg_dump failed: {_first_line(proc.stderr)}")
         with create_engine(url).connect() as conn:
             paths = [
                 row[0] for row in conn.execute(text("SELECT path FROM modelversion WHERE path IS NOT NULL"))
@@ -102,6 +102,11 @@ def _backup(settings: Settings, out: Path) -> dict:
                 "database": database, "models": copied}  # fmt: skip
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     return manifest
+
+
+def _first_line(stderr: str) -> str:
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    return lines[0][:300] if lines else "no message"
 
 
 def _libpq(url: str) -> tuple[str, dict]:
@@ -204,7 +209,7 @@ def _fill(backup_dir: Path, manifest: dict, staging: Path, workspace: Path, data
                                "--exit-on-error", "--dbname", dbname, str(backup_dir / PG_FILE)],
                               capture_output=True, text=True, env=env)  # fmt: skip
         if proc.returncode:
-            raise AlignloopError(f"pg_restore failed: {proc.stderr.strip()[:500]}")
+            raise AlignloopError(f"pg_restore failed: {_first_line(proc.stderr)}")
         url = database_url
         import yaml
 
