@@ -91,6 +91,10 @@ def test_import_errors_are_one_line_not_tracebacks(ws, tmp_path, capsys):
     assert code == 1 and "nested too deeply" in err
     code, err = run_cli(capsys, "prefs", "import", str(deep), "--workspace", str(ws))
     assert code == 1 and "nested too deeply" in err
+    huge = tmp_path / "huge.jsonl"
+    huge.write_text('{"prompt": "x", "meta": {"n": ' + "9" * 5000 + "}}\n", encoding="utf-8")
+    code, err = run_cli(capsys, "prompts", "import", str(huge), "--workspace", str(ws))
+    assert code == 1 and "too large" in err
     examples = tmp_path / "examples.json"
     for content in ("{not json", "[" * 100_000, '{"user": "x"}'):
         examples.write_text(content, encoding="utf-8")
@@ -130,6 +134,8 @@ def test_binary_and_non_mapping_configs(ws, capsys):
     assert "not valid YAML" in one_line_error(capsys, "keys", "list", "--workspace", str(ws))
     (ws / "config.yaml").write_text("- a list\n")
     assert "expected a mapping" in one_line_error(capsys, "keys", "list", "--workspace", str(ws))
+    (ws / "config.yaml").write_text("target_votes: " + "9" * 5000 + "\n")
+    assert "not valid YAML" in one_line_error(capsys, "keys", "list", "--workspace", str(ws))
 
 
 def test_run_config_numbers_written_as_strings_and_data_as_a_string(tmp_path):

@@ -112,7 +112,7 @@ def load_settings(workspace: str | os.PathLike | None = None) -> Settings:
         )
     try:
         raw = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError, RecursionError, OSError) as exc:
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError, OSError, ValueError) as exc:
         raise AlignloopError(f"{config_file}: not valid YAML ({exc.__class__.__name__})") from None
     if not isinstance(raw, dict):
         raise AlignloopError(f"{config_file}: expected a mapping of settings")
@@ -262,7 +262,7 @@ def read_run_config(cls, path: str | os.PathLike | None, overrides: dict, *, wha
     if path is not None:
         try:
             raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:
+        except (OSError, yaml.YAMLError, UnicodeDecodeError, RecursionError, ValueError) as exc:
             raise AlignloopError(
                 f"{path}: cannot read the {what} config ({exc.__class__.__name__})"
             ) from None

@@ -102,6 +102,10 @@ def loads(text: str) -> object:
         value = json.loads(text)
     except RecursionError:
         raise RecordError("JSON nested too deeply") from None
+    except json.JSONDecodeError:
+        raise
+    except ValueError:  # an integer of more than 4300 digits (Python's int conversion limit)
+        raise RecordError("a number in the JSON is too large") from None
     if _SURROGATE_ESCAPE.search(text):  # only a \u escape can make a surrogate: the text itself is UTF-8
         try:
             json.dumps(value, ensure_ascii=False).encode("utf-8")
