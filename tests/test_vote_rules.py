@@ -161,3 +161,25 @@ def test_the_annotation_page_votes_only_on_the_leased_item(workspace):
     with Session(engine) as s:
         (vote,) = s.exec(select(Vote)).all()
     assert vote.comparison_id == item.comparison_id and vote.seconds is not None
+
+
+def test_a_version_3_database_gains_lease_start_and_old_leases_still_vote(engine):
+    from sqlalchemy import inspect, text
+
+    from alignloop.core.db import create_schema, schema_version
+    from alignloop.core.models import SCHEMA_VERSION
+
+    with Session(engine, expire_on_commit=False) as s:
+        (a,) = users(s, 1)
+        (c,) = seed(s, 1)
+        queue.next_item(s, user_id=a.id)
+        s.commit()
+    with engine.begin() as conn:  # back to the version-3 shape: leases without a start time
+        conn.execute(text("ALTER TABLE lease DROP COLUMN leased_at"))
+        conn.execute(text("UPDATE schemainfo SET version = 3"))
+    assert create_schema(engine) == SCHEMA_VERSION == schema_version(engine) == 4
+    assert "leased_at" in {col["name"] for col in inspect(engine).get_columns("lease")}
+    with Session(engine) as s:
+        queue.submit_vote(s, user_id=a.id, comparison_id=c.id, choice="a")  # a lease from before: no time
+        s.commit()
+        assert s.exec(select(Vote)).one().seconds is None
