@@ -437,7 +437,7 @@ def cmd_presets(args) -> int:
     _, engine = open_workspace(args)
     with session_scope(engine) as session:
         if args.presets_command == "save":
-            examples = json.loads(Path(args.examples).read_text(encoding="utf-8")) if args.examples else []
+            examples = _read_examples(args.examples) if args.examples else []
             preset = save_preset(session, name=args.name, system_prompt=args.system or "", examples=examples,
                                  chain_of_thought=args.cot)  # fmt: skip
             print(f"saved preset {preset.name}@{preset.version}")
@@ -446,6 +446,20 @@ def cmd_presets(args) -> int:
                 print(f"{p.name}@{p.version}\t{len(p.examples)} examples\t{'cot' if p.chain_of_thought else ''}"
                       f"\t{p.system_prompt[:60]!r}")  # fmt: skip
     return 0
+
+
+def _read_examples(path: str) -> list:
+    from alignloop.core.prompts import RecordError, loads
+
+    try:
+        examples = loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AlignloopError(f"{path}: cannot read the examples ({exc.__class__.__name__})") from None
+    except (ValueError, RecordError) as exc:
+        raise AlignloopError(f"{path}: not valid JSON ({str(exc).splitlines()[0]})") from None
+    if not isinstance(examples, list):
+        raise AlignloopError(f'{path}: expected a JSON list of {{"user": ..., "assistant": ...}}')
+    return examples
 
 
 def cmd_backup(args) -> int:
@@ -468,6 +482,7 @@ def cmd_restore(args) -> int:
 def cmd_serve(args) -> int:
     import uvicorn
 
+    from alignloop.core import logins
     from alignloop.web import create_app
 
     settings, engine = open_workspace(args)
@@ -476,6 +491,7 @@ def cmd_serve(args) -> int:
     # Browsers hold Gradio's event streams open; without a bound, a shutdown waits for them indefinitely.
     options = {"host": args.host, "port": args.port, "log_level": "info", "server_header": False}
     options["timeout_graceful_shutdown"] = 5
+    options.update(logins.proxy_options(settings))  # X-Forwarded-For only from the configured proxies
     if workers > 1:  # separate processes, each building the app from the workspace named in the environment
         os.environ["ALIGNLOOP_HOME"] = str(settings.workspace)
         os.environ["ALIGNLOOP_DEVICE"], os.environ["ALIGNLOOP_DTYPE"] = settings.device, settings.dtype
@@ -536,6 +552,9 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "transformers", "huggingface_hub", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = make_parser().parse_args(argv)
+    # Everything this process creates (database, WAL, backups, run logs, checkpoints) is the owner's only;
+    # the modules that create files also chmod them (alignloop.core.files), for other entry points.
+    os.umask(0o077)
     try:
         return globals()[args.handler](args)
     except AlignloopError as exc:
@@ -548,6 +567,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
         print(f"alignloop: error: database: {reason} (ALIGNLOOP_DEBUG=1 shows the details)", file=sys.stderr)
+        return 1
+    except OverflowError:  # an integer argument beyond what the database stores (--round 10**20)
+        print("alignloop: error: a number is too large", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a file or folder the command needs: one line, not a traceback
+        if os.environ.get("ALIGNLOOP_DEBUG") == "1":
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"alignloop: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("alignloop: interrupted", file=sys.stderr)

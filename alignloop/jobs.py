@@ -35,6 +35,7 @@ from sqlmodel import Session, select
 from alignloop.core import AlignloopError, crud
 from alignloop.core.config import Settings
 from alignloop.core.db import session_scope
+from alignloop.core.files import private_dir, private_opener
 from alignloop.core.models import Run
 
 JOB_KINDS = {  # what the console may start, and the CLI words that start it
@@ -52,8 +53,14 @@ class TooManyJobs(AlignloopError):
     """`max_jobs` jobs are running already (the web API answers 429)."""
 
 
-def command_for(kind: str, arguments: str) -> list[str]:
-    """The CLI words for a job, checked by the CLI's own parser; raises AlignloopError on bad input."""
+def command_for(kind: str, arguments: str, settings: Settings | None = None) -> list[str]:
+    """The CLI words for a job, checked by the CLI's own parser; raises AlignloopError on bad input.
+
+    With `settings` (a job from the web), a judge may reach only the endpoints in `judge_endpoints`, each with
+    its own key variable: an admin session must not be able to send any server environment variable to any
+    URL as a bearer token. The check reads the parsed arguments, so abbreviations (`--openai-base`) and
+    `--flag=value` forms are covered too.
+    """
     from alignloop.parser import make_parser
 
     if kind not in JOB_KINDS:
@@ -67,15 +74,22 @@ def command_for(kind: str, arguments: str) -> list[str]:
     argv = [*JOB_KINDS[kind], *extra]
     with contextlib.redirect_stderr(io.StringIO()) as err, contextlib.redirect_stdout(io.StringIO()):
         try:
-            make_parser().parse_args(argv)
+            parsed = make_parser().parse_args(argv)
         except SystemExit:
             reason = (err.getvalue().strip().splitlines() or ["see alignloop --help"])[-1]
             raise AlignloopError(f"invalid arguments for {kind}: {reason}") from None
+    if settings is not None and kind == "judge" and parsed.openai_base_url is not None:
+        allowed = {(e["base_url"].rstrip("/"), e["api_key_env"]) for e in settings.judge_endpoints}
+        if (parsed.openai_base_url.rstrip("/"), parsed.api_key_env) not in allowed:
+            raise AlignloopError(
+                f"judge endpoint {parsed.openai_base_url!r} with key variable {parsed.api_key_env!r} is not in "
+                "judge_endpoints in config.yaml; only configured endpoints may be used from the web"
+            )
     return argv
 
 
 def start_job(engine, settings: Settings, *, kind: str, arguments: str = "", user: str | None = None) -> Run:
-    argv = command_for(kind, arguments)
+    argv = command_for(kind, arguments, settings)
     with session_scope(engine) as session:
         if session.get_bind().dialect.name == "postgresql":
             session.exec(text("SELECT pg_advisory_xact_lock(hashtext('alignloop.jobs'))"))
@@ -91,10 +105,10 @@ def start_job(engine, settings: Settings, *, kind: str, arguments: str = "", use
             session, kind="job", config={"job_kind": kind, "argv": argv, "started_by": user}
         )
     log_path = settings.runs_dir / f"run{run.id}" / "job.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(log_path.parent)  # logs hold prompts and model output: the owner's only
     env = {**os.environ, "ALIGNLOOP_JOB": str(run.id), "ALIGNLOOP_HOME": str(settings.workspace),
            "PYTHONUNBUFFERED": "1"}  # fmt: skip
-    with log_path.open("ab") as log:
+    with open(log_path, "ab", opener=private_opener) as log:
         process = subprocess.Popen([sys.executable, "-m", "alignloop.cli", *argv, "--workspace", str(settings.workspace)],
                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                    start_new_session=True)  # fmt: skip

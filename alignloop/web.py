@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from sqlmodel import Session, select
 from starlette.middleware.sessions import SessionMiddleware
 
-from alignloop.core import __version__, crud
+from alignloop.core import __version__, crud, logins
 from alignloop.core.config import Settings
 from alignloop.core.db import make_engine
 from alignloop.core.http import (
@@ -81,7 +81,6 @@ class UserOut(BaseModel):
 
 POSTGRES_DB_SLOTS = 16  # below the engine's pool size + overflow (30)
 UI_PATHS = {"/annotate", "/chat", "/arena"}
-LOGIN_WINDOW_SECONDS = 300
 ERROR_RESPONSES = {  # documented on every operation: what any handler may answer besides success
     400: {"description": "invalid input (a message says why)"},
     401: {"description": "not logged in, or an invalid API key"},
@@ -108,8 +107,6 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
     sqlite = app.state.engine.dialect.name == "sqlite"
     app.state.db_slots = asyncio.Semaphore(1 if sqlite else POSTGRES_DB_SLOTS)
     app.state.model_pool = _model_pool(settings, app.state.engine)
-    app.state.login_failures = RateLimiter(settings.login_attempts, LOGIN_WINDOW_SECONDS)
-    app.state.login_failures_by_address = RateLimiter(3 * settings.login_attempts, LOGIN_WINDOW_SECONDS)
     app.state.vote_limiter = RateLimiter(settings.votes_per_minute, 60)
     app.add_exception_handler(LoginRequired, _login_required)
     app.add_exception_handler(Exception, _internal_error)
@@ -225,6 +222,12 @@ def render_comparison(session: Session, comparison: Comparison) -> str:
     return f'<div class="card"><div class="meta">{meta}</div>{turns}<div class="responses">{responses}</div></div>'
 
 
+def _leased_to(user: User) -> int | None:
+    """Annotators (who may be untrusted crowd workers) see only the items leased to them; reviewers and
+    admins see every item."""
+    return user.id if user.role == "annotator" else None
+
+
 def _register_routes(app: FastAPI) -> None:
     @app.get("/healthz", include_in_schema=False)
     def healthz():
@@ -248,10 +251,10 @@ def _register_routes(app: FastAPI) -> None:
         password: Annotated[str, Form(max_length=MAX_FORM_CHARS)],
     ):
         state = request.app.state
+        # The peer address; uvicorn puts X-Forwarded-For here only from `forwarded_allow_ips` (logins.py).
         address = request.client.host if request.client else "?"
-        wait = max(
-            state.login_failures.blocked_for(username), state.login_failures_by_address.blocked_for(address)
-        )
+        keys = logins.keys_for(username, address, state.settings.login_attempts)
+        wait = logins.reserve(state.engine, keys)  # counted before the hash: parallel guesses queue here
         if wait:
             return HTMLResponse(
                 page("Log in", "<h2>Too many failed attempts</h2><p>Wait a few minutes and try again.</p>").body,
@@ -262,9 +265,8 @@ def _register_routes(app: FastAPI) -> None:
         with Session(request.app.state.engine, expire_on_commit=False) as session:
             user = crud.get_user(session, name=username)
         if not crud.check_password(user, password):
-            state.login_failures.record(username)
-            state.login_failures_by_address.record(address)
             return RedirectResponse("/login?error=1", status_code=303)
+        logins.succeeded(state.engine, keys)
         request.session.clear()
         request.session["user_id"] = user.id
         return RedirectResponse("/annotate/" if user.role == "annotator" else "/", status_code=303)
@@ -291,9 +293,10 @@ def _register_routes(app: FastAPI) -> None:
     def queue_page(
         user: UserDep, session: SessionDep, page_number: Annotated[int, Query(alias="page", ge=1)] = 1
     ):
-        total = crud.count_comparisons(session, status="queued")
+        mine = _leased_to(user)
+        total = crud.count_comparisons(session, status="queued", leased_to=mine)
         comparisons = crud.list_comparisons(
-            session, status="queued", limit=PAGE_SIZE, offset=(page_number - 1) * PAGE_SIZE
+            session, status="queued", limit=PAGE_SIZE, offset=(page_number - 1) * PAGE_SIZE, leased_to=mine
         )
         cards = "".join(render_comparison(session, c) for c in comparisons) or "<p>The queue is empty.</p>"
         pages = (total + PAGE_SIZE - 1) // PAGE_SIZE
@@ -312,9 +315,13 @@ def _register_routes(app: FastAPI) -> None:
         limit: Annotated[int, Query(ge=1, le=500)] = 100,
         offset: Annotated[int, Query(ge=0, le=MAX_INT)] = 0,
     ) -> list[dict]:
-        """Comparisons with their prompt and responses (in position order: a, b, ...)."""
+        """Comparisons with their prompt and responses (in position order: a, b, ...); an annotator gets only
+        the items currently leased to them."""
         out = []
-        for c in crud.list_comparisons(session, status=status, round=round, limit=limit, offset=offset):
+        listed = crud.list_comparisons(
+            session, status=status, round=round, limit=limit, offset=offset, leased_to=_leased_to(user)
+        )
+        for c in listed:
             prompt = session.get(Prompt, c.prompt_id)
             items = crud.comparison_generations(session, comparison_id=c.id)
             out.append(

@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictInt
 
 from alignloop.core import AlignloopError, crud
 from alignloop.core.http import MAX_INT, SessionDep, require_role
@@ -39,9 +39,12 @@ class VoteIn(BaseModel):
         default=None, description="'a'/'b' = the first/second response as shown"
     )
     ranking: list[str] | None = Field(default=None, max_length=10, description="shown labels, best first")
-    ratings: dict[str, dict[str, int]] = Field(default_factory=dict, description="label -> {aspect: 1..5}")
+    # Strict ints (no `true`, no 4.0) and small maps: the queue checks the names against the configured aspects.
+    ratings: dict[str, dict[str, StrictInt]] = Field(
+        default_factory=dict, max_length=10, description="label -> {aspect: 1..5}, configured aspects only"
+    )
     rationale: str = Field(default="", max_length=5000)
-    seconds: float | None = Field(default=None, ge=0, le=86_400)
+    # No `seconds`: the server times each vote from the start of the caller's lease.
 
 
 class VoteOut(BaseModel):
@@ -92,12 +95,12 @@ def vote(body: VoteIn, request: Request, user: AnnotatorDep, session: SessionDep
             ranking_labels=body.ranking,
             ratings=body.ratings,
             rationale=body.rationale,
-            seconds=body.seconds,
+            **queue.vote_options(request.app.state.settings),
         )
     except crud.NotFoundError as exc:
         session.rollback()
         raise HTTPException(status_code=404, detail=str(exc)) from None
-    except (crud.DuplicateVoteError, crud.ComparisonClosedError) as exc:
+    except (crud.DuplicateVoteError, crud.ComparisonClosedError, queue.NotLeasedError) as exc:
         session.rollback()
         raise HTTPException(status_code=409, detail=str(exc)) from None
     except AlignloopError as exc:

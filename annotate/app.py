@@ -11,7 +11,6 @@ textboxes otherwise, so markup in a prompt or response is displayed, never execu
 from __future__ import annotations
 
 import html
-import time
 
 import gradio as gr
 from sqlmodel import Session
@@ -77,10 +76,11 @@ def _progress_md(progress: queue.Progress) -> str:
 def build_ui(engine, settings: Settings, vote_limiter=None) -> gr.Blocks:
     aspects = list(settings.aspects)
     options = queue.queue_options(settings)
+    vote_options = queue.vote_options(settings)
     guidelines = settings.guidelines or DEFAULT_GUIDELINES
 
     with gr.Blocks(title="alignloop · annotate", analytics_enabled=False) as demo:
-        item_state = gr.State(None)  # {"comparison_id", "num", "shown_at"}
+        item_state = gr.State(None)  # {"comparison_id", "num"}; the server times votes from the lease
         with gr.Row():
             gr.Markdown("## alignloop · annotate")
             progress_md = gr.Markdown(elem_id="progress")
@@ -129,7 +129,7 @@ def build_ui(engine, settings: Settings, vote_limiter=None) -> gr.Blocks:
                         *[gr.update(visible=False) for _ in rating_rows],
                         *[None for _ in rating_cells], ""]  # fmt: skip
             num = len(item.responses)
-            state = {"comparison_id": item.comparison_id, "num": num, "shown_at": time.time()}
+            state = {"comparison_id": item.comparison_id, "num": num}
             return [state, _progress_md(progress), message, _chat(item.prompt),
                     *[gr.update(value=item.responses[i] if i < num else "", visible=i < num) for i in range(MAX_RESPONSES)],
                     gr.update(visible=num == 2), gr.update(visible=num > 2), "",
@@ -166,10 +166,12 @@ def build_ui(engine, settings: Settings, vote_limiter=None) -> gr.Blocks:
                         ranking_labels=ranking_labels,
                         ratings=ratings,
                         rationale=rationale_text or "",
-                        seconds=round(time.time() - state["shown_at"], 2),
+                        **vote_options,
                     )
             except (crud.DuplicateVoteError, crud.ComparisonClosedError):
                 return load_next(request, "That item was completed by someone else; here is the next one.")
+            except queue.NotLeasedError:
+                return load_next(request, "Your hold on that item ran out; here is the next one.")
             except AlignloopError as exc:
                 raise gr.Error(str(exc)) from None
             return load_next(request, "Saved.")

@@ -144,8 +144,8 @@ def run_judge(
                     session, user_id=user_id, comparison_id=item.comparison_id, choice=choice, ranking_labels=ranking,
                     rationale="AI judge (position-swapped)",
                 )  # fmt: skip
-        except (crud.ComparisonClosedError, crud.DuplicateVoteError):
-            counts["lost"] += 1  # a human finished it while the judge was thinking
+        except (crud.ComparisonClosedError, crud.DuplicateVoteError, queue.NotLeasedError):
+            counts["lost"] += 1  # a human finished it, or the lease ran out, while the judge was thinking
             continue
         counts["votes"] += 1
         counts[choice or "ranked"] += 1

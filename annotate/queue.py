@@ -8,6 +8,14 @@ Rules (each one tested with concurrent threads and processes on SQLite and Postg
 - order: a gold item when the annotator's gold share is due (default 5% of their items), then priority, then
   reward-model uncertainty (smallest |r_a - r_b| first) when a reward model has scored the item, then oldest.
 
+Votes (the same rules for the page, the JSON API and the judge, all through `submit_vote`):
+- a vote needs the voter's live lease on that comparison, or a gold item they were assigned: nobody chooses
+  what they label by sending an id, and nobody votes on an item leased to someone else;
+- the time a vote took is measured by the server, from the moment the lease was first granted (`leased_at`,
+  kept across reloads) to the vote; nothing the client sends changes it;
+- ratings accept only the workspace's configured aspect names, with int values 1..5 (not bools or floats),
+  for the labels the item has, so a row stays small whatever a client posts.
+
 How the "never beyond target" rule holds: a claim locks the candidate comparison row (PostgreSQL
 `FOR UPDATE SKIP LOCKED`; SQLite serialises write transactions with `BEGIN IMMEDIATE`), then counts votes and
 live leases in a fresh statement, which sees every claim committed before the lock was granted.
@@ -18,6 +26,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -25,6 +34,7 @@ from sqlalchemy import and_, bindparam, delete, exists, func, or_, text
 from sqlmodel import Session, col, select
 
 from alignloop.core import AlignloopError, crud
+from alignloop.core.config import Settings
 from alignloop.core.models import (
     UNSCORED,
     Comparison,
@@ -39,9 +49,15 @@ from alignloop.core.models import (
 
 LEASE_SECONDS = 600
 GOLD_SHARE = 0.05
+DEFAULT_ASPECTS = tuple(Settings().aspects)
+RATING_RANGE = range(1, 6)
 CANDIDATES_PER_CLAIM = 8
 CLAIM_ATTEMPTS = 50
 LABELS = "ABCDEFGHIJ"
+
+
+class NotLeasedError(AlignloopError):
+    """A vote on a comparison the voter does not hold a live lease on."""
 
 
 @dataclass
@@ -126,6 +142,16 @@ _NUM_ITEMS = (
     .select_from(ComparisonItem)
     .where(ComparisonItem.comparison_id == bindparam("comparison_id"))
 )
+# The voter's own lease (live or not; not skipped) and whether the item is gold.
+_VOTER_LEASE = (
+    select(Lease, Comparison.gold)
+    .join(Comparison, Comparison.id == Lease.comparison_id)
+    .where(
+        Lease.comparison_id == bindparam("comparison_id"),
+        Lease.user_id == _USER,
+        col(Lease.skipped).is_(False),
+    )
+)
 _RELEASE = delete(Lease).where(Lease.comparison_id == bindparam("comparison_id"), Lease.user_id == _USER)
 
 
@@ -158,10 +184,11 @@ def _lease_upsert(dialect: str):
         user_id=_USER,
         expires_at=bindparam("expires_at"),
         skipped=False,
+        leased_at=_NOW,
     )
     return statement.on_conflict_do_update(
         index_elements=["comparison_id", "user_id"],
-        set_={"expires_at": statement.excluded.expires_at, "skipped": False},
+        set_={"expires_at": statement.excluded.expires_at, "skipped": False, "leased_at": _NOW},
     )
 
 
@@ -179,6 +206,11 @@ def _gold_turn(session: Session, user_id: int, gold_share: float) -> bool:
 def queue_options(settings) -> dict:
     """The workspace's queue settings as `next_item` keyword arguments."""
     return {"lease_seconds": int(settings.lease_minutes * 60), "gold_share": settings.gold_share}
+
+
+def vote_options(settings) -> dict:
+    """The workspace's vote settings as `submit_vote` keyword arguments."""
+    return {"aspects": tuple(settings.aspects)}
 
 
 def next_item(
@@ -268,18 +300,33 @@ def submit_vote(
     ranking_labels: list[str] | None = None,
     ratings: dict | None = None,
     rationale: str = "",
-    seconds: float | None = None,
+    aspects: Sequence[str] = DEFAULT_ASPECTS,
+    now: datetime | None = None,
 ) -> int:
     """Record a vote given in terms of what the annotator saw, and release their lease. Returns the vote id.
 
     `choice` is "a"/"b" for the first/second response *as shown* (or "tie"/"both_bad"); `ranking_labels` lists
     shown labels best first ("C", "A", "B"). Both are mapped to stored positions with the annotator's shown
     order, which the server derives itself, so position-bias statistics cannot be spoofed by a client.
-    `ratings` maps shown labels to {aspect: 1..5}.
+    `ratings` maps shown labels to {aspect: 1..5}, aspects from `aspects` only. The voter must hold a live
+    lease on the comparison (or an assigned gold item); the vote's `seconds` run from the lease's start.
     """
+    now = now or utcnow()
     num_items = session.exec(_NUM_ITEMS, params={"comparison_id": comparison_id}).one()
     if num_items == 0:
         raise crud.NotFoundError(f"comparison {comparison_id} does not exist")
+    lease = session.exec(_VOTER_LEASE, params={"comparison_id": comparison_id, "user_id": user_id}).first()
+    # A gold item stays assigned after its lease runs out (it has room for everyone); any other item needs
+    # the lease still live, or the slot may already be someone else's.
+    if lease is None or not (lease[1] is not None or _as_utc(lease[0].expires_at) > now):
+        raise NotLeasedError(
+            f"comparison {comparison_id} is not leased to you (or the lease expired): take items from the queue"
+        )
+    leased_at = lease[0].leased_at
+    # Clamped at 0: several servers' clocks may differ by a little.
+    seconds = (
+        max(0.0, round((now - _as_utc(leased_at)).total_seconds(), 2)) if leased_at is not None else None
+    )
     order = shown_order_for(user_id=user_id, comparison_id=comparison_id, num_items=num_items)
     labels = LABELS[:num_items]
 
@@ -293,13 +340,18 @@ def submit_vote(
         stored_choice = "ab"[position(choice.upper())] if num_items == 2 else choice
     ranking = [position(label) for label in ranking_labels] if ranking_labels is not None else None
     stored_ratings = {}
-    for label, aspects in (ratings or {}).items():
-        if not isinstance(aspects, dict) or not all(
-            isinstance(v, int) and 1 <= v <= 5 and isinstance(k, str) and len(k) <= 64
-            for k, v in aspects.items()
+    if not isinstance(ratings or {}, dict) or len(ratings or {}) > num_items:
+        raise AlignloopError(f"ratings must map at most {num_items} response labels to {{aspect: 1..5}}")
+    for label, given in (ratings or {}).items():
+        # type() rather than isinstance: True is an int to Python, but not a rating.
+        if not isinstance(given, dict) or not all(
+            isinstance(k, str) and k in aspects and type(v) is int and v in RATING_RANGE
+            for k, v in given.items()
         ):
-            raise AlignloopError("ratings must map each response label to {aspect: 1..5}")
-        stored_ratings[str(position(label))] = aspects
+            raise AlignloopError(
+                f"ratings must map each response label to {{aspect: 1..5}} with aspects from: {', '.join(aspects)}"
+            )
+        stored_ratings[str(position(label))] = given
     if len(rationale) > 5000:
         raise AlignloopError("the rationale is limited to 5000 characters")
     vote = crud.record_vote(

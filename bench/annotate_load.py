@@ -79,7 +79,7 @@ async def annotator(client, name: str, stop_at: int, acked: list, latencies: lis
             due += interval
         t = time.perf_counter()
         r = await client.post(
-            "/api/annotate/vote", json={"comparison_id": item["comparison_id"], "choice": "a", "seconds": 1.0}
+            "/api/annotate/vote", json={"comparison_id": item["comparison_id"], "choice": "a"}
         )
         latencies.append(time.perf_counter() - t)
         if r.status_code == 201:

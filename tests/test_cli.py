@@ -149,7 +149,7 @@ def test_refused_licence_and_missing_model_are_one_line(workspace, tmp_path, tin
     [
         ("gold_share: 2", "gold_share must be in [0, 1]"),
         ("aspects: []", "aspects must be a list"),
-        ("lease_minutes: 0", "lease_minutes and target_votes positive"),
+        ("lease_minutes: 0", "lease_minutes must be in ["),
         ("colour: blue", "unknown setting(s) colour"),
         ("{{{", "not valid YAML"),
     ],

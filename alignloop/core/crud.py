@@ -33,6 +33,7 @@ from alignloop.core.models import (
     Comparison,
     ComparisonItem,
     Generation,
+    Lease,
     ModelVersion,
     Prompt,
     Round,
@@ -417,27 +418,41 @@ def list_comparisons(
     round: int | None = None,
     limit: int = 100,
     offset: int = 0,
+    leased_to: int | None = None,
 ) -> list[Comparison]:
+    """Comparisons by priority; `leased_to` keeps only those the user holds a live lease on (what an
+    annotator may see: listing every item would let them pick what they label)."""
     query = (
         select(Comparison)
         .order_by(col(Comparison.priority).desc(), Comparison.id)
         .offset(offset)
         .limit(limit)
     )
-    if status is not None:
-        query = query.where(Comparison.status == status)
-    if round is not None:
-        query = query.where(Comparison.round == round)
-    return list(session.exec(query).all())
+    return list(session.exec(_comparison_filter(query, status, round, leased_to)).all())
 
 
-def count_comparisons(session: Session, *, status: str | None = None, round: int | None = None) -> int:
+def count_comparisons(
+    session: Session, *, status: str | None = None, round: int | None = None, leased_to: int | None = None
+) -> int:
     query = select(func.count()).select_from(Comparison)
+    return session.exec(_comparison_filter(query, status, round, leased_to)).one()
+
+
+def _comparison_filter(query, status: str | None, round: int | None, leased_to: int | None):
     if status is not None:
         query = query.where(Comparison.status == status)
     if round is not None:
         query = query.where(Comparison.round == round)
-    return session.exec(query).one()
+    if leased_to is not None:
+        query = query.where(
+            exists().where(
+                Lease.comparison_id == Comparison.id,
+                Lease.user_id == leased_to,
+                Lease.expires_at > utcnow(),
+                col(Lease.skipped).is_(False),
+            )
+        )
+    return query
 
 
 # --- votes ---------------------------------------------------------------------------------------------------

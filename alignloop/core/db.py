@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from sqlalchemy import event, inspect, text
 from sqlalchemy.engine import Engine
@@ -18,6 +19,7 @@ from sqlalchemy.pool import StaticPool
 from sqlmodel import Session, SQLModel, create_engine, select
 
 from alignloop.core import AlignloopError
+from alignloop.core.files import private_file
 from alignloop.core.models import SCHEMA_VERSION, Comparison, SchemaInfo
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000  # how long a transaction waits for the write lock in all
@@ -49,12 +51,27 @@ def _v3_presets_and_keys(engine: Engine) -> None:
     """New tables only (Preset, ApiKey): `create_all` has already made them; nothing to alter."""
 
 
-MIGRATIONS: dict[int, Callable[[Engine], None]] = {2: _v2_annotation_queue, 3: _v3_presets_and_keys}
+def _v4_lease_start(engine: Engine) -> None:
+    """Lease.leased_at (server-side vote timing); the LoginThrottle table is new, made by `create_all`."""
+    _add_columns(engine, "lease", {"leased_at": "TIMESTAMP"})
+
+
+MIGRATIONS: dict[int, Callable[[Engine], None]] = {
+    2: _v2_annotation_queue,
+    3: _v3_presets_and_keys,
+    4: _v4_lease_start,
+}
 
 
 def make_engine(url: str, *, echo: bool = False) -> Engine:
+    if not url.startswith(("sqlite://", "postgresql://", "postgresql+psycopg://")):
+        raise AlignloopError(
+            f"unsupported database URL {url.split('://')[0]!r}: use sqlite:///PATH or postgresql://USER@HOST/DB"
+        )
     if url.startswith("sqlite"):
         in_memory = url in ("sqlite://", "sqlite:///:memory:")
+        if not in_memory:
+            _private_sqlite_files(url)
         engine = create_engine(
             url,
             echo=echo,
@@ -71,6 +88,18 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
     return create_engine(url, echo=echo, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def _private_sqlite_files(url: str) -> None:
+    """The database file 0600 before SQLite opens it: SQLite gives its -wal and -shm files the database
+    file's permissions, so they follow."""
+    path = Path(url.split("///", 1)[1].split("?", 1)[0])
+    if not path.parent.is_dir():
+        return  # SQLite reports the missing folder itself
+    private_file(path)
+    for suffix in ("-wal", "-shm"):
+        if (extra := path.with_name(path.name + suffix)).exists():
+            private_file(extra)
 
 
 def _begin_immediate(conn) -> None:
@@ -101,8 +130,28 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cursor.close()
 
 
+def _stored_version(engine: Engine) -> int | None:
+    """The version recorded in the database, or None for a database without alignloop's tables yet."""
+    with engine.connect() as conn:
+        if not inspect(conn).has_table("schemainfo"):
+            return None
+        return conn.execute(text("SELECT version FROM schemainfo WHERE id = 1")).scalar()
+
+
 def create_schema(engine: Engine) -> int:
-    """Create missing tables and record the schema version; safe to call any number of times."""
+    """Create missing tables and record the schema version; safe to call any number of times.
+
+    A database written by a newer alignloop is refused before anything is created in it: `create_all` on such a
+    database would add this version's idea of missing tables to a schema it does not understand.
+    """
+    try:
+        stored = _stored_version(engine)
+    except OperationalError as exc:
+        raise AlignloopError(f"cannot open database {engine.url!r}: {exc.orig}") from None
+    if stored is not None and stored > SCHEMA_VERSION:
+        raise AlignloopError(
+            f"database schema version {stored} is newer than this alignloop ({SCHEMA_VERSION}); upgrade alignloop"
+        )
     try:
         SQLModel.metadata.create_all(engine)
     except OperationalError as exc:

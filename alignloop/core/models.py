@@ -14,7 +14,7 @@ from sqlalchemy import JSON, Column, Index, Text, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
 # Bump when a table changes and add the step to `db.MIGRATIONS`.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 UNSCORED = 1e300  # sorts comparisons without a reward margin after every scored one
 
@@ -179,6 +179,18 @@ class Lease(SQLModel, table=True):
     user_id: int = Field(foreign_key="user.id", index=True)
     expires_at: datetime = Field(index=True)
     skipped: bool = False  # the annotator passed on it: never offered to them again, holds no slot
+    # When the annotator was handed the item (kept across reloads): a vote's time is measured from here by the
+    # server, never taken from the client. None only for leases made before schema version 4.
+    leased_at: datetime | None = None
+
+
+class LoginThrottle(SQLModel, table=True):
+    # Login attempts per key ("pair:<name>@<address>", "addr:<address>"), in the database so that every web
+    # worker process sees the same counts; see `alignloop.core.throttle`.
+    key: str = Field(primary_key=True, max_length=200)
+    attempts: int = 0
+    window_start: datetime
+    next_allowed_at: datetime | None = None
 
 
 class ChatFeedback(SQLModel, table=True):

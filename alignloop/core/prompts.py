@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from pathlib import Path
 
 from alignloop.core import AlignloopError
@@ -91,6 +92,30 @@ def parse_prompt_file(path: str | Path, *, fmt: str = "auto") -> list[PromptCrea
     return prompts
 
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def loads(text: str) -> object:
+    """json.loads that refuses, as a RecordError, what would fail later with a traceback: nesting too deep
+    for Python's recursion limit, and lone UTF-16 surrogates (`"\\ud800"`), which no UTF-8 database stores."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise RecordError("JSON nested too deeply") from None
+    except json.JSONDecodeError:
+        raise
+    except ValueError:  # an integer of more than 4300 digits (Python's int conversion limit)
+        raise RecordError("a number in the JSON is too large") from None
+    if _SURROGATE_ESCAPE.search(text):  # only a \u escape can make a surrogate: the text itself is UTF-8
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise RecordError(
+                "a string holds a lone surrogate (\\ud800-\\udfff escape): not valid text"
+            ) from None
+    return value
+
+
 def read_json_records(path: Path, text: str | None = None) -> list[tuple[int, object]]:
     """(line, record) pairs of a JSON Lines file, or (index, record) of a .json array. A line that is not valid
     JSON comes back as a RecordError in place of its record, so callers report every bad line at once."""
@@ -98,11 +123,13 @@ def read_json_records(path: Path, text: str | None = None) -> list[tuple[int, ob
     text = read_text(path) if text is None else text
     if path.suffix.lower() == ".json":
         try:
-            data = json.loads(text)
+            data = loads(text)
         except json.JSONDecodeError as exc:
             raise ImportFileError(
                 path, [(exc.lineno, f"invalid JSON: {exc.msg} at column {exc.colno}")]
             ) from None
+        except RecordError as exc:
+            raise ImportFileError(path, [(0, str(exc))]) from None
         if not isinstance(data, list):
             raise ImportFileError(
                 path, [(1, "a .json file must hold an array of records (use .jsonl for JSON Lines)")]
@@ -113,9 +140,11 @@ def read_json_records(path: Path, text: str | None = None) -> list[tuple[int, ob
         if not line.strip():
             continue
         try:
-            records.append((number, json.loads(line)))
+            records.append((number, loads(line)))
         except json.JSONDecodeError as exc:
             records.append((number, RecordError(f"invalid JSON: {exc.msg} at column {exc.colno}")))
+        except RecordError as exc:
+            records.append((number, exc))
     return records
 
 
@@ -141,8 +170,8 @@ def _csv_records(path: Path, text: str) -> list[tuple[int, object]]:
                 clean = {k: v for k, v in row.items() if v != ""}
                 if "messages" in clean:
                     try:
-                        clean["messages"] = json.loads(clean["messages"])
-                    except json.JSONDecodeError:
+                        clean["messages"] = loads(clean["messages"])
+                    except (json.JSONDecodeError, RecordError):
                         records.append((reader.line_num, RecordError("'messages' column is not valid JSON")))
                         continue
                 records.append((reader.line_num, clean))

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from alignloop.core.db import session_scope
+from alignloop.core.files import private_opener
 from alignloop.core.models import Run
 
 
@@ -17,7 +18,7 @@ class StepLog:
 
     def __call__(self, entry: dict) -> None:
         entry = {"time": time.time(), **entry}
-        with self.path.open("a", encoding="utf-8") as f:
+        with open(self.path, "a", encoding="utf-8", opener=private_opener) as f:
             f.write(json.dumps(entry) + "\n")
         with session_scope(self.engine) as session:
             run = session.get(Run, self.run_id)
