@@ -444,7 +444,8 @@ def cmd_presets(args) -> int:
         if args.presets_command == "save":
             examples = json.loads(Path(args.examples).read_text(encoding="utf-8")) if args.examples else []
             preset = save_preset(session, name=args.name, system_prompt=args.system or "", examples=examples,
-                                 chain_of_thought=args.cot)  # fmt: skip
+                                 chain_of_thought=args.cot, num_shots=args.num_shots, shot_order=args.shot_order,
+                                 answer_delimiter=args.delimiter)  # fmt: skip
             print(f"saved preset {preset.name}@{preset.version}")
         else:
             for p in list_presets(session):

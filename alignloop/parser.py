@@ -219,6 +219,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--examples", default=None, help='JSON file: [{"user": ..., "assistant": ...}, ...]')
     p.add_argument("--cot", default=None, help="chain-of-thought instruction appended to the user's turn")
+    p.add_argument("--num-shots", type=int, default=None,
+                   help="show the K examples most similar to each prompt (the examples become a pool)")  # fmt: skip
+    p.add_argument("--shot-order", default="similar_last", choices=["similar_last", "similar_first"])
+    p.add_argument("--delimiter", default=None, help="users see only the answer after this text (hides CoT)")
     p.set_defaults(handler="cmd_presets")
     p = presets.add_parser("list", parents=[common], help="the latest version of each preset")
     p.set_defaults(handler="cmd_presets")
