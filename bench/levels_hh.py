@@ -15,15 +15,19 @@ then `alignloop report levels --judge judge` on the held-out prompts, and prints
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
 
-HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh_harmless_dev.jsonl"
+DATA = os.environ.get("ALIGNLOOP_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data"
+HH = Path(DATA) / "hh_harmless_dev.jsonl"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--eval", type=int, default=24)
     parser.add_argument("--train", type=int, default=240)
     parser.add_argument("--sft-steps", type=int, default=30)
@@ -64,17 +68,30 @@ def main() -> None:
             sys.exit(f"failed: {argv}")
 
     run("init")
-    run("prompts", "import", write("eval.jsonl", [{"messages": json.loads(k)} for k in held]), "--split", "eval")
+    run(
+        "prompts",
+        "import",
+        write("eval.jsonl", [{"messages": json.loads(k)} for k in held]),
+        "--split",
+        "eval",
+    )
     run("prompts", "import", write("train.jsonl", [{"messages": json.loads(k)} for k in train_prompts]))
+    reward_config = tmp / "reward.yaml"
+    reward_config.write_text(
+        "max_length: 128\nper_device_train_batch_size: 8\nlearning_rate: 1.0e-4\nheld_out: 0.1\n"
+    )
     for name, keys in (("rm", rest[:half]), ("judge", rest[half:])):
-        run("reward", "train", "--base", "minilm", "--no-votes", "--data", write(f"{name}.jsonl", trl_pairs(keys)),
-            "--max-steps", str(args.rm_steps), "--name", name)  # fmt: skip
+        run("reward", "train", "--config", str(reward_config), "--base", "minilm", "--no-votes", "--data",
+            write(f"{name}.jsonl", trl_pairs(keys)), "--max-steps", str(args.rm_steps), "--name", name)  # fmt: skip
     sft_rows = [{"messages": json.loads(k) + [{"role": "assistant", "content": by_prompt[k][0].chosen}]}
                 for k in rest]  # fmt: skip
     sft_file = write("sft.jsonl", sft_rows)
-    run("sft", "train", "--data", sft_file, "--method", "lora", "--max-steps", str(args.sft_steps), "--name", "sft-lora")
+    short = "max_length: 256\nper_device_train_batch_size: 4\nnum_samples: 0\n"
+    (tmp / "sft.yaml").write_text(short)
+    run("sft", "train", "--config", str(tmp / "sft.yaml"), "--data", sft_file, "--method", "lora", "--max-steps",
+        str(args.sft_steps), "--name", "sft-lora")  # fmt: skip
     config = tmp / "sft-top2.yaml"
-    config.write_text("layers_to_transform: [28, 29]\n")
+    config.write_text(short + "layers_to_transform: [28, 29]\n")
     run("sft", "train", "--config", str(config), "--data", sft_file, "--method", "lora", "--max-steps",
         str(args.sft_steps), "--name", "sft-lora-top2")  # fmt: skip
     ppo = tmp / "ppo.yaml"

@@ -72,7 +72,7 @@ def levels_ws(tmp_path_factory, tiny_model_dir):
     with session_scope(engine) as s:
         save_preset(s, name="terse", system_prompt="Answer briefly.", chain_of_thought="Think first, then answer.",
                     answer_delimiter="Here is")  # fmt: skip
-        save_preset(s, name="hide", answer_delimiter="Here is")  # the prompt unchanged: only the reply is cut
+        save_preset(s, name="hide", answer_delimiter=" is ")  # the prompt unchanged: only the reply is cut
         # Human votes: three arena battles, all won by the SFT version over the PPO policy.
         sft, ppo = (crud.get_model_version(s, name=n) for n in ("sft-good", "ppo-on-sft"))
         admin = crud.get_user(s, name="admin")
@@ -161,7 +161,12 @@ def test_an_sft_version_goes_through_ppo_and_is_served(levels_ws):
             model="ppo-on-sft", messages=prompt, max_tokens=10, temperature=0
         )
         assert reply.choices[0].message.content == expected
-        # The SFT version says GOOD; the preset's delimiter ("Here is") leaves only what follows it.
+        # The SFT version says (about) GOOD; the preset's delimiter (" is ") leaves only what follows it.
+        with Session(engine) as s:
+            sft_model = resolve("sft-good", settings=settings, session=s)
+        raw = generate(sft_model.model, sft_model.tokenizer, [prompt], progress=False,
+                       params=SamplingParams(max_new_tokens=16, temperature=0))[0][0].text  # fmt: skip
+        assert " is " in raw and raw.endswith("a summary.")
         sft_reply = client.chat.completions.create(model="sft-good", messages=prompt, max_tokens=16, temperature=0,
                                                    extra_body={"preset": "hide"})  # fmt: skip
         assert sft_reply.choices[0].message.content == "a summary."
