@@ -377,6 +377,20 @@ def cmd_rl_eval(args) -> int:
     return 0
 
 
+def cmd_report_levels(args) -> int:
+    from serve.levels import build_report, markdown_table
+
+    settings, engine = open_workspace(args)
+    report = build_report(engine, settings, judge=args.judge, base=args.base, num_prompts=args.prompts,
+                          max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+                          models=args.models, out=args.out)  # fmt: skip
+    print(markdown_table(report), end="")
+    print(
+        f"stored as run {report['run_id']} (/admin/levels)" + (f"; files in {args.out}" if args.out else "")
+    )
+    return 0
+
+
 def cmd_round_next(args) -> int:
     from alignloop.rounds import RoundPlan, next_round
 
@@ -439,7 +453,8 @@ def cmd_presets(args) -> int:
         if args.presets_command == "save":
             examples = _read_examples(args.examples) if args.examples else []
             preset = save_preset(session, name=args.name, system_prompt=args.system or "", examples=examples,
-                                 chain_of_thought=args.cot)  # fmt: skip
+                                 chain_of_thought=args.cot, num_shots=args.num_shots, shot_order=args.shot_order,
+                                 answer_delimiter=args.delimiter)  # fmt: skip
             print(f"saved preset {preset.name}@{preset.version}")
         else:
             for p in list_presets(session):

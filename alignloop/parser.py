@@ -360,6 +360,22 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default=None, help="an L1 prompting preset for both policies")
     p.set_defaults(handler="cmd_rl_eval")
 
+    report = sub.add_parser("report", help="reports across stages").add_subparsers(
+        dest="report_command", required=True, metavar="WHAT"
+    )
+    p = report.add_parser(
+        "levels", parents=[common], help="L1 presets, L2 and L3 versions vs the base: win rate, cost"
+    )
+    p.add_argument("--judge", default=None, help="reward model that judges (default: the newest registered)")
+    p.add_argument("--base", default=None, help="the base model (default: the workspace's default policy)")
+    p.add_argument("--prompts", type=int, default=32, help="held-out (eval split) prompts to answer")
+    p.add_argument("--models", nargs="+", default=None, help="only these SFT/policy versions (default: all)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="folder for levels.json, levels.md and levels.png")
+    p.set_defaults(handler="cmd_report_levels")
+
     round_ = sub.add_parser("round", help="the RLHF loop").add_subparsers(
         dest="round_command", required=True, metavar="ACTION"
     )
@@ -401,6 +417,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--examples", default=None, help='JSON file: [{"user": ..., "assistant": ...}, ...]')
     p.add_argument("--cot", default=None, help="chain-of-thought instruction appended to the user's turn")
+    p.add_argument("--num-shots", type=int, default=None,
+                   help="show the K examples most similar to each prompt (the examples become a pool)")  # fmt: skip
+    p.add_argument("--shot-order", default="similar_last", choices=["similar_last", "similar_first"])
+    p.add_argument("--delimiter", default=None, help="users see only the answer after this text (hides CoT)")
     p.set_defaults(handler="cmd_presets")
     p = presets.add_parser("list", parents=[common], help="the latest version of each preset")
     p.set_defaults(handler="cmd_presets")

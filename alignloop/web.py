@@ -157,13 +157,14 @@ def _mount_stages(app: FastAPI) -> None:
     from annotate import app as annotate_app
     from reward import web as reward_web
     from rl import web as rl_web
-    from serve import arena, chat, openai_api
+    from serve import arena, chat, levels_web, openai_api
 
     app.include_router(annotate_api.router)
     app.include_router(annotate_admin.router)
     app.include_router(reward_web.router)
     app.include_router(rl_web.router)
     app.include_router(arena.router)
+    app.include_router(levels_web.router)
     openai_api.install(app)
     engine, settings = app.state.engine, app.state.settings
 

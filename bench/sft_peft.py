@@ -1,4 +1,5 @@
-"""Benchmark: LoRA, prefix tuning, IA3 and full fine-tuning of the default model, after equal steps, in one run.
+"""Benchmark: LoRA, prefix tuning, IA3 and full fine-tuning of the default model, each also restricted to the
+last two layers (layer-selective tuning), after equal steps, in one run.
 
 The instruction set is derived from `../shared/data/hh_harmless_dev.jsonl`: each pair's prompt with its chosen
 response. Every method trains in its own process through `sft.train.train` (the same path as
@@ -6,7 +7,7 @@ response. Every method trains in its own process through `sft.train.train` (the 
 Reports trainable parameters, peak resident memory of the process, seconds per step and held-out loss,
 each as a ratio to full fine-tuning (the baseline) measured in the same run.
 
-    .venv/bin/python bench/sft_peft.py [--steps 30] [--examples 240] [--max-length 256]
+    .venv/bin/python bench/sft_peft.py [--steps 30] [--examples 240] [--max-length 256] [--only LABEL ...]
 """
 
 import argparse
@@ -17,7 +18,13 @@ import tempfile
 from pathlib import Path
 
 HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh_harmless_dev.jsonl"
-METHODS = ("full", "lora", "prefix", "ia3")
+# label -> (method, extra config): the layer-selective rows tune only the last two of SmolLM2-135M's 30 layers.
+METHODS = {
+    "full": ("full", {}), "lora": ("lora", {}), "prefix": ("prefix", {}), "ia3": ("ia3", {}),
+    "full, layers 28-29": ("full", {"layers_to_transform": [28, 29]}),
+    "lora, layers 28-29": ("lora", {"layers_to_transform": [28, 29]}),
+    "ia3, layers 28-29": ("ia3", {"layers_to_transform": [28, 29]}),
+}  # fmt: skip
 
 CHILD = """
 import json, os, resource, sys
@@ -27,12 +34,12 @@ from alignloop.core.workspace import init_workspace
 from alignloop.core.config import load_settings
 from alignloop.core.db import make_engine
 from sft.train import load_config, train
-ws = Path(sys.argv[1]) / sys.argv[2]
+ws = Path(sys.argv[1]) / sys.argv[6]
 init_workspace(ws)
 settings = load_settings(ws)
 config = load_config(None, data=[sys.argv[3]], method=sys.argv[2], max_steps=int(sys.argv[4]),
                      max_length=int(sys.argv[5]), per_device_train_batch_size=4, held_out_fraction=0.2,
-                     logging_steps=5, num_samples=0)
+                     logging_steps=5, num_samples=0, **json.loads(sys.argv[7]))
 summary = train(make_engine(settings.db_url), settings, config, progress=False)
 summary["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print("RESULT " + json.dumps({k: summary[k] for k in ("trainable_params", "total_params", "seconds_per_step",
@@ -67,21 +74,27 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--examples", type=int, default=240)
     parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument(
+        "--only", nargs="+", default=None, help="run only these rows (and full, the baseline)"
+    )
     args = parser.parse_args()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "instructions.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in instruction_set(args.examples)))
-        for method in METHODS:
+        for index, (label, (method, extra)) in enumerate(METHODS.items()):
+            if args.only and label not in args.only and label != "full":
+                continue
             proc = subprocess.run(
-                [sys.executable, "-c", CHILD, tmp, method, str(data), str(args.steps), str(args.max_length)],
+                [sys.executable, "-c", CHILD, tmp, method, str(data), str(args.steps), str(args.max_length),
+                 f"ws{index}", json.dumps(extra)],
                 capture_output=True, text=True,
             )  # fmt: skip
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:
-                sys.exit(f"{method} failed:\n{proc.stderr[-3000:]}")
-            results[method] = json.loads(line.removeprefix("RESULT "))
-            print(f"{method}: done", file=sys.stderr)
+                sys.exit(f"{label} failed:\n{proc.stderr[-3000:]}")
+            results[label] = json.loads(line.removeprefix("RESULT "))
+            print(f"{label}: done", file=sys.stderr)
     base = results["full"]
     print(
         f"SmolLM2-135M-Instruct, {args.examples} HH-harmless chosen responses (80/20 by prompt), "
@@ -99,10 +112,11 @@ def main() -> None:
             f"{r['seconds_per_step'] / base['seconds_per_step']:.2f}x |"
         )
     best = min(results, key=lambda m: results[m]["held_out_loss"]["all"])
-    print(
-        f"ratio lora / full seconds per step: {results['lora']['seconds_per_step'] / base['seconds_per_step']:.2f}x "
-        f"(lowest held-out loss after {args.steps} steps: {best})"
-    )
+    if "lora" in results:
+        print(
+            f"ratio lora / full seconds per step: {results['lora']['seconds_per_step'] / base['seconds_per_step']:.2f}x"
+        )
+    print(f"lowest held-out loss after {args.steps} steps: {best}")
 
 
 if __name__ == "__main__":

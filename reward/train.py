@@ -311,7 +311,7 @@ def _fit(engine, config, run_id, run_dir, source, base_version, train_pairs, hel
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     rounds = sorted({p.round for p in train_pairs if p.round is not None})
     metrics = {
-        "base": config.base, "method": config.method, "train_pairs": len(train_pairs), "processes": trainer.accelerator.num_processes,
+        "base": config.base, "method": config.method, "device": "cuda" if torch.cuda.is_available() else "cpu", "train_pairs": len(train_pairs), "processes": trainer.accelerator.num_processes,
         "held_out_pairs": len(held_out), "trainable_params": trainable, "total_params": total, "steps": steps,
         "train_seconds": round(train_seconds, 2), "train_tokens": int(getattr(trainer, "_total_train_tokens", 0)), "pairs_per_second": round(steps * args.train_batch_size
         * config.gradient_accumulation_steps / train_seconds, 3) if steps else None,

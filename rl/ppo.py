@@ -70,6 +70,9 @@ class PPOConfig:
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (policy and value adapters)."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator."})
     target_modules: list[str] | str = field(default="all-linear", metadata={"help": "LoRA target modules."})
+    layers_to_transform: list[int] | None = field(
+        default=None, metadata={"help": "Tune only these decoder layers (see sft.layers). Default: all."}
+    )
     # --- data ---
     prompts: str = field(
         default="workspace", metadata={"help": "'workspace' (train split) or a prompt file."}
@@ -197,8 +200,10 @@ class ActorCritic(nn.Module):
         if config.method == "lora":
             from peft import LoraConfig, get_peft_model
 
-            lora = dict(r=config.lora_r, lora_alpha=config.lora_alpha, target_modules=config.target_modules,
-                        lora_dropout=0.0, task_type="CAUSAL_LM")  # fmt: skip
+            from sft.layers import lora_targets
+
+            lora = dict(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
+                        **lora_targets(model, config.target_modules, config.layers_to_transform))  # fmt: skip
             model = get_peft_model(model, LoraConfig(**lora))  # adapter "default": the policy
             if config.value_model == "adapter":
                 model.add_adapter("value", LoraConfig(**lora))
@@ -208,6 +213,10 @@ class ActorCritic(nn.Module):
             import copy
 
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+            if config.layers_to_transform is not None:
+                from sft.layers import freeze_outside
+
+                freeze_outside(model, config.layers_to_transform)
         self.model = model
         self.value_head = ValueHead(model.config.hidden_size)
         self.keeps_logits = "logits_to_keep" in inspect.signature(self.causal_lm.forward).parameters
@@ -231,7 +240,7 @@ class ActorCritic(nn.Module):
         if self.config.method == "lora":
             params = [p for n, p in self.model.named_parameters() if "lora_" in n]
         else:
-            params = list(self.model.parameters())
+            params = [p for p in self.model.parameters() if p.requires_grad]  # all, or the chosen layers'
         return params + list(self.value_head.parameters())
 
     def trainable_state(self) -> dict:

@@ -165,6 +165,9 @@ def train(engine, settings: Settings, algo: str, config: RLConfig | None, *, res
         if config.name and crud.get_model_version(session, name=config.name) is not None:
             raise AlignloopError(f"a model version named {config.name!r} is already registered")
         pairs = crud.preference_pairs(session) if algo == "dpo" else []
+    from sft.layers import check_layers, num_layers_of
+
+    check_layers(config.layers_to_transform, num_layers_of(source))
     if algo == "dpo" and len(pairs) < 2:
         raise AlignloopError(f"DPO needs preference pairs: the workspace has {len(pairs)}")
 
@@ -221,7 +224,11 @@ def _ppo(engine, settings, config, prompts, run_id, run_dir, resume, progress):
     if distributed.is_main():
         trainer.save_policy(out)
     metrics = summarise(history, time.perf_counter() - start)
-    metrics |= {"processes": trainer.accelerator.num_processes, "replicas_in_sync": trainer.replicas_in_sync}
+    metrics |= {
+        "processes": trainer.accelerator.num_processes,
+        "replicas_in_sync": trainer.replicas_in_sync,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+    }
     return out, metrics, licence
 
 
@@ -256,6 +263,8 @@ def _trl(engine, settings, algo, config: GRPOConfig | DPOConfig, prompts, pairs,
     from datasets import Dataset
     from peft import LoraConfig
 
+    from sft.layers import lora_targets
+
     logger = trainer_callback(StepLog(engine, run_id, run_dir / "metrics.jsonl"))
     with Session(engine) as session:
         model, tokenizer, licence = load_policy(settings, config.policy, session, training=True)
@@ -269,12 +278,16 @@ def _trl(engine, settings, algo, config: GRPOConfig | DPOConfig, prompts, pairs,
         LoraConfig(
             r=config.lora_r,
             lora_alpha=config.lora_alpha,
-            target_modules=config.target_modules,
             task_type="CAUSAL_LM",
+            **lora_targets(model, config.target_modules, config.layers_to_transform),
         )  # fmt: skip
         if config.method == "lora"
         else None
     )
+    if config.method == "full" and config.layers_to_transform is not None:
+        from sft.layers import freeze_outside
+
+        freeze_outside(model, config.layers_to_transform)
     cuda = torch.cuda.is_available()
     common = dict(
         output_dir=str(run_dir / "trainer"), max_steps=config.steps, learning_rate=config.learning_rate,
@@ -333,7 +346,8 @@ def _trl(engine, settings, algo, config: GRPOConfig | DPOConfig, prompts, pairs,
     history = [h for h in trainer.state.log_history if "loss" in h or "reward" in h]
     losses = [h["loss"] for h in history if "loss" in h]
     metrics = {"steps": trainer.state.global_step, "train_seconds": round(seconds, 2),
-               "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None}  # fmt: skip
+               "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
+               "device": "cuda" if cuda else "cpu", "pairs": len(pairs)}  # fmt: skip
     rewards = [h["reward"] for h in history if "reward" in h]
     if rewards:
         metrics |= {"reward_start": rewards[0], "reward_end": rewards[-1]}

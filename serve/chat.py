@@ -52,6 +52,13 @@ def prepare(engine, messages: list[dict], preset: str | None) -> list[dict]:
         return apply_preset(get_preset(session, preset), messages)
 
 
+def preset_delimiter(engine, preset: str | None) -> str | None:
+    if not preset or preset == NO_PRESET:
+        return None
+    with Session(engine) as session:
+        return get_preset(session, preset).answer_delimiter
+
+
 def model_ref(settings: Settings, name: str) -> str:
     return settings.default_policy if name == "default" else name
 
@@ -152,7 +159,16 @@ def build_ui(engine, settings: Settings, pool) -> gr.Blocks:
                                             temperature=temp, max_tokens=int(limit))  # fmt: skip
                 except AlignloopError as exc:
                     raise gr.Error(str(exc)) from None
+                delimiter, reply = preset_delimiter(engine, preset_ref), ""
                 for (reply,) in merge_streams([stream]):
+                    # The reasoning stays hidden: until the answer starts, the reviewer sees a placeholder.
+                    visible = (
+                        reply.split(delimiter, 1)[1].lstrip() if delimiter and delimiter in reply else reply
+                    )
+                    visible = "(thinking…)" if delimiter and delimiter not in reply else visible
+                    shown = [*history, {"role": "assistant", "content": visible}]
+                    yield "", shown, _shown(shown)
+                if delimiter and delimiter not in reply:  # never wrote the delimiter: nothing to hide
                     shown = [*history, {"role": "assistant", "content": reply}]
                     yield "", shown, _shown(shown)
 

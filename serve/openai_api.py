@@ -3,8 +3,8 @@
 Any OpenAI client works against it (`base_url=http://HOST:PORT/v1`, `api_key=` a key from `alignloop keys
 create` or /admin/keys). `model` is a registered policy/SFT version's name or `default`; `temperature`,
 `top_p`, `max_tokens` (or `max_completion_tokens`), `stop`, `seed` and `stream` are honoured and usage is
-counted; one extra field, `preset`, applies an L1 prompting preset (`serve.prompting`). Errors come back in
-OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with its status codes (400 invalid request,
+counted; one extra field, `preset`, applies an L1 prompting preset (`alignloop.core.presets`; when the preset
+defines an answer delimiter, the reasoning before it is left out of the reply). Errors come back in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with its status codes (400 invalid request,
 401 bad key, 404 unknown model), never a traceback. Concurrent requests for one model are decoded together
 (`serve.engine`).
 """
@@ -27,6 +27,7 @@ from sqlmodel import Session
 from alignloop.core import AlignloopError, crud
 from alignloop.core.http import SessionDep
 from alignloop.core.models import User
+from alignloop.core.presets import ReasoningFilter, apply_preset, get_preset
 from serve.engine import Request as EngineRequest
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -179,11 +180,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, user: 
     messages = [
         {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages
     ]
+    delimiter = None  # a preset's reasoning delimiter: the client gets only the answer after it
     if body.preset:
-        from alignloop.core.presets import apply_preset, get_preset
-
         try:
-            messages = apply_preset(get_preset(session, body.preset), messages)
+            preset = get_preset(session, body.preset)
+            messages, delimiter = apply_preset(preset, messages), preset.answer_delimiter
         except AlignloopError as exc:
             raise OpenAIError(400, str(exc), param="preset") from None
     session.commit()
@@ -204,7 +205,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, user: 
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     if body.stream:
         include_usage = bool((body.stream_options or {}).get("include_usage"))
-        return StreamingResponse(_sse(events, job, completion_id, created, body.model, include_usage),
+        return StreamingResponse(_sse(events, job, completion_id, created, body.model, include_usage,
+                                      ReasoningFilter(delimiter)),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-store"})  # fmt: skip
     parts, finish, usage = [], "stop", {}
     try:
@@ -221,14 +223,19 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, user: 
         job.cancelled.set()
     return {
         "id": completion_id, "object": "chat.completion", "created": created, "model": body.model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": _visible("".join(parts), delimiter)},
                      "finish_reason": finish, "logprobs": None}],
         "usage": {**usage, "total_tokens": usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0)},
     }  # fmt: skip
 
 
+def _visible(text: str, delimiter: str | None) -> str:
+    shown = ReasoningFilter(delimiter)
+    return shown.feed(text) + shown.flush()
+
+
 async def _sse(events: asyncio.Queue, job: EngineRequest, completion_id: str, created: int, model: str,
-               include_usage: bool):  # fmt: skip
+               include_usage: bool, shown: ReasoningFilter):  # fmt: skip
     def chunk(delta: dict, finish: str | None = None, usage: dict | None = None) -> str:
         body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}  # fmt: skip
@@ -241,12 +248,15 @@ async def _sse(events: asyncio.Queue, job: EngineRequest, completion_id: str, cr
         while True:
             event = await events.get()
             if event[0] == "text":
-                yield chunk({"content": event[1]})
+                if piece := shown.feed(event[1]):
+                    yield chunk({"content": piece})
             elif event[0] == "error":
                 yield f"data: {json.dumps({'error': {'message': 'generation failed', 'type': 'server_error'}})}\n\n"
                 break
             else:
                 _, finish, usage = event
+                if rest := shown.flush():  # a reply that never wrote the delimiter is shown whole
+                    yield chunk({"content": rest})
                 yield chunk({}, finish="length" if finish == "length" else "stop")
                 if include_usage:
                     total = usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0)

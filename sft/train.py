@@ -34,6 +34,7 @@ from alignloop.core.models import Run
 from alignloop.core.runlog import StepLog, trainer_callback
 from alignloop.core.sampling import SamplingParams, generate
 from sft.data import Example, chosen_examples, edited_examples, parse_instruction_file, split_held_out
+from sft.layers import check_layers, freeze_outside, in_layers, num_layers_of
 
 log = logging.getLogger(__name__)
 METHODS = ("lora", "prefix", "ia3", "full")
@@ -69,6 +70,11 @@ class SFTRunConfig:
     ia3_target_modules: list[str] = field(
         default_factory=lambda: ["k_proj", "v_proj", "down_proj"], metadata={"help": "IA3 target modules."}
     )
+    layers_to_transform: list[int] | None = field(
+        default=None,
+        metadata={"help": "Tune only these decoder layers (LoRA, IA3: PEFT's layers_to_transform; full: the "
+                  "rest frozen). Default: all."},
+    )  # fmt: skip
     ia3_feedforward_modules: list[str] = field(
         default_factory=lambda: ["down_proj"], metadata={"help": "IA3 modules scaled on their input."}
     )
@@ -105,6 +111,8 @@ def load_config(path: str | Path | None, **overrides) -> SFTRunConfig:
         raise AlignloopError(f"method must be one of {', '.join(METHODS)}, not {config.method!r}")
     if config.merge and config.method not in ("lora", "ia3"):
         raise AlignloopError(f"--merge works for lora and ia3 adapters, not {config.method}")
+    if config.layers_to_transform is not None and config.method == "prefix":
+        raise AlignloopError("layers_to_transform works with lora, ia3 and full, not prefix tuning")
     if (
         config.max_steps < 1
         or config.per_device_train_batch_size < 1
@@ -119,12 +127,21 @@ def peft_config(config: SFTRunConfig):
 
     if config.method == "lora":
         return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                          target_modules=config.target_modules, task_type=TaskType.CAUSAL_LM)  # fmt: skip
+                          target_modules=config.target_modules, layers_to_transform=config.layers_to_transform,
+                          task_type=TaskType.CAUSAL_LM)  # fmt: skip
     if config.method == "prefix":
         return PrefixTuningConfig(num_virtual_tokens=config.num_virtual_tokens, task_type=TaskType.CAUSAL_LM)
     if config.method == "ia3":
-        return IA3Config(target_modules=config.ia3_target_modules, feedforward_modules=config.ia3_feedforward_modules,
-                         task_type=TaskType.CAUSAL_LM)  # fmt: skip
+        targets, feedforward = config.ia3_target_modules, config.ia3_feedforward_modules
+        if (
+            config.layers_to_transform is not None
+        ):  # IA3Config has no layers_to_transform: a regex does the same
+            targets, feedforward = (
+                in_layers(names, config.layers_to_transform) for names in (targets, feedforward)
+            )
+        return IA3Config(
+            target_modules=targets, feedforward_modules=feedforward, task_type=TaskType.CAUSAL_LM
+        )
     return None  # full fine-tuning
 
 
@@ -152,6 +169,7 @@ def train(engine, settings: Settings, config: SFTRunConfig, *, progress: bool = 
             config.base, registry.weights_path(source), settings, full=config.method == "full"
         )
         base_version = crud.get_model_version(session, name=config.base)
+    check_layers(config.layers_to_transform, num_layers_of(source))
 
     with session_scope(engine) as session:
         run = crud.create_run(session, kind="sft", config=asdict(config))
@@ -191,6 +209,8 @@ def _fit(engine, config, run_id, run_dir, source, base_version, train_examples, 
     sample_prompts = [e.prompt for e in held_out[: config.num_samples]]
     before = _samples(model, tokenizer, sample_prompts, config)
 
+    if config.method == "full" and config.layers_to_transform is not None:
+        freeze_outside(model, config.layers_to_transform)
     cuda = torch.cuda.is_available()
     args = SFTConfig(
         output_dir=str(run_dir / "trainer"),
@@ -246,7 +266,7 @@ def _fit(engine, config, run_id, run_dir, source, base_version, train_examples, 
         _point_adapter_at(out, source)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     metrics = {
-        "method": config.method, "train_examples": len(train_examples), "held_out_examples": len(held_out),
+        "method": config.method, "layers": config.layers_to_transform, "device": "cuda" if cuda else "cpu", "train_examples": len(train_examples), "held_out_examples": len(held_out),
         "trainable_params": trainable, "total_params": total, "train_seconds": round(train_seconds, 2),
         "seconds_per_step": round(train_seconds / config.max_steps, 4), "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None, "held_out_loss": eval_loss,

@@ -142,8 +142,8 @@ def load_settings(workspace: str | os.PathLike | None = None) -> Settings:
     if unknown:
         raise AlignloopError(f"{config_file}: unknown setting(s) {', '.join(unknown)}")
     settings = Settings(workspace=path, **coerce_fields(Settings, raw, where=str(config_file)))
-    check_bounds(settings, where=str(config_file))
     check_settings(settings, where=str(config_file))
+    check_bounds(settings, where=str(config_file))
     if url := os.environ.get("ALIGNLOOP_DATABASE_URL"):
         settings.database_url = url
     # `serve --workers N --device/--dtype` hands its choice to the worker processes this way.

@@ -56,10 +56,17 @@ def _v4_lease_start(engine: Engine) -> None:
     _add_columns(engine, "lease", {"leased_at": "TIMESTAMP"})
 
 
+def _v5_preset_selection(engine: Engine) -> None:
+    """Per-prompt example selection and the reasoning delimiter; old presets keep their fixed examples."""
+    _add_columns(engine, "preset", {"num_shots": "INTEGER", "answer_delimiter": "VARCHAR(64)",
+                                    "shot_order": "VARCHAR(16) NOT NULL DEFAULT 'similar_last'"})  # fmt: skip
+
+
 MIGRATIONS: dict[int, Callable[[Engine], None]] = {
     2: _v2_annotation_queue,
     3: _v3_presets_and_keys,
     4: _v4_lease_start,
+    5: _v5_preset_selection,
 }
 
 

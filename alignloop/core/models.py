@@ -14,7 +14,7 @@ from sqlalchemy import JSON, Column, Index, Text, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
 # Bump when a table changes and add the step to `db.MIGRATIONS`.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 UNSCORED = 1e300  # sorts comparisons without a reward margin after every scored one
 
@@ -218,6 +218,11 @@ class Preset(SQLModel, table=True):
         default_factory=list
     )  # [{"user": ..., "assistant": ...}], shown as prior turns
     chain_of_thought: str | None = Field(default=None, sa_column=Column(Text))  # appended to the user's turn
+    num_shots: int | None = (
+        None  # k: the k examples most similar to the prompt (None: every example, as saved)
+    )
+    shot_order: str = Field(default="similar_last", max_length=16)  # similar_last | similar_first
+    answer_delimiter: str | None = Field(default=None, max_length=64)  # users see only the text after it
     created_by: int | None = Field(default=None, foreign_key="user.id")
     created_at: datetime = Field(default_factory=utcnow)
 
