@@ -40,8 +40,8 @@ sys.path.insert(0, str(ROOT))
 from conftest import build_tiny_llama, build_tiny_tokenizer  # noqa: E402
 
 from alignloop.cli import main as cli  # noqa: E402
-from alignloop.core import (
-    devices,  # noqa: E402
+from alignloop.core import (  # noqa: E402
+    devices,
     registry,
 )
 from alignloop.core.config import load_settings, new_settings, write_settings  # noqa: E402
