@@ -4,8 +4,9 @@
 plain functions of their inputs that call `annotate.queue`; per-browser state (the item on screen and when it
 appeared) lives in `gr.State`, never in module globals.
 
-Text from prompts and models is HTML-escaped before it reaches the chat component and shown in plain
-textboxes otherwise, so markup in a prompt or response is displayed, never executed.
+Text from prompts and models is HTML-escaped before it reaches the chat component, which renders it without
+Markdown, and shown in plain textboxes otherwise: markup in a prompt or response is displayed, never executed,
+and a link in an imported prompt is not a link (README "Security": it could point at a same-site admin action).
 """
 
 from __future__ import annotations
@@ -16,10 +17,9 @@ import time
 import gradio as gr
 from sqlmodel import Session
 
-from alignloop.core import AlignloopError, crud
+from alignloop.core import AlignloopError, crud, websec
 from alignloop.core.config import Settings
 from alignloop.core.db import session_scope
-from alignloop.core.models import User
 from annotate import queue
 
 MAX_RESPONSES = 4
@@ -49,6 +49,10 @@ document.addEventListener('keydown', (event) => {
 """
 
 
+# Logging out is a POST with a CSRF token: the link leads to the page that has that form.
+LOGOUT_LINK = "[Log out](/logout)"
+
+
 def _user(session: Session, request: gr.Request):
     user = crud.get_user(session, name=request.username) if request and request.username else None
     if user is None or user.disabled or user.role not in ("annotator", "admin"):
@@ -61,7 +65,7 @@ def _chat(messages: list[dict]) -> list[dict]:
     for m in messages:
         content = html.escape(m["content"])
         if m["role"] == "system":
-            shown.append({"role": "user", "content": f"*[system instructions]* {content}"})
+            shown.append({"role": "user", "content": f"[system instructions] {content}"})
         else:
             shown.append({"role": m["role"], "content": content})
     return shown
@@ -84,10 +88,13 @@ def build_ui(engine, settings: Settings, vote_limiter=None) -> gr.Blocks:
         with gr.Row():
             gr.Markdown("## alignloop · annotate")
             progress_md = gr.Markdown(elem_id="progress")
+            gr.Markdown(LOGOUT_LINK, elem_id="logout-link")
         with gr.Accordion("Guidelines", open=False):
             gr.Markdown(guidelines)
         status_md = gr.Markdown(elem_id="status")
-        chat = gr.Chatbot(label="Conversation", height=260, sanitize_html=True, elem_id="conversation")
+        # Prompts are untrusted imported text: no Markdown, so no live links (README "Security").
+        chat = gr.Chatbot(label="Conversation", height=260, sanitize_html=True, render_markdown=False,
+                          elem_id="conversation")  # fmt: skip
         with gr.Row():
             boxes = [
                 gr.Textbox(label=f"Response {queue.LABELS[i]}", lines=8, max_lines=30, interactive=False,
@@ -203,12 +210,9 @@ def username_of(engine, roles: tuple[str, ...] = ("annotator", "admin")):
     one of `roles`, else None."""
 
     def dependency(request) -> str | None:
-        user_id = request.session.get("user_id") if "session" in request.scope else None
-        if user_id is None:
-            return None
         with Session(engine) as session:
-            user = session.get(User, user_id)
-            if user is None or user.disabled or user.role not in roles:
+            user = websec.session_user(session, request)  # a revoked or expired login counts as none
+            if user is None or user.role not in roles:
                 return None
             return user.name
 

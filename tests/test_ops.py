@@ -4,6 +4,7 @@ import json
 import time
 
 import pytest
+from conftest import web_login
 from fastapi.testclient import TestClient
 from sqlmodel import Session, select
 
@@ -34,7 +35,7 @@ def admin_client(workspace):
     with session_scope(engine) as s:
         crud.create_user(s, name="ann", role="annotator", password="annotator-pass")
     with TestClient(create_app(settings, engine)) as client:
-        client.post("/login", data={"username": "admin", "password": password})
+        web_login(client, "admin", password)
         yield client, settings, engine
 
 
@@ -102,7 +103,7 @@ def test_admin_pages_are_admin_only(workspace):
     with session_scope(engine) as s:
         crud.create_user(s, name="ann", role="annotator", password="annotator-pass")
     with TestClient(create_app(settings, engine)) as client:
-        client.post("/login", data={"username": "ann", "password": "annotator-pass"})
+        web_login(client, "ann", "annotator-pass")
         for path in ("/api/jobs", "/admin/jobs", "/admin/users", "/admin/keys", "/api/rounds", "/admin/rounds",
                      "/admin/reward", "/admin/rl", "/api/rl/runs", "/api/reward/models", "/admin/runs/1/metrics.png"):  # fmt: skip
             assert client.get(path).status_code == 403, path
@@ -180,9 +181,7 @@ def test_login_attempts_and_votes_are_rate_limited(workspace):
         assert (
             blocked.status_code == 429 and int(blocked.headers["Retry-After"]) > 0
         )  # even the right password
-        client.post(
-            "/login", data={"username": "ann", "password": "annotator-pass"}
-        )  # other names are unaffected
+        web_login(client, "ann", "annotator-pass")  # other names are unaffected
         item = client.get("/api/annotate/next").json()
         codes = []
         for _ in range(3):

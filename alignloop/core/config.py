@@ -60,6 +60,10 @@ class Settings:
     votes_per_minute: int = field(
         default=600, metadata={"help": "Votes one annotator may submit per minute (per web worker)."}
     )
+    secure_cookies: bool = field(
+        default=False,
+        metadata={"help": "Mark the login cookie Secure and send HSTS: set it when served over HTTPS."},
+    )
 
     @property
     def db_url(self) -> str:
