@@ -49,8 +49,11 @@ document.addEventListener('keydown', (event) => {
 """
 
 
-# Logging out is a POST with a CSRF token: the link leads to the page that has that form.
-LOGOUT_LINK = "[Log out](/logout)"
+def logout_button() -> gr.Button:
+    """Logging out is a POST with the CSRF token: this leads, in the same tab, to the page with that form."""
+    return gr.Button(
+        "Log out", link="/logout", link_target="_self", size="sm", elem_id="logout-link", scale=0
+    )
 
 
 def _user(session: Session, request: gr.Request):
@@ -88,7 +91,7 @@ def build_ui(engine, settings: Settings, vote_limiter=None) -> gr.Blocks:
         with gr.Row():
             gr.Markdown("## alignloop · annotate")
             progress_md = gr.Markdown(elem_id="progress")
-            gr.Markdown(LOGOUT_LINK, elem_id="logout-link")
+            logout_button()
         with gr.Accordion("Guidelines", open=False):
             gr.Markdown(guidelines)
         status_md = gr.Markdown(elem_id="status")
