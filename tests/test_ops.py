@@ -116,12 +116,13 @@ def test_admin_pages_are_admin_only(workspace):
 def test_user_and_key_management(admin_client):
     client, settings, engine = admin_client
     page = client.post("/admin/users", data={"name": "rev", "role": "reviewer"})
-    password = page.text.split("password (shown once): <code>")[1].split("</code>")[0]
+    assert "password (shown once):" in page.text
+    password = page.text.split('<code id="secret">')[1].split("</code>")[0]
     with Session(engine) as s:
         rev = crud.get_user(s, name="rev")
         assert crud.authenticate(s, name="rev", password=password) is not None
     reset = client.post(f"/admin/users/{rev.id}/reset-password")
-    new_password = reset.text.split("(shown once): <code>")[1].split("</code>")[0]
+    new_password = reset.text.split('<code id="secret">')[1].split("</code>")[0]
     with Session(engine) as s:
         assert crud.authenticate(s, name="rev", password=password) is None
         assert crud.authenticate(s, name="rev", password=new_password) is not None
@@ -137,7 +138,8 @@ def test_user_and_key_management(admin_client):
         admin = crud.get_user(s, name="admin")
     assert client.post(f"/admin/users/{admin.id}/role", data={"role": "reviewer"}).status_code == 400
     key_page = client.post("/admin/keys", data={"name": "ci", "user": "admin"})
-    key = key_page.text.split("store it now): <code>")[1].split("</code>")[0]
+    assert "store it now):" in key_page.text
+    key = key_page.text.split('<code id="secret">')[1].split("</code>")[0]
     assert client.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
     with Session(engine) as s:
         key_id = crud.list_api_keys(s)[-1].id
