@@ -1,39 +1,36 @@
 """The admin console's operations pages: background jobs, users, API keys, run metric plots.
-Admins only, checked in every handler (an annotator calling these directly gets 403)."""
+Admins only, checked in every handler (an annotator calling these directly gets 403).
+
+Pages are templates in alignloop/templates. A notice (a new password, a new key) is a value the handler passes
+to its template, never a request parameter: no URL can put text on an admin's page."""
 
 from __future__ import annotations
 
-import html
 import secrets
+from pathlib import Path
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Form, HTTPException, Path, Request, Response
+from fastapi import APIRouter, Form, HTTPException, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 from pydantic import BaseModel, Field
 from sqlmodel import col, select
 
 from alignloop import jobs
-from alignloop.core import AlignloopError, crud
-from alignloop.core.http import MAX_INT, AdminDep, SessionDep, page
+from alignloop.core import AlignloopError, crud, websec
+from alignloop.core.http import AdminDep, DbId, SessionDep, render, templates_for
 from alignloop.core.models import ROLES, Run, User
 from alignloop.core.plots import history_png
 
 router = APIRouter(tags=["admin"])
-JobId = Annotated[int, Path(ge=1, le=MAX_INT)]
-NAV = ("<p><a href='/admin'>quality</a> · <a href='/admin/rounds'>rounds</a> · <a href='/admin/jobs'>jobs</a> · "
-       "<a href='/admin/reward'>reward models</a> · <a href='/admin/rl'>RL</a> · <a href='/admin/users'>users</a> · "
-       "<a href='/admin/keys'>API keys</a></p>")  # fmt: skip
-
-
-def _e(value) -> str:
-    return html.escape(str(value)) if value is not None else "–"
+JobId = DbId
+templates = templates_for(Path(__file__).parent / "templates")
 
 
 # --- run plots -----------------------------------------------------------------------------------------------
 
 
 @router.get("/admin/runs/{run_id}/metrics.png", include_in_schema=False)
-def run_metrics_png(run_id: int, user: AdminDep, session: SessionDep):
+def run_metrics_png(run_id: DbId, user: AdminDep, session: SessionDep):
     run = session.get(Run, run_id)
     if run is None:
         raise HTTPException(status_code=404, detail="no such run")
@@ -122,62 +119,36 @@ def cancel(job_id: JobId, request: Request, user: AdminDep, session: SessionDep)
 
 
 @router.get("/admin/jobs", response_class=HTMLResponse, include_in_schema=False)
-def jobs_page(user: AdminDep, session: SessionDep, error: str | None = None):
-    rows = "".join(
-        f"<tr><td><a href='/admin/jobs/{j['id']}'>{j['id']}</a></td><td>{_e(j['kind'])}</td>"
-        f"<td><code>{_e(' '.join(j['argv'] or []))}</code></td><td>{_e(j['status'])}</td></tr>"
-        for j in list_jobs(user, session)
-    )
-    options = "".join(f"<option>{k}</option>" for k in jobs.JOB_KINDS)
-    form = (
-        "<form method='post' action='/admin/jobs'><select name='kind'>" + options + "</select> "
-        "<input name='arguments' size='80' placeholder='e.g. --config configs/reward/default.yaml --max-seconds 600'>"
-        " <button>Start</button></form><p class='meta'>Arguments are those of the command line "
-        "(<code>alignloop reward train --help</code>); the job runs in this workspace.</p>"
-    )
-    notice = f"<p style='color:#b00'>{_e(error)}</p>" if error else ""
-    body = (f"{NAV}<h2>Jobs</h2>{notice}{form}<table border=1 cellpadding=4 style='border-collapse:collapse'>"
-            f"<tr><th>id</th><th>kind</th><th>command</th><th>status</th></tr>{rows}</table>")  # fmt: skip
-    return page("Jobs", body, user)
+def jobs_page(request: Request, user: AdminDep, session: SessionDep):
+    return _jobs_page(request, user, session)
+
+
+def _jobs_page(request: Request, user, session, error: str | None = None, status_code: int = 200):
+    return render(templates, request, "jobs.html", title="Jobs", user=user, error=error, status_code=status_code,
+                  kinds=jobs.JOB_KINDS, jobs=list_jobs(user, session))  # fmt: skip
 
 
 @router.post("/admin/jobs", include_in_schema=False)
-def start_from_form(request: Request, user: AdminDep, session: SessionDep, kind: Annotated[str, Form()],
+def start_from_form(request: Request, user: AdminDep, session: SessionDep, kind: Annotated[str, Form(max_length=16)],
                     arguments: Annotated[str, Form(max_length=2000)] = ""):  # fmt: skip
     session.commit()
     try:
         run = jobs.start_job(request.app.state.engine, request.app.state.settings, kind=kind, arguments=arguments,
                              user=user.name)  # fmt: skip
     except AlignloopError as exc:
-        return jobs_page(user, session, error=str(exc))
+        return _jobs_page(request, user, session, error=str(exc), status_code=400)
     return RedirectResponse(f"/admin/jobs/{run.id}", status_code=303)
 
 
 @router.get("/admin/jobs/{job_id}", response_class=HTMLResponse, include_in_schema=False)
-def job_page(job_id: int, user: AdminDep, session: SessionDep):
+def job_page(job_id: DbId, request: Request, user: AdminDep, session: SessionDep):
     job = get_job(job_id, user, session)
-    refresh = "<meta http-equiv='refresh' content='3'>" if job["status"] == "running" else ""
-    cancel_form = (
-        f"<form method='post' action='/admin/jobs/{job_id}/cancel'><button>Cancel</button></form>"
-        if job["status"] == "running"
-        else ""
-    )
-    plots = "".join(
-        f"<h3>run {r['id']} ({_e(r['kind'])}, {_e(r['status'])})</h3>"
-        f"<img src='/admin/runs/{r['id']}/metrics.png' alt='metrics' style='max-width:100%'>"
-        for r in job["runs"]
-    )
-    body = (
-        f"{refresh}{NAV}<h2>Job {job_id}: {_e(job['kind'])} · {_e(job['status'])}</h2>"
-        f"<p><code>alignloop {_e(' '.join(job['argv'] or []))}</code></p>{cancel_form}"
-        f"{'<p>' + _e(job['error']) + '</p>' if job['error'] else ''}"
-        f"<pre style='background:#f6f6f6;padding:8px;max-height:420px;overflow:auto'>{_e(job['log'])}</pre>{plots}"
-    )
-    return page(f"Job {job_id}", body, user)
+    return render(templates, request, "job.html", title=f"Job {job_id}", user=user, job=job,
+                  refresh=3 if job["status"] == "running" else None)  # fmt: skip
 
 
 @router.post("/admin/jobs/{job_id}/cancel", include_in_schema=False)
-def cancel_from_form(job_id: int, request: Request, user: AdminDep, session: SessionDep):
+def cancel_from_form(job_id: DbId, request: Request, user: AdminDep, session: SessionDep):
     cancel(job_id, request, user, session)
     return RedirectResponse(f"/admin/jobs/{job_id}", status_code=303)
 
@@ -186,30 +157,19 @@ def cancel_from_form(job_id: int, request: Request, user: AdminDep, session: Ses
 
 
 @router.get("/admin/users", response_class=HTMLResponse, include_in_schema=False)
-def users_page(user: AdminDep, session: SessionDep, notice: str | None = None):
-    rows = []
-    for u in session.exec(select(User).order_by(User.id)).all():
-        roles = "".join(f"<option{' selected' if r == u.role else ''}>{r}</option>" for r in ROLES)
-        rows.append(
-            f"<tr><td>{_e(u.name)}</td><td>{_e(u.kind)}</td><td><form method='post' action='/admin/users/{u.id}/role'>"
-            f"<select name='role'>{roles}</select> <button>Set</button></form></td>"
-            f"<td>{'disabled' if u.disabled else 'active'}</td><td>"
-            f"<form method='post' action='/admin/users/{u.id}/{'enable' if u.disabled else 'disable'}' style='display:inline'>"
-            f"<button>{'Enable' if u.disabled else 'Disable'}</button></form> "
-            f"<form method='post' action='/admin/users/{u.id}/reset-password' style='display:inline'>"
-            "<button>Reset password</button></form></td></tr>"
-        )
-    roles = "".join(f"<option>{r}</option>" for r in ROLES)
-    add = (f"<form method='post' action='/admin/users'><input name='name' placeholder='name' required> "
-           f"<select name='role'>{roles}</select> <button>Add user</button></form>")  # fmt: skip
-    shown = f"<p style='background:#ffd;padding:6px'>{notice}</p>" if notice else ""
-    body = (f"{NAV}<h2>Users</h2>{shown}{add}<table border=1 cellpadding=4 style='border-collapse:collapse'>"
-            f"<tr><th>name</th><th>kind</th><th>role</th><th>state</th><th></th></tr>{''.join(rows)}</table>")  # fmt: skip
-    return page("Users", body, user)
+def users_page(request: Request, user: AdminDep, session: SessionDep):
+    return _users_page(request, user, session)
+
+
+def _users_page(request: Request, user, session, *, notice: str | None = None, secret: str | None = None,
+                status_code: int = 200):  # fmt: skip
+    users = session.exec(select(User).order_by(User.id)).all()
+    return render(templates, request, "users.html", title="Users", user=user, users=users, roles=ROLES,
+                  notice=notice, secret=secret, status_code=status_code)  # fmt: skip
 
 
 @router.post("/admin/users", response_class=HTMLResponse, include_in_schema=False)
-def add_user(user: AdminDep, session: SessionDep, name: Annotated[str, Form(max_length=64)],
+def add_user(request: Request, user: AdminDep, session: SessionDep, name: Annotated[str, Form(max_length=64)],
              role: Annotated[str, Form(max_length=16)]):  # fmt: skip
     password = secrets.token_urlsafe(12)
     try:
@@ -217,14 +177,14 @@ def add_user(user: AdminDep, session: SessionDep, name: Annotated[str, Form(max_
         session.commit()
     except AlignloopError as exc:
         session.rollback()
-        return users_page(user, session, notice=_e(exc))
-    return users_page(
-        user, session, notice=f"Added {_e(name)}; password (shown once): <code>{password}</code>"
+        return _users_page(request, user, session, notice=str(exc), status_code=400)
+    return _users_page(
+        request, user, session, notice=f"Added {name}; password (shown once):", secret=password
     )
 
 
 @router.post("/admin/users/{user_id}/role", include_in_schema=False)
-def set_role(user_id: int, user: AdminDep, session: SessionDep, role: Annotated[str, Form(max_length=16)]):
+def set_role(user_id: DbId, user: AdminDep, session: SessionDep, role: Annotated[str, Form(max_length=16)]):
     target = session.get(User, user_id)
     if target is None:
         raise HTTPException(status_code=404, detail="no such user")
@@ -232,55 +192,55 @@ def set_role(user_id: int, user: AdminDep, session: SessionDep, role: Annotated[
         raise HTTPException(status_code=400, detail=f"role must be one of {', '.join(ROLES)}")
     if target.id == user.id and role != "admin":
         raise HTTPException(status_code=400, detail="you cannot take away your own admin role")
+    changed = target.role != role
     target.role = role
     session.add(target)
     session.commit()
+    if changed:  # a new role is a new login: the old cookie must not keep the old rights (or gain new ones)
+        websec.end_all_logins(session, target.id)
     return RedirectResponse("/admin/users", status_code=303)
 
 
 @router.post("/admin/users/{user_id}/reset-password", response_class=HTMLResponse, include_in_schema=False)
-def reset_password(user_id: int, user: AdminDep, session: SessionDep):
+def reset_password(user_id: DbId, request: Request, user: AdminDep, session: SessionDep):
     target = session.get(User, user_id)
     if target is None or target.kind != "human":
         raise HTTPException(status_code=404, detail="no such human user")
     password = secrets.token_urlsafe(12)
     crud.set_password(session, user=target, password=password)
     session.commit()
-    return users_page(
-        user, session, notice=f"New password for {_e(target.name)} (shown once): <code>{password}</code>"
-    )
+    websec.end_all_logins(session, target.id)
+    return _users_page(request, user, session, notice=f"New password for {target.name} (shown once):",
+                       secret=password)  # fmt: skip
+
+
+@router.post("/admin/users/{user_id}/logout", include_in_schema=False)
+def end_sessions(user_id: DbId, user: AdminDep, session: SessionDep):
+    """Log a user out everywhere (a lost laptop, a crowd worker let go)."""
+    if session.get(User, user_id) is None:
+        raise HTTPException(status_code=404, detail="no such user")
+    websec.end_all_logins(session, user_id)
+    return RedirectResponse("/admin/users", status_code=303)
 
 
 # --- API keys ------------------------------------------------------------------------------------------------
 
 
 @router.get("/admin/keys", response_class=HTMLResponse, include_in_schema=False)
-def keys_page(user: AdminDep, session: SessionDep, notice: str | None = None):
+def keys_page(request: Request, user: AdminDep, session: SessionDep):
+    return _keys_page(request, user, session)
+
+
+def _keys_page(request: Request, user, session, *, notice: str | None = None, secret: str | None = None,
+               status_code: int = 200):  # fmt: skip
     names = {u.id: u.name for u in session.exec(select(User)).all()}
-    rows = "".join(
-        f"<tr><td>{k.id}</td><td>{_e(k.name)}</td><td><code>{_e(k.prefix)}…</code></td><td>{_e(names.get(k.user_id))}</td>"
-        f"<td>{'revoked' if k.revoked else 'active'}</td><td>"
-        + (
-            ""
-            if k.revoked
-            else f"<form method='post' action='/admin/keys/{k.id}/revoke'><button>Revoke</button></form>"
-        )
-        + "</td></tr>"
-        for k in crud.list_api_keys(session)
-    )
-    users = "".join(f"<option>{_e(n)}</option>" for n in sorted(names.values()))
-    form = (f"<form method='post' action='/admin/keys'><input name='name' placeholder='what it is for' required> "
-            f"acts as <select name='user'>{users}</select> <button>Create key</button></form>")  # fmt: skip
-    shown = f"<p style='background:#ffd;padding:6px'>{notice}</p>" if notice else ""
-    body = (f"{NAV}<h2>API keys</h2><p>For <code>/v1</code> (OpenAI-compatible): "
-            f"<code>Authorization: Bearer KEY</code>.</p>{shown}{form}<table border=1 cellpadding=4 "
-            f"style='border-collapse:collapse'><tr><th>id</th><th>name</th><th>key</th><th>user</th><th>state</th>"
-            f"<th></th></tr>{rows}</table>")  # fmt: skip
-    return page("API keys", body, user)
+    return render(templates, request, "keys.html", title="API keys", user=user, names=names,
+                  user_names=sorted(names.values()), keys=crud.list_api_keys(session), notice=notice,
+                  secret=secret, status_code=status_code)  # fmt: skip
 
 
 @router.post("/admin/keys", response_class=HTMLResponse, include_in_schema=False)
-def create_key(user: AdminDep, session: SessionDep, name: Annotated[str, Form(max_length=64)],
+def create_key(request: Request, user: AdminDep, session: SessionDep, name: Annotated[str, Form(max_length=64)],
                user_name: Annotated[str, Form(alias="user", max_length=64)]):  # fmt: skip
     owner = crud.get_user(session, name=user_name)
     if owner is None:
@@ -289,12 +249,12 @@ def create_key(user: AdminDep, session: SessionDep, name: Annotated[str, Form(ma
         key, _ = crud.create_api_key(session, user=owner, name=name)
         session.commit()
     except AlignloopError as exc:
-        return keys_page(user, session, notice=_e(exc))
-    return keys_page(user, session, notice=f"New key (shown once, store it now): <code>{key}</code>")
+        return _keys_page(request, user, session, notice=str(exc), status_code=400)
+    return _keys_page(request, user, session, notice="New key (shown once, store it now):", secret=key)
 
 
 @router.post("/admin/keys/{key_id}/revoke", include_in_schema=False)
-def revoke_key(key_id: int, user: AdminDep, session: SessionDep):
+def revoke_key(key_id: DbId, user: AdminDep, session: SessionDep):
     try:
         crud.revoke_api_key(session, key_id=key_id)
         session.commit()

@@ -1,35 +1,41 @@
 """One FastAPI app for everything a browser or a script talks to.
 
-Until the annotation, chat and admin UIs land, it serves login, a page listing the queued comparisons and a
-small JSON API. Login is required everywhere except /login and /healthz; roles are checked in each handler
-(`require_role`), never by hiding links. All model and user text goes through `html.escape`.
-The interactive API docs are off: they load scripts from a CDN, and nothing here reaches the network.
+It serves login, a page listing the queued comparisons and a small JSON API, and composes the stages' routers
+and Gradio UIs. Login is required everywhere except /login, /healthz and /static; roles are checked in each
+handler (`require_role`), never by hiding links. Pages are autoescaped Jinja2 templates (`core.http.render`);
+the defences every request passes through (CSRF, Origin, body limit, CSP and other headers, revocable
+logins) are in `core.websec` and wired here. The interactive API docs are off: they load scripts from a CDN,
+and nothing here reaches the network.
 """
 
 from __future__ import annotations
 
 import asyncio
-import html
 import logging
+import os
+from pathlib import Path
 from typing import Annotated
 
-from fastapi import FastAPI, Form, Query, Request
+from fastapi import Depends, FastAPI, Form, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from sqlmodel import Session, select
 from starlette.middleware.sessions import SessionMiddleware
 
-from alignloop.core import __version__, crud, logins
+from alignloop.core import __version__, crud, logins, websec
 from alignloop.core.config import Settings
 from alignloop.core.db import make_engine
 from alignloop.core.http import (
     MAX_FORM_CHARS,
     MAX_INT,
+    STATIC,
     AdminDep,
     LoginRequired,
     SessionDep,
     UserDep,
-    page,
+    render,
+    templates_for,
 )
 from alignloop.core.limits import RateLimiter, retry_after
 from alignloop.core.models import Comparison, Prompt, User
@@ -81,6 +87,7 @@ class UserOut(BaseModel):
 
 POSTGRES_DB_SLOTS = 16  # below the engine's pool size + overflow (30)
 UI_PATHS = {"/annotate", "/chat", "/arena"}
+templates = templates_for(Path(__file__).parent / "templates")
 ERROR_RESPONSES = {  # documented on every operation: what any handler may answer besides success
     400: {"description": "invalid input (a message says why)"},
     401: {"description": "not logged in, or an invalid API key"},
@@ -101,6 +108,7 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
         redoc_url=None,
         openapi_url="/api/openapi.json",
         responses=ERROR_RESPONSES,
+        dependencies=[Depends(websec.verify_csrf)],  # every route, the stages' routers included
     )
     app.state.settings = settings
     app.state.engine = engine if engine is not None else make_engine(settings.db_url)
@@ -115,14 +123,21 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
 
     app.include_router(console.router)
     jobs.recover_jobs(app.state.engine)  # a restart leaves no job in a false "running" state
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
     _mount_stages(app)
-    # Added last, so it is the outermost middleware and every other one (and Gradio) sees `request.session`.
+    # Added after the stages, so every other middleware (and Gradio) sees `request.session`. The cookie only
+    # names a server-side `LoginSession` (websec): logging out ends it wherever the cookie was copied to.
     app.add_middleware(
         SessionMiddleware,
         secret_key=settings.secret_key,
         session_cookie="alignloop_session",
+        max_age=websec.SESSION_DAYS * 86400,
         same_site="strict",
+        https_only=settings.secure_cookies,
     )
+    # Outermost: oversized bodies and cross-origin writes are refused before anything else runs.
+    app.add_middleware(websec.GuardMiddleware, gradio_paths=tuple(sorted(UI_PATHS)),
+                       secure=settings.secure_cookies)  # fmt: skip
     return app
 
 
@@ -150,6 +165,9 @@ def app_from_env() -> FastAPI:
 
 def _mount_stages(app: FastAPI) -> None:
     """The stage UIs and APIs. Imported here, not at the top: the kernel must import without Gradio."""
+    # Gradio keeps what it caches (and would keep uploads, which GuardMiddleware refuses) inside the workspace;
+    # some of its modules read this when first imported, so it is set before the import.
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(app.state.settings.cache_dir / "gradio"))
     import gradio as gr
 
     from annotate import admin as annotate_admin
@@ -205,22 +223,13 @@ async def _internal_error(request: Request, exc: Exception):
     return JSONResponse({"detail": "internal error; the server log has the details"}, status_code=500)
 
 
-def render_comparison(session: Session, comparison: Comparison) -> str:
+def comparison_card(session: Session, comparison: Comparison) -> dict:
+    """What queue.html shows of one comparison (plain values; the template escapes them)."""
     prompt = session.get(Prompt, comparison.prompt_id)
-    turns = "".join(
-        f'<div class="turn"><span class="role">{html.escape(m["role"])}:</span> {html.escape(m["content"])}</div>'
-        for m in prompt.messages
-    )
     items = crud.comparison_generations(session, comparison_id=comparison.id)
-    responses = "".join(
-        f'<div class="response"><div class="role">{chr(ord("A") + i)}</div>{html.escape(g.text)}</div>'
-        for i, g in enumerate(items)
-    )
-    meta = (
-        f"#{comparison.id} · round {comparison.round} · {comparison.num_votes}/{comparison.target_votes} votes"
-        f" · {comparison.status}"
-    )
-    return f'<div class="card"><div class="meta">{meta}</div>{turns}<div class="responses">{responses}</div></div>'
+    return {"id": comparison.id, "round": comparison.round, "num_votes": comparison.num_votes,
+            "target_votes": comparison.target_votes, "status": comparison.status, "messages": prompt.messages,
+            "responses": [g.text for g in items]}  # fmt: skip
 
 
 def _leased_to(user: User) -> int | None:
@@ -231,19 +240,17 @@ def _leased_to(user: User) -> int | None:
 
 def _register_routes(app: FastAPI) -> None:
     @app.get("/healthz", include_in_schema=False)
-    def healthz():
+    def healthz(request: Request):
+        # Touches the database (and, for SQLite, checks its disk), so a broken store is not reported as ok.
+        problem = websec.database_problem(request.app.state.engine)
+        if problem:
+            return JSONResponse({"status": "unavailable", "detail": problem}, status_code=503)
         return {"status": "ok", "version": __version__}
 
     @app.get("/login", response_class=HTMLResponse, include_in_schema=False)
-    def login_form(error: str = ""):
-        message = '<p style="color:#b00">Wrong name or password.</p>' if error else ""
-        return page(
-            "Log in",
-            f"<h2>Log in</h2>{message}<form class='login' method='post' action='/login'>"
-            "<input name='username' placeholder='name' autofocus required maxlength='64'>"
-            "<input name='password' type='password' placeholder='password' required maxlength='1024'>"
-            "<button>Log in</button></form>",
-        )
+    def login_form(request: Request, error: str = ""):
+        # `error` only switches on a fixed message: nothing from the query string is ever shown.
+        return render(templates, request, "login.html", title="Log in", wrong=bool(error))
 
     @app.post("/login", include_in_schema=False)
     def login(
@@ -257,10 +264,9 @@ def _register_routes(app: FastAPI) -> None:
         keys = logins.keys_for(username, address, state.settings.login_attempts)
         wait = logins.reserve(state.engine, keys)  # counted before the hash: parallel guesses queue here
         if wait:
-            return HTMLResponse(
-                page("Log in", "<h2>Too many failed attempts</h2><p>Wait a few minutes and try again.</p>").body,
-                status_code=429, headers={"Retry-After": retry_after(wait)},
-            )  # fmt: skip
+            return render(templates, request, "message.html", title="Log in", status_code=429,
+                          headers={"Retry-After": retry_after(wait)}, heading="Too many failed attempts",
+                          message="Wait a few minutes and try again.")  # fmt: skip
         # A short session of its own rather than a request slot: the argon2 check below is slow on purpose,
         # and other requests should not queue behind it.
         with Session(request.app.state.engine, expire_on_commit=False) as session:
@@ -268,17 +274,23 @@ def _register_routes(app: FastAPI) -> None:
         if not crud.check_password(user, password):
             return RedirectResponse("/login?error=1", status_code=303)
         logins.succeeded(state.engine, keys)
-        request.session.clear()
-        request.session["user_id"] = user.id
+        with Session(request.app.state.engine, expire_on_commit=False) as session:
+            websec.start_login(session, request, user)
         return RedirectResponse("/annotate/" if user.role == "annotator" else "/", status_code=303)
 
+    @app.get("/logout", response_class=HTMLResponse, include_in_schema=False)
+    def logout_form(request: Request, user: UserDep):
+        # The Gradio pages link here: logging out is a POST with the CSRF token, so no link can do it.
+        return render(templates, request, "logout.html", title="Log out", user=user)
+
     @app.post("/logout", include_in_schema=False)
-    def logout(request: Request):
-        request.session.clear()
-        return RedirectResponse("/login", status_code=303)
+    def logout(request: Request, session: SessionDep, everywhere: Annotated[str, Form(max_length=1)] = ""):
+        websec.end_login(session, request, everywhere=bool(everywhere))
+        # Clear-Site-Data drops what the Gradio pages keep in localStorage (run history: prompts, replies).
+        return RedirectResponse("/login", status_code=303, headers={"Clear-Site-Data": '"cache", "storage"'})
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def home(user: UserDep):
+    def home(request: Request, user: UserDep):
         links = [("/queue", "Queue", "the comparisons waiting for votes")]
         if user.role in ("annotator", "admin"):
             links.insert(0, ("/annotate/", "Annotate", "compare responses, one item at a time (keys 1-4, S)"))
@@ -287,25 +299,24 @@ def _register_routes(app: FastAPI) -> None:
             links.append(("/arena/", "Arena", "blind battles between versions, and the leaderboard"))
         if user.role == "admin":
             links.append(("/admin", "Admin", "annotation quality, reward models, RL runs"))
-        items = "".join(f'<li><a href="{href}">{label}</a> — {text}</li>' for href, label, text in links)
-        return page("Home", f"<h2>Welcome, {html.escape(user.name)}</h2><ul>{items}</ul>", user)
+        return render(templates, request, "home.html", title="Home", user=user, links=links)
 
     @app.get("/queue", response_class=HTMLResponse, include_in_schema=False)
     def queue_page(
-        user: UserDep, session: SessionDep, page_number: Annotated[int, Query(alias="page", ge=1)] = 1
+        request: Request,
+        user: UserDep,
+        session: SessionDep,
+        page_number: Annotated[int, Query(alias="page", ge=1, le=MAX_INT // PAGE_SIZE)] = 1,
     ):
         mine = _leased_to(user)
         total = crud.count_comparisons(session, status="queued", leased_to=mine)
         comparisons = crud.list_comparisons(
             session, status="queued", limit=PAGE_SIZE, offset=(page_number - 1) * PAGE_SIZE, leased_to=mine
         )
-        cards = "".join(render_comparison(session, c) for c in comparisons) or "<p>The queue is empty.</p>"
+        cards = [comparison_card(session, c) for c in comparisons]
         pages = (total + PAGE_SIZE - 1) // PAGE_SIZE
-        nav = f'<p class="meta">page {page_number} of {max(pages, 1)}'
-        if page_number < pages:
-            nav += f' · <a href="/queue?page={page_number + 1}">next</a>'
-        nav += "</p>"
-        return page("Queue", f"<h2>Queued comparisons ({total})</h2>{nav}{cards}", user)
+        return render(templates, request, "queue.html", title="Queue", user=user, total=total, cards=cards,
+                      page_number=page_number, pages=pages)  # fmt: skip
 
     @app.get("/api/comparisons", tags=["comparisons"], response_model=list[ComparisonOut])
     def api_comparisons(

@@ -1,31 +1,26 @@
 """Quality control on /admin: the round's agreement figures, each annotator's record, and the two remedies
-(disable the account; leave their votes out of every export). Admins only, checked in each handler."""
+(disable the account; leave their votes out of every export). Admins only, checked in each handler.
+Pages are templates in annotate/templates (autoescaped, extending the kernel's admin layout)."""
 
 from __future__ import annotations
 
-import html
 from dataclasses import asdict
+from pathlib import Path
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 from pydantic import BaseModel
 
-from alignloop.core.http import MAX_INT, AdminDep, SessionDep, page
+from alignloop.core import websec
+from alignloop.core.http import MAX_INT, AdminDep, DbId, SessionDep, render, templates_for
 from alignloop.core.models import User
 from annotate.quality import QualityReport, quality_report
 
 router = APIRouter(tags=["quality"])
 
 
-def _fmt(value, digits: int = 2) -> str:
-    return (
-        "–"
-        if value is None
-        else f"{value:.{digits}f}"
-        if isinstance(value, float)
-        else html.escape(str(value))
-    )
+templates = templates_for(Path(__file__).parent / "templates")
 
 
 class RoundModelOut(BaseModel):
@@ -58,52 +53,20 @@ def quality_json(
 
 @router.get("/admin", response_class=HTMLResponse, include_in_schema=False)
 def admin_page(
-    user: AdminDep, session: SessionDep, round: Annotated[int | None, Query(ge=0, le=MAX_INT)] = None
+    request: Request,
+    user: AdminDep,
+    session: SessionDep,
+    round: Annotated[int | None, Query(ge=0, le=MAX_INT)] = None,
 ):
     report = quality_report(session, round=round)
-    scope = f"round {round}" if round is not None else "all rounds"
-    summary = (
-        f"<p>{report.num_votes} votes ({scope}) · Krippendorff's alpha {_fmt(report.krippendorff_alpha)} over "
-        f"{report.num_multi_voted} multiply-voted items · position bias {_fmt(report.position_bias)} "
-        f"(0.50 = none) · median {_fmt(report.median_seconds, 1)} s per item · AI-human agreement "
-        f"{_fmt(report.ai_human_agreement)} on {report.ai_human_items} items</p>"
-    )
-    rows = []
-    for a in sorted(report.annotators, key=lambda a: (not a.flags, a.name)):
-        actions = "".join(
-            f'<form method="post" action="/admin/users/{a.user_id}/{action}" style="display:inline">'
-            f"<button>{label}</button></form> "
-            for action, label in (
-                ("enable" if a.disabled else "disable", "Enable" if a.disabled else "Disable"),
-                (
-                    "include" if a.votes_excluded else "exclude",
-                    "Include votes" if a.votes_excluded else "Exclude votes",
-                ),
-            )
-        )
-        rows.append(
-            f"<tr{' style=background:#fff3f3' if a.flags else ''}><td>{html.escape(a.name)}</td><td>{a.kind}</td>"
-            f"<td>{a.num_votes}</td><td>{_fmt(a.gold_accuracy)} ({a.num_gold})</td><td>{_fmt(a.consensus_kappa)}</td>"
-            f"<td>{_fmt(a.position_bias)}</td><td>{_fmt(a.median_seconds, 1)}</td>"
-            f"<td>{html.escape('; '.join(a.flags)) or 'ok'}{' · disabled' if a.disabled else ''}"
-            f"{' · votes excluded' if a.votes_excluded else ''}</td><td>{actions}</td></tr>"
-        )
-    table = (
-        "<table border=1 cellpadding=4 style='border-collapse:collapse'><tr><th>annotator</th><th>kind</th>"
-        "<th>votes</th><th>gold accuracy (n)</th><th>kappa vs consensus</th><th>position bias</th><th>median s</th>"
-        "<th>flags</th><th></th></tr>" + "".join(rows) + "</table>"
-    )
-    kappas = "".join(
-        f"<li>{html.escape(a)} – {html.escape(b)}: {k:.2f} on {n} items</li>"
-        for a, b, k, n in report.pairwise_kappa
-    )
-    body = f"<p><a href='/admin/reward'>reward models</a> · <a href='/admin/rl'>RL runs and evaluations</a></p><h2>Annotation quality</h2>{summary}{table}<h3>Pairwise Cohen's kappa</h3><ul>{kappas or '<li>–</li>'}</ul>"
-    return page("Admin", body, user)
+    return render(templates, request, "admin_quality.html", title="Admin", user=user, report=report,
+                  scope=f"round {round}" if round is not None else "all rounds",
+                  annotators=sorted(report.annotators, key=lambda a: (not a.flags, a.name)))  # fmt: skip
 
 
 @router.post("/admin/users/{user_id}/{action}", include_in_schema=False)
 def user_action(
-    user_id: int,
+    user_id: DbId,
     action: Literal["disable", "enable", "exclude", "include"],
     user: AdminDep,
     session: SessionDep,
@@ -119,6 +82,8 @@ def user_action(
         target.votes_excluded = action == "exclude"
     session.add(target)
     session.commit()
+    if action == "disable":  # re-enabling later must not bring back the sessions the account had
+        websec.end_all_logins(session, target.id)
     return RedirectResponse("/admin", status_code=303)
 
 
@@ -155,23 +120,6 @@ def rounds_json(user: AdminDep, session: SessionDep) -> list[dict]:
 
 
 @router.get("/admin/rounds", response_class=HTMLResponse, include_in_schema=False)
-def rounds_page(user: AdminDep, session: SessionDep):
-    rows = []
-    for r in rounds_json(user, session):
-        votes = ", ".join(f"{html.escape(str(k))} {v}" for k, v in r["votes_per_annotator"].items()) or "–"
-        models = "<br>".join(
-            f"{html.escape(m['name'])} ({m['kind']}): {' ← '.join(html.escape(x) for x in m['lineage'])}"
-            for m in r["models"]
-        )
-        rows.append(
-            f"<tr><td>{r['round']}</td><td>{r['status']}</td><td>{r['prompts']}</td><td>{r['queued']} / {r['done']}</td>"
-            f"<td>{votes}</td><td>{_fmt(r['krippendorff_alpha'])}</td><td>{_fmt(r['policy'])}</td>"
-            f"<td>{_fmt(r['reward_model'])}</td><td>{models or '–'}</td></tr>"
-        )
-    body = (
-        "<p><a href='/admin'>quality</a> · <a href='/admin/jobs'>jobs</a></p><h2>Rounds</h2>"
-        "<table border=1 cellpadding=4 style='border-collapse:collapse'><tr><th>round</th><th>status</th>"
-        "<th>prompts</th><th>queued / done</th><th>votes per annotator</th><th>alpha</th><th>policy</th>"
-        "<th>reward model</th><th>models of the round (lineage)</th></tr>" + "".join(rows) + "</table>"
-    )
-    return page("Rounds", body, user)
+def rounds_page(request: Request, user: AdminDep, session: SessionDep):
+    return render(templates, request, "admin_rounds.html", title="Rounds", user=user,
+                  rounds=rounds_json(user, session))  # fmt: skip

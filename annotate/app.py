@@ -4,8 +4,9 @@
 plain functions of their inputs that call `annotate.queue`; per-browser state (the item on screen and when it
 appeared) lives in `gr.State`, never in module globals.
 
-Text from prompts and models is HTML-escaped before it reaches the chat component and shown in plain
-textboxes otherwise, so markup in a prompt or response is displayed, never executed.
+Text from prompts and models is HTML-escaped before it reaches the chat component, which renders it without
+Markdown, and shown in plain textboxes otherwise: markup in a prompt or response is displayed, never executed,
+and a link in an imported prompt is not a link (README "Security": it could point at a same-site admin action).
 """
 
 from __future__ import annotations
@@ -15,11 +16,10 @@ import html
 import gradio as gr
 from sqlmodel import Session
 
-from alignloop.core import AlignloopError, crud
+from alignloop.core import AlignloopError, crud, websec
 from alignloop.core.config import Settings
 from alignloop.core.db import session_scope
 from alignloop.core.limits import MAX_RESPONSES  # the page has this many response boxes
-from alignloop.core.models import User
 from annotate import queue
 
 DEFAULT_GUIDELINES = """\
@@ -48,6 +48,13 @@ document.addEventListener('keydown', (event) => {
 """
 
 
+def logout_button() -> gr.Button:
+    """Logging out is a POST with the CSRF token: this leads, in the same tab, to the page with that form."""
+    return gr.Button(
+        "Log out", link="/logout", link_target="_self", size="sm", elem_id="logout-link", scale=0
+    )
+
+
 def _user(session: Session, request: gr.Request):
     user = crud.get_user(session, name=request.username) if request and request.username else None
     if user is None or user.disabled or user.role not in ("annotator", "admin"):
@@ -60,7 +67,7 @@ def _chat(messages: list[dict]) -> list[dict]:
     for m in messages:
         content = html.escape(m["content"])
         if m["role"] == "system":
-            shown.append({"role": "user", "content": f"*[system instructions]* {content}"})
+            shown.append({"role": "user", "content": f"[system instructions] {content}"})
         else:
             shown.append({"role": m["role"], "content": content})
     return shown
@@ -84,10 +91,13 @@ def build_ui(engine, settings: Settings, vote_limiter=None) -> gr.Blocks:
         with gr.Row():
             gr.Markdown("## alignloop · annotate")
             progress_md = gr.Markdown(elem_id="progress")
+            logout_button()
         with gr.Accordion("Guidelines", open=False):
             gr.Markdown(guidelines)
         status_md = gr.Markdown(elem_id="status")
-        chat = gr.Chatbot(label="Conversation", height=260, sanitize_html=True, elem_id="conversation")
+        # Prompts are untrusted imported text: no Markdown, so no live links (README "Security").
+        chat = gr.Chatbot(label="Conversation", height=260, sanitize_html=True, render_markdown=False,
+                          elem_id="conversation")  # fmt: skip
         with gr.Row():
             boxes = [
                 gr.Textbox(label=f"Response {queue.LABELS[i]}", lines=8, max_lines=30, interactive=False,
@@ -205,12 +215,9 @@ def username_of(engine, roles: tuple[str, ...] = ("annotator", "admin")):
     one of `roles`, else None."""
 
     def dependency(request) -> str | None:
-        user_id = request.session.get("user_id") if "session" in request.scope else None
-        if user_id is None:
-            return None
         with Session(engine) as session:
-            user = session.get(User, user_id)
-            if user is None or user.disabled or user.role not in roles:
+            user = websec.session_user(session, request)  # a revoked or expired login counts as none
+            if user is None or user.role not in roles:
                 return None
             return user.name
 

@@ -1,16 +1,16 @@
 """RL on /admin/rl: every training run's curves (reward, KL, entropy, losses) and every policy evaluation.
-Admins only, checked in each handler."""
+Admins only, checked in each handler. The page is rl/templates/rl.html (autoescaped)."""
 
 from __future__ import annotations
 
-import html
+from pathlib import Path
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel
 from sqlmodel import col, select
 
-from alignloop.core.http import AdminDep, SessionDep, page
+from alignloop.core.http import AdminDep, SessionDep, render, templates_for
 from alignloop.core.models import ModelVersion, Run
 
 router = APIRouter(tags=["rl"])
@@ -25,8 +25,7 @@ class RLRunOut(BaseModel):
     metrics: dict
 
 
-def _fmt(value) -> str:
-    return "–" if value is None else f"{value:.3f}" if isinstance(value, float) else html.escape(str(value))
+templates = templates_for(Path(__file__).parent / "templates")
 
 
 @router.get("/api/rl/runs", response_model=list[RLRunOut])
@@ -43,38 +42,11 @@ def rl_runs(user: AdminDep, session: SessionDep) -> list[dict]:
 
 
 @router.get("/admin/rl", response_class=HTMLResponse, include_in_schema=False)
-def rl_page(user: AdminDep, session: SessionDep):
+def rl_page(request: Request, user: AdminDep, session: SessionDep):
     runs = session.exec(select(Run).where(Run.kind == "rl").order_by(col(Run.id).desc())).all()
-    sections = []
-    for run in runs:
-        m = run.metrics
-        model = session.get(ModelVersion, run.output_model_id) if run.output_model_id else None
-        sections.append(
-            f"<h3>run {run.id}: {html.escape(str(run.config.get('algo')))} from {html.escape(str(run.config.get('policy')))}"
-            f" · {html.escape(run.status)}</h3><p>→ {html.escape(model.name) if model else '–'} · steps "
-            f"{_fmt(m.get('step') or m.get('steps'))} · reward {_fmt(m.get('reward_start'))} → {_fmt(m.get('reward_end'))}"
-            f" · KL {_fmt(m.get('kl_end'))}</p><img src='/admin/runs/{run.id}/metrics.png' alt='metrics' "
-            "style='max-width:100%'>"
-        )
+    sections = [
+        {"run": run, "model": session.get(ModelVersion, run.output_model_id) if run.output_model_id else None}
+        for run in runs
+    ]
     evals = session.exec(select(Run).where(Run.kind == "eval").order_by(col(Run.id).desc())).all()
-    rows = "".join(
-        f"<tr><td>{html.escape(str(e.metrics.get('policy')))}</td><td>{html.escape(str(e.metrics.get('baseline')))}</td>"
-        f"<td>{_fmt(e.metrics.get('reward'))} / {_fmt(e.metrics.get('baseline_reward'))}</td>"
-        f"<td>{_fmt(e.metrics.get('kl_to_baseline'))}</td><td>{_fmt(e.metrics.get('length'))} / "
-        f"{_fmt(e.metrics.get('baseline_length'))}</td><td>{_fmt(e.metrics.get('win_rate_by_judge'))} "
-        f"({html.escape(str(e.metrics.get('judge')))})</td></tr>"
-        for e in evals
-    )
-    table = (
-        "<table border=1 cellpadding=4 style='border-collapse:collapse'><tr><th>policy</th><th>baseline</th>"
-        "<th>reward (policy / baseline)</th><th>KL to baseline</th><th>length</th><th>win rate (judge)</th></tr>"
-        f"{rows}</table>"
-        if rows
-        else "<p>No evaluation yet: <code>alignloop rl eval</code>.</p>"
-    )
-    body = (
-        "<p><a href='/admin'>annotation quality</a> · <a href='/admin/reward'>reward models</a></p>"
-        f"<h2>Policy evaluations</h2>{table}<h2>RL runs</h2>"
-        + ("".join(sections) or "<p>No RL run yet: <code>alignloop rl train</code>.</p>")
-    )
-    return page("RL", body, user)
+    return render(templates, request, "rl.html", title="RL", user=user, sections=sections, evals=evals)

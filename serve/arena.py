@@ -23,6 +23,7 @@ from alignloop.core.config import Settings
 from alignloop.core.db import session_scope
 from alignloop.core.http import SessionDep, require_role
 from alignloop.core.models import User
+from annotate.app import logout_button
 from serve.chat import merge_streams, model_choices, reviewer, stream_text
 from serve.leaderboard import LeaderboardRow, arena_battles, leaderboard
 
@@ -91,6 +92,7 @@ def board_markdown(engine) -> str:
 def build_ui(engine, settings: Settings, pool) -> gr.Blocks:
     with gr.Blocks(title="alignloop · arena", analytics_enabled=False) as demo:
         gr.Markdown("## Arena: two anonymous models answer; vote for the better answer")
+        logout_button()
         battle = gr.State(None)  # {"prompt", "models", "texts"}: the names stay server-side until the vote
         with gr.Tab("Battle"):
             prompt = gr.Textbox(label="Prompt", elem_id="arena-prompt")

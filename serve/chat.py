@@ -22,6 +22,7 @@ from alignloop.core.config import Settings
 from alignloop.core.db import session_scope
 from alignloop.core.models import ChatFeedback, User
 from alignloop.core.presets import apply_preset, get_preset, list_presets, save_preset
+from annotate.app import logout_button
 from serve.engine import Request, Stream
 
 NO_PRESET = "(no preset)"
@@ -120,6 +121,7 @@ def save_feedback(
 def build_ui(engine, settings: Settings, pool) -> gr.Blocks:
     with gr.Blocks(title="alignloop · chat", analytics_enabled=False) as demo:
         gr.Markdown("## Chat with a model version")
+        logout_button()
         with gr.Tab("Chat"):
             history_state = gr.State([])  # the conversation as plain messages (unescaped)
             with gr.Row():

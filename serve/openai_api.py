@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlmodel import Session
 
-from alignloop.core import AlignloopError, crud
+from alignloop.core import AlignloopError, crud, websec
 from alignloop.core.http import SessionDep
 from alignloop.core.models import User
 from alignloop.core.presets import ReasoningFilter, apply_preset, get_preset
@@ -32,6 +32,7 @@ from serve.engine import Request as EngineRequest
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 MAX_TOKENS = 4096
+API_ROLES = ("reviewer", "admin")
 
 
 class OpenAIError(Exception):
@@ -134,18 +135,20 @@ STREAMED = {200: {"content": {"text/event-stream": {}}, "description": "with `st
 
 
 def api_user(request: Request, session: SessionDep) -> User:
-    """A Bearer API key, or the browser's login session."""
+    """A Bearer API key, or the browser's login session; a reviewer's or an admin's, like /chat (annotators
+    label, they do not get a model to query: it would let them have a model write their rationales)."""
     header = request.headers.get("authorization", "")
     if header.lower().startswith("bearer "):
         user = crud.user_for_api_key(session, key=header[7:].strip())
     else:
-        user_id = request.session.get("user_id")
-        user = session.get(User, user_id) if user_id is not None else None
-        user = None if user is None or user.disabled else user
+        user = websec.session_user(session, request)
     session.commit()  # end the read: no transaction held across the thread hop
     if user is None:
         raise OpenAIError(401, "Incorrect or missing API key: pass `Authorization: Bearer <key>` (alignloop keys "
                           "create)", type="authentication_error", code="invalid_api_key")  # fmt: skip
+    if user.role not in API_ROLES:
+        raise OpenAIError(403, f"the /v1 API is for the roles {' and '.join(API_ROLES)}; this key's user is "
+                          f"an {user.role}", type="permission_error", code="insufficient_role")  # fmt: skip
     return user
 
 
@@ -195,9 +198,21 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, user: 
             500, f"model {body.model!r} could not be loaded: {exc}", type="server_error"
         ) from None
     loop, events = asyncio.get_running_loop(), asyncio.Queue()
-    prompt_ids = engine.render(messages)
+    prompt_ids = await run_in_threadpool(engine.render, messages)
+    asked = body.max_completion_tokens or body.max_tokens
+    max_tokens = asked or MAX_TOKENS // 8
+    context = getattr(engine.model.config, "max_position_embeddings", None)
+    if context is not None:
+        # OpenAI's own answer to an over-long request; the engine would otherwise decode past the positions the
+        # model knows. Without an explicit max_tokens the reply may use whatever room the prompt leaves.
+        max_tokens = asked or max(1, min(max_tokens, context - len(prompt_ids)))
+        if len(prompt_ids) + max_tokens > context:
+            raise OpenAIError(400, f"This model's maximum context length is {context} tokens. However, you "
+                              f"requested {len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the messages, "
+                              f"{max_tokens} in the completion). Please reduce the length of the messages or "
+                              "completion.", param="messages", code="context_length_exceeded")  # fmt: skip
     job = EngineRequest(
-        prompt_ids=prompt_ids, max_tokens=body.max_completion_tokens or body.max_tokens or MAX_TOKENS // 8,
+        prompt_ids=prompt_ids, max_tokens=max_tokens,
         temperature=body.temperature, top_p=body.top_p, stop=body.stop or [], seed=body.seed,
         emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
     )  # fmt: skip

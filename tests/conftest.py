@@ -219,3 +219,13 @@ def workspace(tmp_path, monkeypatch):
     eng = make_engine(settings.db_url)
     yield settings, eng, password
     eng.dispose()
+
+
+def web_login(client, name: str, password: str):
+    """Log a TestClient in and send the session's CSRF token with its later requests (as a page's form would)."""
+    import re
+
+    response = client.post("/login", data={"username": name, "password": password}, follow_redirects=False)
+    match = re.search(r'<meta name="csrf-token" content="([^"]*)"', client.get("/login").text)
+    client.headers["X-CSRF-Token"] = match.group(1) if match else ""
+    return response

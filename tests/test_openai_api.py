@@ -206,3 +206,25 @@ def test_requests_join_and_leave_a_running_batch(tiny_model, tiny_tokenizer):
     assert results == single
     assert finished[-1] == 0 and engine.batches >= 2  # late short requests finished while the long one ran
     engine.close()
+
+
+def test_prompts_longer_than_the_context_get_an_openai_400_and_annotators_a_403(live, capsys):
+    """Issue #13 M5 and L12: a prompt the model cannot attend to is refused in OpenAI's shape; /v1 is for
+    reviewers and admins, like /chat."""
+    client, url, settings, engine = live
+    long = [{"role": "user", "content": "the sea " * 400}]  # well past the tiny model's 512 positions
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="tiny", messages=long, max_tokens=8)
+    assert err.value.body["code"] == "context_length_exceeded" and err.value.body["param"] == "messages"
+    with pytest.raises(openai.BadRequestError) as err:  # a short prompt, but too many tokens asked for
+        client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=4000)
+    assert err.value.body["code"] == "context_length_exceeded"
+    assert client.chat.completions.create(model="tiny", messages=HELLO).choices  # no max_tokens: fits itself
+
+    with session_scope(engine) as s:
+        ann = crud.create_user(s, name="ann", role="annotator", password="annotator-pass")
+        key, _ = crud.create_api_key(s, user=ann, name="ann")
+    annotator = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
+    with pytest.raises(openai.PermissionDeniedError) as err:
+        annotator.models.list()
+    assert err.value.body["code"] == "insufficient_role" and err.value.body["type"] == "permission_error"

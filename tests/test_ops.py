@@ -4,6 +4,7 @@ import json
 import time
 
 import pytest
+from conftest import web_login
 from fastapi.testclient import TestClient
 from sqlmodel import Session, select
 
@@ -34,7 +35,7 @@ def admin_client(workspace):
     with session_scope(engine) as s:
         crud.create_user(s, name="ann", role="annotator", password="annotator-pass")
     with TestClient(create_app(settings, engine)) as client:
-        client.post("/login", data={"username": "admin", "password": password})
+        web_login(client, "admin", password)
         yield client, settings, engine
 
 
@@ -156,7 +157,7 @@ def test_admin_pages_are_admin_only(workspace):
     with session_scope(engine) as s:
         crud.create_user(s, name="ann", role="annotator", password="annotator-pass")
     with TestClient(create_app(settings, engine)) as client:
-        client.post("/login", data={"username": "ann", "password": "annotator-pass"})
+        web_login(client, "ann", "annotator-pass")
         for path in ("/api/jobs", "/admin/jobs", "/admin/users", "/admin/keys", "/api/rounds", "/admin/rounds",
                      "/admin/reward", "/admin/rl", "/api/rl/runs", "/api/reward/models", "/admin/runs/1/metrics.png"):  # fmt: skip
             assert client.get(path).status_code == 403, path
@@ -169,12 +170,13 @@ def test_admin_pages_are_admin_only(workspace):
 def test_user_and_key_management(admin_client):
     client, settings, engine = admin_client
     page = client.post("/admin/users", data={"name": "rev", "role": "reviewer"})
-    password = page.text.split("password (shown once): <code>")[1].split("</code>")[0]
+    assert "password (shown once):" in page.text
+    password = page.text.split('<code id="secret">')[1].split("</code>")[0]
     with Session(engine) as s:
         rev = crud.get_user(s, name="rev")
         assert crud.authenticate(s, name="rev", password=password) is not None
     reset = client.post(f"/admin/users/{rev.id}/reset-password")
-    new_password = reset.text.split("(shown once): <code>")[1].split("</code>")[0]
+    new_password = reset.text.split('<code id="secret">')[1].split("</code>")[0]
     with Session(engine) as s:
         assert crud.authenticate(s, name="rev", password=password) is None
         assert crud.authenticate(s, name="rev", password=new_password) is not None
@@ -190,7 +192,8 @@ def test_user_and_key_management(admin_client):
         admin = crud.get_user(s, name="admin")
     assert client.post(f"/admin/users/{admin.id}/role", data={"role": "reviewer"}).status_code == 400
     key_page = client.post("/admin/keys", data={"name": "ci", "user": "admin"})
-    key = key_page.text.split("store it now): <code>")[1].split("</code>")[0]
+    assert "store it now):" in key_page.text
+    key = key_page.text.split('<code id="secret">')[1].split("</code>")[0]
     assert client.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
     with Session(engine) as s:
         key_id = crud.list_api_keys(s)[-1].id
@@ -234,9 +237,7 @@ def test_login_attempts_and_votes_are_rate_limited(workspace):
         assert (
             blocked.status_code == 429 and int(blocked.headers["Retry-After"]) > 0
         )  # even the right password
-        client.post(
-            "/login", data={"username": "ann", "password": "annotator-pass"}
-        )  # other names are unaffected
+        web_login(client, "ann", "annotator-pass")  # other names are unaffected
         item = client.get("/api/annotate/next").json()
         codes = []
         for _ in range(3):

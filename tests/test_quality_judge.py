@@ -1,7 +1,7 @@
 """Quality statistics, the admin page's remedies, and the AI judge voting through the queue."""
 
 import pytest
-from conftest import serve_in_thread
+from conftest import serve_in_thread, web_login
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlmodel import Session, select
@@ -68,11 +68,11 @@ def test_admin_can_exclude_and_disable_and_annotators_cannot(workspace):
         (c,) = seed(s, 1)
         crud.record_vote(s, comparison_id=c.id, user_id=ann.id, choice="a")
     with TestClient(create_app(settings, engine)) as client:
-        client.post("/login", data={"username": "a0", "password": "pass-word"})
+        web_login(client, "a0", "pass-word")
         assert client.get("/admin").status_code == 403
         assert client.post(f"/admin/users/{ann.id}/exclude").status_code == 403
         client.post("/logout")
-        client.post("/login", data={"username": "admin", "password": password})
+        web_login(client, "admin", password)
         page = client.get("/admin")
         assert page.status_code == 200 and "Annotation quality" in page.text and "a0" in page.text
         assert client.get("/api/quality").json()["num_votes"] == 1

@@ -10,7 +10,7 @@ import time
 
 import httpx
 import pytest
-from conftest import start_server
+from conftest import start_server, web_login
 from sqlmodel import Session, func, select
 
 from alignloop.cli import main
@@ -39,7 +39,7 @@ def loaded_workspace(workspace):
 def vote_until_stopped(base, name, acknowledged, stop):
     client = httpx.Client(base_url=base, timeout=5)
     try:
-        client.post("/login", data={"username": name, "password": "annotator-pass"})
+        web_login(client, name, "annotator-pass")
         item = client.get("/api/annotate/next")
         item = item.json() if item.status_code == 200 else None
         while item and not stop.is_set():

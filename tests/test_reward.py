@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import web_login
 from fastapi.testclient import TestClient
 from sqlmodel import Session, select
 
@@ -196,7 +197,7 @@ def test_cli_train_eval_and_admin_page(workspace, tiny_model_dir, separable_file
     from alignloop.web import create_app
 
     with TestClient(create_app(settings, engine)) as client:
-        client.post("/login", data={"username": "admin", "password": password})
+        web_login(client, "admin", password)
         page = client.get("/admin/reward")
         assert page.status_code == 200 and "rm-cli" in page.text and "held-out accuracy" in page.text
         png = client.get(f"/admin/reward/{version.id}/report.png")

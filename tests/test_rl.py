@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import build_tiny_llama
+from conftest import build_tiny_llama, web_login
 from sqlmodel import Session
 
 from alignloop.cli import main
@@ -186,10 +186,10 @@ def test_ppo_cli_resume_stacked_rounds_and_eval(rl_workspace, tiny_model_dir, ca
         crud.create_user(s, name="ann", role="annotator", password="annotator-pass")
         s.commit()
     with TestClient(create_app(settings, engine)) as client:
-        client.post("/login", data={"username": "ann", "password": "annotator-pass"})
+        web_login(client, "ann", "annotator-pass")
         assert client.get("/admin/rl").status_code == 403
         client.post("/logout")
-        client.post("/login", data={"username": "admin", "password": password})
+        web_login(client, "admin", password)
         page = client.get("/admin/rl")
         assert page.status_code == 200 and "round2" in page.text and "win rate" in page.text
         png = client.get(f"/admin/runs/{round2.run_id}/metrics.png")

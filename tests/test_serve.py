@@ -3,6 +3,7 @@
 import random
 
 import pytest
+from conftest import web_login
 from fastapi.testclient import TestClient
 from sqlmodel import Session, select
 
@@ -58,7 +59,7 @@ def test_arena_battles_are_comparisons_with_votes(workspace):
 
     with TestClient(create_app(settings, engine)) as client:
         assert client.get("/api/leaderboard", follow_redirects=False).status_code in (303, 401)
-        client.post("/login", data={"username": "rev", "password": "reviewer-pass"})
+        web_login(client, "rev", "reviewer-pass")
         board = client.get("/api/leaderboard").json()
         assert board["battles"] == 5 and [m["model"] for m in board["models"]] == ["m1", "m2"]
 

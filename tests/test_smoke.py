@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 import torch
-from conftest import free_port
+from conftest import free_port, web_login
 
 from alignloop.core.registry import DEFAULT_CACHE_NAME, resolve
 from alignloop.core.sampling import SamplingParams, generate
@@ -70,7 +70,7 @@ def test_demo_generates_and_serves(tmp_path):
                         break
                 except httpx.TransportError:
                     time.sleep(0.1)
-            client.post("/login", data={"username": "admin", "password": password})
+            web_login(client, "admin", password)
             page = client.get("/queue")
             assert page.status_code == 200 and "Queued comparisons" in page.text
             assert len(client.get("/api/comparisons").json()) >= 1

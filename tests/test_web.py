@@ -1,6 +1,7 @@
 """The web app through its HTTP surface: login, roles enforced server-side, text rendered inert."""
 
 import pytest
+from conftest import web_login
 from fastapi.testclient import TestClient
 from sqlmodel import Session
 
@@ -28,7 +29,7 @@ def app_client(workspace):
 
 
 def login(client, name, password):
-    return client.post("/login", data={"username": name, "password": password}, follow_redirects=False)
+    return web_login(client, name, password)
 
 
 def test_everything_needs_login(app_client):
@@ -57,7 +58,7 @@ def test_queue_page_shows_comparisons_as_inert_text(app_client):
     assert "<script>" not in page.text and "onerror=alert" not in page.text.replace(
         "onerror=alert(1)&gt;", ""
     )
-    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in page.text
+    assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in page.text
     data = client.get("/api/comparisons", params={"status": "queued"}).json()
     assert data[0]["responses"][1]["text"] == f"Response 1 {XSS}"
 

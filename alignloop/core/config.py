@@ -95,6 +95,10 @@ class Settings:
     votes_per_minute: int = field(
         default=600, metadata={"help": "Votes one annotator may submit per minute (per web worker)."}
     )
+    secure_cookies: bool = field(
+        default=False,
+        metadata={"help": "Mark the login cookie Secure and send HSTS: set it when served over HTTPS."},
+    )
     # --- jobs ---
     max_jobs: int = field(
         default=2, metadata={"help": "Background jobs (console) that may run at once; more are refused."}

@@ -1,24 +1,33 @@
 """What every router needs, apart from the module that composes them (the template's `deps.py`).
 
 A leaf of the kernel: routers in the stages import the session dependency, the current user, role checks and
-the page shell from here; `alignloop.web` (the application layer) composes those routers into one app.
+the page templates from here; `alignloop.web` (the application layer) composes those routers into one app.
+
+Pages are Jinja2 templates rendered through FastAPI's `Jinja2Templates` with autoescape on: a stage keeps its
+own `templates/` folder and extends this package's `base.html`. No page is built from strings, so no value can
+reach the HTML unescaped by forgetting a call; the CSRF token comes into every page by a context processor.
 """
 
 from __future__ import annotations
 
-import html
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
-from fastapi.responses import HTMLResponse
+from fastapi import Path as PathParam
+from fastapi.templating import Jinja2Templates
+from markupsafe import Markup
 from sqlmodel import Session
 
-from alignloop.core import crud
+from alignloop.core import crud, websec
 from alignloop.core.models import User
 
 MAX_FORM_CHARS = 1024
 MAX_INT = 2**31 - 1  # ids, rounds and offsets: bounded, so the schema says what the database can hold
+DbId = Annotated[int, PathParam(ge=1, le=MAX_INT)]  # an id in a path: huge values are a 422, not a 500
+TEMPLATES = Path(__file__).parent / "templates"
+STATIC = Path(__file__).parent / "static"
 
 
 class LoginRequired(Exception):
@@ -58,12 +67,11 @@ def current_user(request: Request, session: SessionDep) -> User:
                 status_code=401, detail="invalid API key", headers={"WWW-Authenticate": "Bearer"}
             )
         return user
-    user_id = request.session.get("user_id")
-    user = session.get(User, user_id) if user_id is not None else None
+    user = websec.session_user(session, request)
     # End this read's transaction here rather than carry it across the worker-thread hop to the handler:
     # with SQLite every transaction holds the write lock, and nothing needs it held in between.
     session.commit()
-    if user is None or user.disabled:
+    if user is None:
         request.session.clear()
         raise LoginRequired()
     return user
@@ -84,25 +92,31 @@ AdminDep = Annotated[User, Depends(require_role("admin"))]
 
 # --- pages ---------------------------------------------------------------------------------------------------
 
-STYLE = """
-body{font-family:system-ui,sans-serif;max-width:70rem;margin:1.5rem auto;padding:0 1rem;color:#222}
-header{display:flex;justify-content:space-between;align-items:center;border-bottom:1px solid #ddd}
-.card{border:1px solid #ddd;border-radius:8px;padding:.8rem 1rem;margin:1rem 0}
-.turn{white-space:pre-wrap;margin:.3rem 0}.role{font-weight:600;color:#555}
-.responses{display:grid;grid-template-columns:repeat(auto-fit,minmax(20rem,1fr));gap:.8rem}
-.response{background:#f7f7f9;border-radius:6px;padding:.6rem;white-space:pre-wrap}
-.meta{color:#777;font-size:.85rem}form.login{max-width:20rem;display:grid;gap:.5rem}
-"""
+
+def _page_context(request: Request) -> dict:
+    token = websec.csrf_token(request)
+    return {
+        "csrf_token": token,
+        "csrf_input": Markup('<input type="hidden" name="{}" value="{}">').format(websec.CSRF_FIELD, token),
+    }
 
 
-def page(title: str, body: str, user: User | None = None) -> HTMLResponse:
-    who = (
-        f'<span class="meta">{html.escape(user.name)} ({user.role})</span> '
-        '<form method="post" action="/logout" style="display:inline"><button>Log out</button></form>'
-        if user
-        else ""
-    )
-    return HTMLResponse(
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)} · alignloop</title>"
-        f"<style>{STYLE}</style></head><body><header><h1>alignloop</h1><div>{who}</div></header>{body}</body></html>"
-    )
+def fmt(value, digits: int = 2) -> str:
+    """A figure for a page: floats rounded, None as a dash, anything else as text (escaped by the template)."""
+    if value is None:
+        return "–"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def templates_for(*folders: Path) -> Jinja2Templates:
+    """Templates from `folders` (a stage's own), then the kernel's (`base.html`, `admin_base.html`)."""
+    templates = Jinja2Templates(directory=[*folders, TEMPLATES], context_processors=[_page_context])
+    templates.env.autoescape = True  # every template, whatever its file name ends with
+    templates.env.filters["fmt"] = fmt
+    return templates
+
+
+def render(templates: Jinja2Templates, request: Request, name: str, *, status_code: int = 200,
+           headers: dict | None = None, **context):  # fmt: skip
+    """One page; `context` names the template's variables (`title`, `user`, `notice`, `error`, ...)."""
+    return templates.TemplateResponse(request, name, context, status_code=status_code, headers=headers)

@@ -237,3 +237,12 @@ class ApiKey(SQLModel, table=True):
     revoked: bool = Field(default=False)
     created_at: datetime = Field(default_factory=utcnow)
     last_used_at: datetime | None = None
+
+
+class LoginSession(SQLModel, table=True):
+    # One browser login (server-side, so it can be revoked). The cookie holds a random token; only its SHA-256
+    # is stored. `fingerprint` digests the user's password hash and role at login: changing either ends it.
+    id: str = Field(primary_key=True, max_length=64)
+    user_id: int = Field(foreign_key="user.id", index=True)
+    fingerprint: str = Field(max_length=64)
+    created_at: datetime = Field(default_factory=utcnow)
