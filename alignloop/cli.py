@@ -276,7 +276,8 @@ def cmd_argilla(args) -> int:
             engine, client, dataset_name=args.dataset, workspace=args.argilla_workspace, round=args.round
         )
         print(
-            f"pushed {summary.pushed} comparisons ({summary.skipped_k_way} with more than two responses skipped)"
+            f"pushed {summary.pushed} pairs and {summary.pushed_rankings} rankings ({summary.already_pushed} "
+            f"already in Argilla, {summary.skipped_k_way} with too many responses skipped)"
         )
     else:
         summary = pull(engine, client, dataset_name=args.dataset, workspace=args.argilla_workspace)

@@ -110,7 +110,10 @@ ApiUser = Annotated[User, Depends(api_user)]
 
 
 def servable_models(session: Session) -> list[str]:
-    return ["default"] + [v.name for v in crud.list_model_versions(session) if v.kind in SERVABLE_KINDS]
+    # The default model is registered under its own name ("default") the first time it generates or fights in
+    # the arena; list it once.
+    names = [v.name for v in crud.list_model_versions(session) if v.kind in SERVABLE_KINDS]
+    return ["default"] + [n for n in names if n != "default"]
 
 
 def model_ref(session: Session, name: str, default_policy: str) -> str:

@@ -206,3 +206,13 @@ def test_requests_join_and_leave_a_running_batch(tiny_model, tiny_tokenizer):
     assert results == single
     assert finished[-1] == 0 and engine.batches >= 2  # late short requests finished while the long one ran
     engine.close()
+
+
+def test_default_model_is_listed_once_after_it_was_used(session):
+    """Generating with (or battling) the default model registers it under the name "default"."""
+    from alignloop.generate import ensure_model_version
+    from serve.openai_api import servable_models
+
+    ensure_model_version(session, ref="default", licence="apache-2.0")
+    crud.register_model(session, name="tiny", kind="policy", base="tiny")
+    assert servable_models(session) == ["default", "tiny"]
