@@ -255,7 +255,8 @@ def cmd_judge_run(args) -> int:
             )
         loaded = registry.load_causal_lm(source)
         judge = LocalJudge(loaded.model, loaded.tokenizer)
-    counts = run_judge(engine, judge=judge, user_name=args.user, max_items=args.max_items)
+    counts = run_judge(engine, judge=judge, user_name=args.user, max_items=args.max_items,
+                       gold_share=args.gold_share, round=args.round)  # fmt: skip
     print(
         f"judge {args.user}: {counts['votes']} votes (a {counts['a']}, b {counts['b']}, tie {counts['tie']}, "
         f"ranked {counts['ranked']}; {counts['lost']} taken by others meanwhile)"
@@ -422,6 +423,17 @@ def cmd_round_next(args) -> int:
         f"closed round {result['round']}: reward model {result['reward_model'] or '- (dpo)'}, new policy "
         f"{result['policy']}; queued {result['queued']} comparisons for round {result['next_round']} (run {result['run_id']})"
     )
+    return 0
+
+
+def cmd_round_ai_votes(args) -> int:
+    from alignloop.db import session_scope
+    from alignloop.rounds import set_ai_votes
+
+    _, engine = open_workspace(args)
+    with session_scope(engine) as session:
+        changed = set_ai_votes(session, round=args.round, ai_votes=args.ai_votes)
+    print(f"round {args.round}: {args.ai_votes} AI slots per comparison ({changed} queued comparisons updated)")
     return 0
 
 
@@ -649,6 +661,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--openai-model", default=None)
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
     p.add_argument("--max-items", type=int, default=None)
+    p.add_argument("--gold-share", type=float, default=0.05, help="share of its items that are gold items")
+    p.add_argument("--round", type=int, default=None, help="only this round's comparisons")
     p.set_defaults(func=cmd_judge_run)
 
     argilla = sub.add_parser("argilla", help="sync with an Argilla 2.x server").add_subparsers(
@@ -749,6 +763,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--algo", default="ppo", choices=["ppo", "grpo", "rloo", "dpo"])
     p.add_argument("--prompts", type=int, default=32, help="prompts to queue for the next round")
     p.set_defaults(func=cmd_round_next)
+    p = round_.add_parser("ai-votes", parents=[common], help="AI judge slots per comparison in a round")
+    p.add_argument("ai_votes", type=int, help="slots for AI votes, beside the people's target_votes (0 = none)")
+    p.add_argument("--round", type=int, default=0)
+    p.set_defaults(func=cmd_round_ai_votes)
     p = round_.add_parser("lineage", parents=[common], help="every model a vote influenced")
     p.add_argument("--vote", type=int, required=True)
     p.set_defaults(func=cmd_round_lineage)

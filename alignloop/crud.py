@@ -306,12 +306,12 @@ def finish_run(
 
 
 def get_or_create_round(
-    session: Session, *, number: int, target_votes: int = 1, policy_id: int | None = None
+    session: Session, *, number: int, target_votes: int = 1, policy_id: int | None = None, ai_votes: int = 1
 ) -> Round:
     existing = session.exec(select(Round).where(Round.number == number)).first()
     if existing is not None:
         return existing
-    row = Round(number=number, target_votes=target_votes, policy_id=policy_id)
+    row = Round(number=number, target_votes=target_votes, policy_id=policy_id, ai_votes=ai_votes)
     session.add(row)
     session.flush()
     return row
@@ -355,7 +355,9 @@ def create_comparison(
     source: str = "queue",
     priority: int = 0,
     gold: str | None = None,
+    target_ai_votes: int | None = None,
 ) -> Comparison:
+    """`target_ai_votes` defaults to the round's `ai_votes` setting (1 when the round has no row yet)."""
     if len(generation_ids) < 2:
         raise AlignloopError("a comparison needs at least two generations")
     if len(set(generation_ids)) != len(generation_ids):
@@ -370,11 +372,17 @@ def create_comparison(
     if any(g.prompt_id != prompt_id for g in generations):
         raise AlignloopError("every generation in a comparison must answer the comparison's prompt")
     if gold is not None:
-        _check_choice(gold, len(generation_ids))
+        check_gold(gold, len(generation_ids))
+    if target_ai_votes is None:
+        round_row = session.exec(select(Round).where(Round.number == round)).first()
+        target_ai_votes = round_row.ai_votes if round_row is not None else 1
+    if target_ai_votes < 0:
+        raise AlignloopError("target_ai_votes cannot be negative")
     comparison = Comparison(
         prompt_id=prompt_id,
         round=round,
         target_votes=target_votes,
+        target_ai_votes=target_ai_votes,
         source=source,
         priority=priority,
         gold=gold,
@@ -440,6 +448,24 @@ def _check_choice(choice: str, num_items: int) -> None:
         raise AlignloopError(f"a comparison of {num_items} responses takes a ranking, not {choice!r}")
 
 
+def check_gold(gold: str, num_items: int) -> None:
+    """A gold answer: a choice for pairs; for K > 2 the ranking's positions best first ("2,0,1")."""
+    if num_items == 2:
+        _check_choice(gold, num_items)
+        return
+    try:
+        ranking = [int(x) for x in gold.split(",")]
+    except ValueError:
+        raise AlignloopError(
+            f"gold for {num_items} responses is a ranking like '2,0,1', not {gold!r}"
+        ) from None
+    _check_permutation("the gold ranking", ranking, num_items)
+
+
+def gold_ranking(gold: str) -> list[int]:
+    return [int(x) for x in gold.split(",")]
+
+
 def _check_permutation(name: str, value: Sequence[int], num_items: int) -> None:
     if sorted(value) != list(range(num_items)) or not all(isinstance(v, int) for v in value):
         raise AlignloopError(f"{name} must order all {num_items} responses exactly once, got {list(value)!r}")
@@ -462,6 +488,15 @@ _VOTE_GATE = (
         ),
     )
 )
+# AI judges fill their own slots (`target_ai_votes`), on queued or done comparisons alike, and never change
+# the status: people's slots alone decide when an item leaves the annotators' queue.
+_AI_VOTE_GATE = (
+    update(Comparison)
+    .where(Comparison.id == bindparam("cid"), Comparison.status != "cancelled")
+    .where(~exists().where(Vote.comparison_id == bindparam("cid"), Vote.user_id == bindparam("uid")))
+    .where((Comparison.num_ai_votes < Comparison.target_ai_votes) | col(Comparison.gold).is_not(None))
+    .values(num_ai_votes=Comparison.num_ai_votes + 1)
+)
 
 
 def record_vote(
@@ -476,8 +511,12 @@ def record_vote(
     rationale: str = "",
     seconds: float | None = None,
     num_items: int | None = None,
+    ai: bool | None = None,
 ) -> Vote:
     """Store one vote and count it, atomically: never two votes by one user, never past the target.
+
+    An AI judge's vote (`ai`, else read from the user's kind) counts against the comparison's AI slots, a
+    person's against `target_votes`: a judge never closes an item before people have seen it.
 
     `num_items` (the comparison's number of responses) saves a query when the caller knows it. Refused votes
     raise before anything is written, except when the same user votes twice at the same instant on
@@ -505,7 +544,11 @@ def record_vote(
 
     # One conditional UPDATE is the gate: it counts the vote only while the comparison has room (gold items
     # always do: every annotator answers them) and this user has not voted on it, whatever the concurrency.
-    counted = session.connection().execute(_VOTE_GATE, {"cid": comparison_id, "uid": user_id}).rowcount
+    if ai is None:
+        user = session.get(User, user_id)
+        ai = user is not None and user.kind == "ai"
+    gate = _AI_VOTE_GATE if ai else _VOTE_GATE
+    counted = session.connection().execute(gate, {"cid": comparison_id, "uid": user_id}).rowcount
     if counted != 1:
         if session.exec(
             select(Vote.id).where(Vote.comparison_id == comparison_id, Vote.user_id == user_id)

@@ -49,7 +49,22 @@ def _v3_presets_and_keys(engine: Engine) -> None:
     """New tables only (Preset, ApiKey): `create_all` has already made them; nothing to alter."""
 
 
-MIGRATIONS: dict[int, Callable[[Engine], None]] = {2: _v2_annotation_queue, 3: _v3_presets_and_keys}
+def _v4_ai_slots_and_presets(engine: Engine) -> None:
+    """AI judges' own vote slots (per round and per comparison); the preset a chat reply was made with."""
+    _add_columns(engine, "round", {"ai_votes": "INTEGER NOT NULL DEFAULT 1"})
+    _add_columns(
+        engine,
+        "comparison",
+        {"target_ai_votes": "INTEGER NOT NULL DEFAULT 1", "num_ai_votes": "INTEGER NOT NULL DEFAULT 0"},
+    )
+    _add_columns(engine, "chatfeedback", {"preset": "VARCHAR(80)"})
+
+
+MIGRATIONS: dict[int, Callable[[Engine], None]] = {
+    2: _v2_annotation_queue,
+    3: _v3_presets_and_keys,
+    4: _v4_ai_slots_and_presets,
+}
 
 
 def make_engine(url: str, *, echo: bool = False) -> Engine:

@@ -14,7 +14,7 @@ from sqlalchemy import JSON, Column, Index, Text, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
 # Bump when a table changes and add the step to `db.MIGRATIONS`.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 UNSCORED = 1e300  # sorts comparisons without a reward margin after every scored one
 
@@ -94,6 +94,7 @@ class Round(SQLModel, table=True):
     policy_id: int | None = Field(default=None, foreign_key="modelversion.id")
     reward_id: int | None = Field(default=None, foreign_key="modelversion.id")
     target_votes: int = 1
+    ai_votes: int = 1  # slots per comparison for AI judges, separate from the people's `target_votes`
     status: str = Field(default="open", max_length=16)
     created_at: datetime = Field(default_factory=utcnow)
 
@@ -139,10 +140,14 @@ class Comparison(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     prompt_id: int = Field(foreign_key="prompt.id", index=True)
     round: int = Field(default=0, index=True)
-    target_votes: int = 1
-    num_votes: int = 0
+    target_votes: int = 1  # human votes; `status` turns "done" when they are in
+    num_votes: int = 0  # human votes counted so far
+    target_ai_votes: int = 1  # AI judges' own slots: they never take a person's
+    num_ai_votes: int = 0
     status: str = Field(default="queued", max_length=16)
-    gold: str | None = Field(default=None, max_length=16)  # known answer for gold items
+    # Known answer for gold items: a choice (a | b | tie | both_bad), or for K > 2 the ranking's positions best
+    # first, comma-separated ("2,0,1").
+    gold: str | None = Field(default=None, max_length=16)
     source: str = Field(default="queue", max_length=16)
     priority: int = 0
     reward_margin: float | None = None  # |r_a - r_b| from the current reward model: small = uncertain
@@ -191,6 +196,9 @@ class ChatFeedback(SQLModel, table=True):
     response: str = Field(sa_column=Column(Text, nullable=False))
     rating: int | None = None  # +1 thumbs up, -1 thumbs down
     edited: str | None = Field(default=None, sa_column=Column(Text))
+    preset: str | None = Field(
+        default=None, max_length=80
+    )  # the L1 preset ("name@version") the reply was made with
     created_at: datetime = Field(default_factory=utcnow)
 
 

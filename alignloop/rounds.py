@@ -27,7 +27,7 @@ from alignloop import AlignloopError, crud
 from alignloop.config import Settings
 from alignloop.db import session_scope
 from alignloop.export import write_rows
-from alignloop.models import ModelVersion, Round, Run, Vote
+from alignloop.models import Comparison, ModelVersion, Round, Run, Vote
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,8 +127,9 @@ def next_round(engine, settings: Settings, plan: RoundPlan) -> dict:
         with session_scope(engine) as session:
             new_id = crud.get_model_version(session, name=policy_name).id
             crud.get_or_create_round(
-                session, number=number + 1, target_votes=round_.target_votes, policy_id=new_id
-            )
+                session, number=number + 1, target_votes=round_.target_votes, policy_id=new_id,
+                ai_votes=round_.ai_votes,
+            )  # fmt: skip
         summary = queue_comparisons(
             engine, settings=settings, model_ref=policy_name, versus=policy, num_prompts=plan.num_prompts,
             round=number + 1, progress=plan.progress,
@@ -148,6 +149,23 @@ def next_round(engine, settings: Settings, plan: RoundPlan) -> dict:
         raise
     return {"round": number, "reward_model": reward_name, "policy": policy_name, "next_round": number + 1,
             "queued": summary["comparisons"], "run_id": run_id}  # fmt: skip
+
+
+def set_ai_votes(session: Session, *, round: int, ai_votes: int) -> int:
+    """Set a round's AI slots per comparison, for its queued comparisons too; returns how many changed."""
+    if ai_votes < 0:
+        raise AlignloopError("--ai-votes cannot be negative")
+    row = crud.get_or_create_round(session, number=round, ai_votes=ai_votes)
+    row.ai_votes = ai_votes
+    session.add(row)
+    queued = session.exec(
+        select(Comparison).where(Comparison.round == round, Comparison.status == "queued")
+    ).all()
+    for comparison in queued:
+        comparison.target_ai_votes = ai_votes
+        session.add(comparison)
+    session.flush()
+    return len(queued)
 
 
 # --- lineage -------------------------------------------------------------------------------------------------

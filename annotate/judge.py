@@ -122,9 +122,17 @@ def ensure_judge_user(session: Session, *, name: str) -> int:
 
 
 def run_judge(
-    engine, *, judge: Judge, user_name: str = "ai-judge", max_items: int | None = None, progress: bool = True
+    engine,
+    *,
+    judge: Judge,
+    user_name: str = "ai-judge",
+    max_items: int | None = None,
+    progress: bool = True,
+    gold_share: float = queue.GOLD_SHARE,
+    round: int | None = None,
 ) -> dict:
-    """Vote on queued comparisons as the AI user until the queue has nothing left for it (or `max_items`)."""
+    """Vote as the AI user on comparisons with a free AI slot (its own, never a person's) and on its share
+    of gold items, until nothing is left for it (or `max_items`)."""
     from tqdm.auto import tqdm
 
     with session_scope(engine) as session:
@@ -133,7 +141,7 @@ def run_judge(
     bar = tqdm(total=max_items, desc="judging", unit="item", disable=not progress)
     while max_items is None or counts["votes"] < max_items:
         with session_scope(engine) as session:
-            item = queue.next_item(session, user_id=user_id, gold_share=0)
+            item = queue.next_ai_item(session, user_id=user_id, gold_share=gold_share, round=round)
         if item is None:
             break
         choice, ranking = decide(judge, item.prompt, item.responses)  # outside any transaction: model time
@@ -144,7 +152,7 @@ def run_judge(
                     rationale="AI judge (position-swapped)",
                 )  # fmt: skip
         except (crud.ComparisonClosedError, crud.DuplicateVoteError):
-            counts["lost"] += 1  # a human finished it while the judge was thinking
+            counts["lost"] += 1  # another judge filled the slot while this one was thinking
             continue
         counts["votes"] += 1
         counts[choice or "ranked"] += 1

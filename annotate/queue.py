@@ -8,6 +8,12 @@ Rules (each one tested with concurrent threads and processes on SQLite and Postg
 - order: a gold item when the annotator's gold share is due (default 5% of their items), then priority, then
   reward-model uncertainty (smallest |r_a - r_b| first) when a reward model has scored the item, then oldest.
 
+AI judges (users of kind "ai") take `next_ai_item`, not `next_item`: they fill the comparison's own AI slots
+(`target_ai_votes`, a per-round setting), never a person's, and may answer items people have finished, so
+that AI-human agreement can be measured. They get gold items at the same share as people. They take no
+lease: judges are few, and the vote's conditional UPDATE (crud.record_vote) still stops a slot being filled
+twice; the cost is that two judges racing for one slot waste one verdict.
+
 How the "never beyond target" rule holds: a claim locks the candidate comparison row (PostgreSQL
 `FOR UPDATE SKIP LOCKED`; SQLite serialises write transactions with `BEGIN IMMEDIATE`), then counts votes and
 live leases in a fresh statement, which sees every claim committed before the lock was granted.
@@ -228,6 +234,31 @@ def next_item(
         if session.exec(_NUM_AVAILABLE[by_round], params=params).one() == 0:
             return None
         time.sleep(0.005 * (attempt + 1))
+    return None
+
+
+def next_ai_item(
+    session: Session,
+    *,
+    user_id: int,
+    gold_share: float = GOLD_SHARE,
+    round: int | None = None,
+    now: datetime | None = None,
+) -> Item | None:
+    """The next comparison for an AI judge: one with a free AI slot (or gold) it has not answered."""
+    now = now or utcnow()
+    open_slot = or_(col(Comparison.gold).is_not(None), Comparison.num_ai_votes < Comparison.target_ai_votes)
+    query = select(Comparison).where(Comparison.status != "cancelled", ~_VOTED, ~_SKIPPED, open_slot)
+    if round is not None:
+        query = query.where(Comparison.round == round)
+    gold_first = _gold_turn(session, user_id, gold_share)
+    for gold in (gold_first, not gold_first):
+        gold_filter = col(Comparison.gold).is_not(None) if gold else col(Comparison.gold).is_(None)
+        comparison = session.exec(
+            query.where(gold_filter).order_by(*_QUEUE_ORDER).limit(1), params={"user_id": user_id}
+        ).first()
+        if comparison is not None:
+            return _item(session, comparison, user_id=user_id, expires_at=now)
     return None
 
 

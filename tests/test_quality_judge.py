@@ -11,6 +11,7 @@ from alignloop import crud
 from alignloop.db import session_scope
 from alignloop.models import User, Vote
 from alignloop.web import create_app
+from annotate import queue
 from annotate.judge import LocalJudge, OpenAIJudge, decide, run_judge
 from annotate.quality import cohen_kappa, quality_report
 
@@ -188,3 +189,38 @@ def test_judge_refuses_a_human_user(engine):
 
     with pytest.raises(AlignloopError, match="human annotator"):
         run_judge(engine, judge=LengthJudge(), user_name="a0", progress=False)
+
+
+def test_the_judge_has_its_own_slots_and_answers_gold(engine):
+    """With target_votes 1 the judge used to close every item before a person saw it, and AI-human agreement
+    stayed empty. Now it fills its own slot, people still get every item, and its gold accuracy is measured."""
+    with session_scope(engine) as s:
+        crud.get_or_create_round(s, number=0, target_votes=1, ai_votes=1)
+        comparisons = seed(s, 6, target_votes=1)
+        golds = seed(s, 2, gold="b", prefix="gold-with-a-longer-b")
+        (human,) = users(s, 1)
+    counts = run_judge(engine, judge=LengthJudge(), user_name="judge", progress=False, gold_share=0.25)
+    assert counts["votes"] == 8  # six items in its own slots, and both gold items
+    with session_scope(engine) as s:
+        assert all(s.get(type(c), c.id).status == "queued" for c in comparisons)  # people's slots are free
+        for c in comparisons:
+            item = queue.next_item(s, user_id=human.id, gold_share=0)
+            queue.submit_vote(s, user_id=human.id, comparison_id=item.comparison_id, choice="tie")
+        assert all(s.get(type(c), c.id).status == "done" for c in comparisons)
+    again = run_judge(engine, judge=LengthJudge(), user_name="judge", progress=False)
+    assert again["votes"] == 0  # one AI slot each, already filled
+    with Session(engine) as s:
+        report = quality_report(s)
+        judge = next(a for a in report.annotators if a.name == "judge")
+        assert judge.num_gold == len(golds) and judge.gold_accuracy is not None
+        assert (
+            report.ai_human_items == 6 and report.ai_human_agreement == 0.0
+        )  # the human said tie throughout
+
+
+def test_a_round_without_ai_slots_gives_the_judge_only_gold(engine):
+    with session_scope(engine) as s:
+        crud.get_or_create_round(s, number=0, ai_votes=0)
+        seed(s, 3)
+        seed(s, 1, gold="a", prefix="gold")
+    assert run_judge(engine, judge=LengthJudge(), user_name="judge", progress=False)["votes"] == 1

@@ -7,6 +7,7 @@ from sqlmodel import Session, col, select
 
 from alignloop import AlignloopError, crud
 from alignloop.cli import main
+from alignloop.db import session_scope
 from alignloop.models import Comparison, Generation, Round, Run, Vote
 from alignloop.rounds import RoundPlan, models_influenced_by_vote, next_round
 from rl.ppo import PPOTrainer
@@ -101,3 +102,20 @@ def test_an_interrupted_round_resumes_where_it_stopped(round0, monkeypatch):
         assert steps == [1, 2, 3, 4]
         assert result["queued"] == len(s.exec(select(Comparison).where(Comparison.round == 1)).all())
         assert s.exec(select(Generation).where(col(Generation.model_version_id).is_(None))).all() == []
+
+
+def test_round_ai_votes_sets_the_judges_slots(workspace, capsys):
+    from test_queue import seed
+
+    from alignloop.cli import main
+    from alignloop.models import Comparison, Round
+
+    settings, engine, _ = workspace
+    with session_scope(engine) as s:
+        seed(s, 2)
+    assert main(["round", "ai-votes", "2", "--round", "0", "--workspace", str(settings.workspace)]) == 0
+    assert "2 queued comparisons updated" in capsys.readouterr().out
+    with Session(engine) as s:
+        assert {c.target_ai_votes for c in s.exec(select(Comparison)).all()} == {2}
+        assert s.exec(select(Round).where(Round.number == 0)).one().ai_votes == 2
+    assert main(["round", "ai-votes", "-1", "--workspace", str(settings.workspace)]) != 0
