@@ -203,7 +203,7 @@ def test_the_judge_has_its_own_slots_and_answers_gold(engine):
     assert counts["votes"] == 8  # six items in its own slots, and both gold items
     with session_scope(engine) as s:
         assert all(s.get(type(c), c.id).status == "queued" for c in comparisons)  # people's slots are free
-        for c in comparisons:
+        for _ in comparisons:
             item = queue.next_item(s, user_id=human.id, gold_share=0)
             queue.submit_vote(s, user_id=human.id, comparison_id=item.comparison_id, choice="tie")
         assert all(s.get(type(c), c.id).status == "done" for c in comparisons)
