@@ -57,7 +57,7 @@ def _v4_ai_slots_and_presets(engine: Engine) -> None:
         "comparison",
         {"target_ai_votes": "INTEGER NOT NULL DEFAULT 1", "num_ai_votes": "INTEGER NOT NULL DEFAULT 0"},
     )
-    _add_columns(engine, "chatfeedback", {"preset": "VARCHAR(80)"})
+    _add_columns(engine, "chatfeedback", {"preset": "VARCHAR(80)", "context": "JSON"})
 
 
 MIGRATIONS: dict[int, Callable[[Engine], None]] = {

@@ -196,9 +196,9 @@ class ChatFeedback(SQLModel, table=True):
     response: str = Field(sa_column=Column(Text, nullable=False))
     rating: int | None = None  # +1 thumbs up, -1 thumbs down
     edited: str | None = Field(default=None, sa_column=Column(Text))
-    preset: str | None = Field(
-        default=None, max_length=80
-    )  # the L1 preset ("name@version") the reply was made with
+    # The L1 preset ("name@version") the reply was made with, and the messages as the model was given them.
+    preset: str | None = Field(default=None, max_length=80)
+    context: list | None = json_column(nullable=True)
     created_at: datetime = Field(default_factory=utcnow)
 
 

@@ -3,7 +3,9 @@
 A reviewer types a prompt; two different versions, drawn at random and placed on random sides, answer side by
 side with their names hidden. The vote (A / B / tie / both bad) is stored as a `Comparison` with source
 `arena` plus a `Vote`, exactly like an annotation, so reward training can use it; only then are the names
-shown. The leaderboard (`serve.leaderboard`) ranks versions by Bradley-Terry strength with bootstrap 95%
+shown. The comparison is filed under the round open now (per-round figures stay per round), its responses in
+a fixed order (by model version id) and the vote carries the order the sides were actually shown in, so
+position bias in the arena is measurable like anywhere else. The leaderboard (`serve.leaderboard`) ranks versions by Bradley-Terry strength with bootstrap 95%
 intervals; `/api/leaderboard` serves the same table as JSON.
 """
 
@@ -15,12 +17,12 @@ from typing import Annotated
 
 import gradio as gr
 from fastapi import APIRouter, Depends
-from sqlmodel import Session
+from sqlmodel import Session, col, select
 
 from alignloop import AlignloopError, crud
 from alignloop.config import Settings
 from alignloop.db import session_scope
-from alignloop.models import User
+from alignloop.models import Round, User
 from alignloop.web import SessionDep, require_role
 from serve.chat import merge_streams, model_choices, reviewer, stream_text
 from serve.leaderboard import arena_battles, leaderboard
@@ -65,10 +67,26 @@ def record_battle(engine, user: User, *, prompt: str, models: tuple[str, str], t
             )
             for v, t in zip(versions, texts, strict=True)
         ]
-        comparison = crud.create_comparison(session, prompt_id=existing.id, generation_ids=[g.id for g in generations],
-                                            round=0, source="arena", target_votes=1)  # fmt: skip
-        crud.record_vote(session, comparison_id=comparison.id, user_id=user.id, choice=choice)
+        # Stored by model version id; shown_order[i] = stored position of the side shown i-th (A, then B).
+        shown = sorted(range(2), key=lambda i: versions[i].id)
+        stored = [generations[i] for i in shown]
+        shown_order = [shown.index(0), shown.index(1)]
+        comparison = crud.create_comparison(session, prompt_id=existing.id, generation_ids=[g.id for g in stored],
+                                            round=current_round(session), source="arena", target_votes=1)  # fmt: skip
+        if choice in ("a", "b"):
+            choice = "ab"[shown_order["ab".index(choice)]]
+        crud.record_vote(
+            session, comparison_id=comparison.id, user_id=user.id, choice=choice, shown_order=shown_order
+        )
         return comparison.id
+
+
+def current_round(session: Session) -> int:
+    """The newest round not closed yet (0 before the first round exists)."""
+    row = session.exec(
+        select(Round).where(Round.status != "closed").order_by(col(Round.number).desc())
+    ).first()
+    return row.number if row is not None else 0
 
 
 def board_markdown(engine) -> str:

@@ -55,6 +55,15 @@ def prepare(engine, messages: list[dict], preset: str | None) -> list[dict]:
         return apply_preset(get_preset(session, preset), messages)
 
 
+def pin_preset(engine, preset: str | None) -> str | None:
+    """'name' -> 'name@version' of the latest version now, so a later save cannot change what was used."""
+    if not preset or preset == NO_PRESET:
+        return None
+    with Session(engine) as session:
+        row = get_preset(session, preset)
+        return f"{row.name}@{row.version}"
+
+
 def model_ref(settings: Settings, name: str) -> str:
     return settings.default_policy if name == "default" else name
 
@@ -100,17 +109,29 @@ def _shown(history: list[dict]) -> list[dict]:
 
 
 def save_feedback(
-    engine, user: User, *, model: str, history: list[dict], rating: int | None, edited: str | None
+    engine,
+    user: User,
+    *,
+    model: str,
+    history: list[dict],
+    rating: int | None,
+    edited: str | None,
+    preset: str | None = None,
 ):
+    """Store a verdict on the last reply with the preset it was made with (pinned to its version) and the
+    messages the model was actually given, so edits become SFT data in the context the model saw."""
     if not history or history[-1]["role"] != "assistant":
         raise AlignloopError("there is no reply to give feedback on yet")
     if edited is not None and not edited.strip():
         raise AlignloopError("the better answer is empty")
     with session_scope(engine) as session:
         version = crud.get_model_version(session, name=model)
+        row = get_preset(session, preset) if preset and preset != NO_PRESET else None
         session.add(ChatFeedback(user_id=user.id, model_version_id=version.id if version else None,
                                  messages=history[:-1], response=history[-1]["content"], rating=rating,
-                                 edited=edited.strip() if edited else None))  # fmt: skip
+                                 edited=edited.strip() if edited else None,
+                                 preset=f"{row.name}@{row.version}" if row else None,
+                                 context=apply_preset(row, history[:-1]) if row else None))  # fmt: skip
 
 
 def feedback_pairs(session: Session) -> list[dict]:
@@ -140,6 +161,7 @@ def build_ui(engine, settings: Settings, pool) -> gr.Blocks:
         gr.Markdown("## Chat with a model version")
         with gr.Tab("Chat"):
             history_state = gr.State([])  # the conversation as plain messages (unescaped)
+            reply_preset = gr.State(None)  # the preset ("name@version") the last reply was made with
             with gr.Row():
                 model = gr.Dropdown(label="Model", choices=["default"], value="default", elem_id="chat-model")
                 preset = gr.Dropdown(
@@ -173,36 +195,37 @@ def build_ui(engine, settings: Settings, pool) -> gr.Blocks:
                     raise gr.Error("That message is too long (8,000 characters at most).")
                 history = [*history, {"role": "user", "content": text}]
                 try:
-                    stream, _ = stream_text(pool, settings, name, prepare(engine, history, preset_ref),
+                    pinned = pin_preset(engine, preset_ref)
+                    stream, _ = stream_text(pool, settings, name, prepare(engine, history, pinned),
                                             temperature=temp, max_tokens=int(limit))  # fmt: skip
                 except AlignloopError as exc:
                     raise gr.Error(str(exc)) from None
                 for (reply,) in merge_streams([stream]):
                     shown = [*history, {"role": "assistant", "content": reply}]
-                    yield "", shown, _shown(shown)
+                    yield "", shown, _shown(shown), pinned
 
             send.click(respond, [message, history_state, model, preset, temperature, max_tokens],
-                       [message, history_state, chatbot])  # fmt: skip
+                       [message, history_state, chatbot, reply_preset])  # fmt: skip
             message.submit(respond, [message, history_state, model, preset, temperature, max_tokens],
-                           [message, history_state, chatbot])  # fmt: skip
-            clear.click(lambda: ([], [], ""), None, [history_state, chatbot, notice])
+                           [message, history_state, chatbot, reply_preset])  # fmt: skip
+            clear.click(lambda: ([], [], "", None), None, [history_state, chatbot, notice, reply_preset])
 
             def feedback(rating, edited):
-                def handler(history, name, better_text, request: gr.Request):
+                def handler(history, name, better_text, used_preset, request: gr.Request):
                     with Session(engine) as session:
                         user = reviewer(session, request)
                     try:
                         save_feedback(engine, user, model=name, history=history, rating=rating,
-                                      edited=better_text if edited else None)  # fmt: skip
+                                      edited=better_text if edited else None, preset=used_preset)  # fmt: skip
                     except AlignloopError as exc:
                         raise gr.Error(str(exc)) from None
                     return "Saved: thank you." if not edited else "Saved your better answer."
 
                 return handler
 
-            up.click(feedback(1, False), [history_state, model, better], notice)
-            down.click(feedback(-1, False), [history_state, model, better], notice)
-            save_better.click(feedback(None, True), [history_state, model, better], notice)
+            up.click(feedback(1, False), [history_state, model, better, reply_preset], notice)
+            down.click(feedback(-1, False), [history_state, model, better, reply_preset], notice)
+            save_better.click(feedback(None, True), [history_state, model, better, reply_preset], notice)
 
         with gr.Tab("Side by side"):
             with gr.Row():
