@@ -31,6 +31,7 @@ from alignloop.config import (  # noqa: E402
     workspace_path,
     write_settings,
 )
+from alignloop.models import MAX_RESPONSES  # noqa: E402
 
 log = logging.getLogger("alignloop")
 
@@ -231,6 +232,17 @@ def cmd_prefs_import(args) -> int:
     print(f"{args.file}: {report.summary()}")
     for line, reason in report.skipped[:20]:
         print(f"  skipped line {line}: {reason}")
+    return 0
+
+
+def cmd_gold_import(args) -> int:
+    from alignloop.db import session_scope
+    from annotate.gold import import_gold
+
+    _, engine = open_workspace(args)
+    with session_scope(engine) as session:
+        added = import_gold(session, path=args.file, round=args.round)
+    print(f"{args.file}: added {added} gold items to round {args.round}")
     return 0
 
 
@@ -578,6 +590,12 @@ def cmd_demo(args) -> int:
 # --- parser --------------------------------------------------------------------------------------------------
 
 
+def _num_samples(value: str) -> int:
+    if not value.isdigit() or not 2 <= int(value) <= MAX_RESPONSES:
+        raise argparse.ArgumentTypeError(f"must be 2 to {MAX_RESPONSES}, the most the annotation page shows")
+    return int(value)
+
+
 def make_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -617,7 +635,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="'default', a registered version, a directory or a hub id")
     p.add_argument("--preset", default=None, help="an L1 prompting preset (name or name@version)")
     p.add_argument("--prompts", type=int, default=32, help="number of prompts (those not yet in this round)")
-    p.add_argument("--samples", type=int, default=2, help="responses per prompt (K>2 makes ranking items)")
+    p.add_argument("--samples", type=_num_samples, default=2, help=f"responses per prompt, 2 to {MAX_RESPONSES} "
+                   f"(K>2 makes ranking items; the annotation page shows at most {MAX_RESPONSES})")  # fmt: skip
     p.add_argument("--round", type=int, default=0)
     p.add_argument("--split", default="train", choices=["train", "eval"])
     p.add_argument("--target-votes", type=int, default=None, help="votes each comparison needs")
@@ -650,6 +669,14 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help=".jsonl: HH-RLHF chosen/rejected text, or TRL prompt/chosen/rejected")
     p.add_argument("--round", type=int, default=0)
     p.set_defaults(func=cmd_prefs_import)
+
+    gold = sub.add_parser("gold", help="gold items: comparisons with a known answer").add_subparsers(
+        dest="gold_command", required=True, metavar="ACTION"
+    )
+    p = gold.add_parser("import", parents=[common], help="import gold items (all or nothing)")
+    p.add_argument("file", help='JSON lines: {"prompt", "responses": [2-4 texts], "gold": "a" | ["C", "A", "B"]}')
+    p.add_argument("--round", type=int, default=0)
+    p.set_defaults(func=cmd_gold_import)
 
     judge = sub.add_parser("judge", help="RLAIF: an AI annotator").add_subparsers(
         dest="judge_command", required=True, metavar="ACTION"

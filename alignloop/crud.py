@@ -24,6 +24,7 @@ from alignloop import AlignloopError
 from alignloop.models import (
     CHOICES,
     COMPARISON_SOURCES,
+    MAX_RESPONSES,
     MODEL_KINDS,
     ROLES,
     SPLITS,
@@ -360,6 +361,11 @@ def create_comparison(
     """`target_ai_votes` defaults to the round's `ai_votes` setting (1 when the round has no row yet)."""
     if len(generation_ids) < 2:
         raise AlignloopError("a comparison needs at least two generations")
+    if len(generation_ids) > MAX_RESPONSES:
+        raise AlignloopError(
+            f"a comparison holds at most {MAX_RESPONSES} responses (what the annotation page shows), "
+            f"not {len(generation_ids)}"
+        )
     if len(set(generation_ids)) != len(generation_ids):
         raise AlignloopError("a comparison cannot hold the same generation twice")
     if target_votes < 1:

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from alignloop import AlignloopError, crud
 from alignloop.config import Settings
 from alignloop.db import session_scope
-from alignloop.models import Comparison, ModelVersion, Prompt, Run
+from alignloop.models import MAX_RESPONSES, Comparison, ModelVersion, Prompt, Run
 
 log = logging.getLogger(__name__)
 
@@ -187,8 +187,10 @@ def queue_comparisons(
     """
     from alignloop import registry
 
-    if num_samples < 2:
-        raise AlignloopError("a comparison needs at least 2 samples per prompt")
+    if not 2 <= num_samples <= MAX_RESPONSES:
+        raise AlignloopError(
+            f"--samples must be 2 to {MAX_RESPONSES} (the annotation page shows at most {MAX_RESPONSES} responses)"
+        )
     if num_prompts < 1:
         raise AlignloopError("--prompts must be at least 1")
     params = params or SamplingParams(

@@ -16,6 +16,7 @@ from sqlmodel import Field, SQLModel
 # Bump when a table changes and add the step to `db.MIGRATIONS`.
 SCHEMA_VERSION = 4
 
+MAX_RESPONSES = 4  # responses per comparison: what the annotation page shows and its ranking control orders
 UNSCORED = 1e300  # sorts comparisons without a reward margin after every scored one
 
 ROLES = ("admin", "annotator", "reviewer")

@@ -19,6 +19,7 @@ Stages are called through their public functions (DESIGN.md: stages never reach 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlmodel import Session, col, select
@@ -171,6 +172,10 @@ def set_ai_votes(session: Session, *, round: int, ai_votes: int) -> int:
 # --- lineage -------------------------------------------------------------------------------------------------
 
 
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
 def models_influenced_by_vote(session: Session, *, vote_id: int) -> list[ModelVersion]:
     """Every model a vote reached: reward models trained on its comparison, the policies optimised against
     them (or trained by DPO on it), and every model descended from those."""
@@ -179,13 +184,16 @@ def models_influenced_by_vote(session: Session, *, vote_id: int) -> list[ModelVe
         raise AlignloopError(f"no vote {vote_id}")
     reached: dict[int, ModelVersion] = {}
     runs = session.exec(select(Run).where(col(Run.kind).in_(["reward", "rl"]))).all()
+
+    def trained_on(run: Run) -> bool:
+        # The exact comparisons the run saw, and only votes it could have seen (cast before it started).
+        return vote.comparison_id in run.config.get("comparison_ids", []) and _aware(
+            vote.created_at
+        ) <= _aware(run.created_at)
+
     reward_names = set()
     for run in runs:
-        if (
-            run.kind == "reward"
-            and vote.comparison_id in run.config.get("comparison_ids", [])
-            and run.output_model_id
-        ):
+        if run.kind == "reward" and trained_on(run) and run.output_model_id:
             model = session.get(ModelVersion, run.output_model_id)
             reached[model.id] = model
             reward_names.add(model.name)
@@ -193,7 +201,7 @@ def models_influenced_by_vote(session: Session, *, vote_id: int) -> list[ModelVe
         if run.kind != "rl" or not run.output_model_id:
             continue
         uses_vote = run.config.get("reward_model") in reward_names or (
-            run.config.get("algo") == "dpo" and run.created_at >= vote.created_at
+            run.config.get("algo") == "dpo" and trained_on(run)
         )
         if uses_vote:
             model = session.get(ModelVersion, run.output_model_id)

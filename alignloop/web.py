@@ -113,12 +113,14 @@ def _mount_stages(app: FastAPI) -> None:
     from annotate import admin as annotate_admin
     from annotate import api as annotate_api
     from annotate import app as annotate_app
+    from annotate import gold as annotate_gold
     from reward import web as reward_web
     from rl import web as rl_web
     from serve import arena, chat, openai_api
 
     app.include_router(annotate_api.router)
     app.include_router(annotate_admin.router)
+    app.include_router(annotate_gold.router)
     app.include_router(reward_web.router)
     app.include_router(rl_web.router)
     app.include_router(arena.router)

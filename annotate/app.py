@@ -19,10 +19,9 @@ from sqlmodel import Session
 from alignloop import AlignloopError, crud
 from alignloop.config import Settings
 from alignloop.db import session_scope
-from alignloop.models import User
+from alignloop.models import MAX_RESPONSES, User
 from annotate import queue
 
-MAX_RESPONSES = 4
 DEFAULT_GUIDELINES = """\
 **Compare the responses to the conversation and pick the better one.**
 

@@ -28,11 +28,11 @@ from sqlmodel import Session, select
 
 from alignloop import AlignloopError, crud
 from alignloop.db import session_scope
-from alignloop.models import Comparison, Prompt
+from alignloop.models import MAX_RESPONSES, Comparison, Prompt
 
 LABELS = ["a", "b", "tie", "both_bad"]
 RECORD_PREFIX = "alignloop-comparison-"
-MAX_RANKED = 4  # what the annotation page shows (annotate.app.MAX_RESPONSES)
+MAX_RANKED = MAX_RESPONSES  # what the annotation page shows
 
 
 @dataclass

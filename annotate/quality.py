@@ -131,6 +131,8 @@ def quality_report(
         if vote.seconds is not None:
             seconds[vote.user_id].append(vote.seconds)
         if vote.choice is None:
+            if comparison.gold is not None and vote.ranking:  # ranking gold: the same response first
+                gold_hits[vote.user_id].append(vote.ranking[0] == int(comparison.gold.split(",")[0]))
             continue
         choices[comparison.id][vote.user_id] = vote.choice
         if comparison.gold is not None:

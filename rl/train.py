@@ -76,8 +76,8 @@ def reward_function(settings: Settings, session, name: str):
     return lambda prompts, completions: scorer.score(list(prompts), [c.text for c in completions])
 
 
-def _open_run(engine, algo: str, config: PPOConfig, resume: int | None) -> int:
-    """The main process opens (or reopens) the Run; the others learn its id."""
+def _open_run(engine, algo: str, config: PPOConfig, resume: int | None, extra: dict | None = None) -> int:
+    """The main process opens (or reopens) the Run; the others learn its id. `extra` goes into its config."""
     run_id = None
     if distributed.is_main():
         with session_scope(engine) as session:
@@ -87,7 +87,8 @@ def _open_run(engine, algo: str, config: PPOConfig, resume: int | None) -> int:
                 session.add(run)
                 run_id = run.id
             else:
-                run_id = crud.create_run(session, kind="rl", config={"algo": algo, **asdict(config)}).id
+                run_config = {"algo": algo, **asdict(config), **(extra or {})}
+                run_id = crud.create_run(session, kind="rl", config=run_config).id
     return distributed.broadcast(run_id)
 
 
@@ -118,7 +119,9 @@ def train(engine, settings: Settings, algo: str, config: PPOConfig, *, resume: i
     if algo == "dpo" and len(pairs) < 2:
         raise AlignloopError(f"DPO needs preference pairs: the workspace has {len(pairs)}")
 
-    run_id = _open_run(engine, algo, config, resume)
+    # DPO learns from votes directly: record exactly which comparisons it saw (lineage), as reward runs do.
+    extra = {"comparison_ids": sorted({p["comparison_id"] for p in pairs})} if algo == "dpo" else None
+    run_id = _open_run(engine, algo, config, resume, extra)
     if on_run is not None and distributed.is_main():
         on_run(run_id)  # the loop records the run before training, so an interrupted one can be resumed
     run_dir = settings.runs_dir / f"run{run_id}"
