@@ -224,3 +224,36 @@ def test_a_round_without_ai_slots_gives_the_judge_only_gold(engine):
         seed(s, 3)
         seed(s, 1, gold="a", prefix="gold")
     assert run_judge(engine, judge=LengthJudge(), user_name="judge", progress=False)["votes"] == 1
+
+
+def test_kendalls_w_and_weighted_kappa_by_hand():
+    from annotate.quality import kendall_w, weighted_kappa
+
+    assert kendall_w([[0, 1, 2], [0, 1, 2], [0, 1, 2]]) == pytest.approx(1.0)
+    # Two raters in opposite orders: rank sums all equal -> W = 0.
+    assert kendall_w([[0, 1, 2], [2, 1, 0]]) == pytest.approx(0.0)
+    # m=2, n=3: ranks (1,2,3) and (1,3,2) -> sums (2,5,5), mean 4, S = 4+1+1 = 6, W = 12*6 / (4*24) = 0.75
+    assert kendall_w([[0, 1, 2], [0, 2, 1]]) == pytest.approx(0.75)
+    assert weighted_kappa([1, 2, 3, 4, 5], [1, 2, 3, 4, 5]) == pytest.approx(1.0)
+    near, far = weighted_kappa([1, 5, 1, 5], [2, 4, 1, 5]), weighted_kappa([1, 5, 1, 5], [5, 1, 5, 1])
+    assert near > 0.8 > 0 > far  # a near miss counts as near agreement, opposite ends as disagreement
+
+
+def test_quality_report_measures_rankings_and_ratings(session):
+    a, b, c = users(session, 3)
+    judge = crud.create_user(session, name="judge", role="annotator", kind="ai")
+    ranked = seed(session, 2, num_items=3, target_votes=3, prefix="rank")
+    for comparison in ranked:
+        for user in (a, b):
+            crud.record_vote(session, comparison_id=comparison.id, user_id=user.id, ranking=[0, 1, 2])
+        crud.record_vote(session, comparison_id=comparison.id, user_id=judge.id, ranking=[2, 1, 0])
+    (pair,) = seed(session, 1, target_votes=3, prefix="rated")
+    for user, score in ((a, 4), (b, 5), (c, 4)):
+        crud.record_vote(session, comparison_id=pair.id, user_id=user.id, choice="a",
+                         ratings={"0": {"helpful": score}, "1": {"helpful": 6 - score}})  # fmt: skip
+    report = quality_report(session)
+    assert report.kendall_w_items == 2 and report.kendall_w == pytest.approx(
+        1.0
+    )  # the AI's order is not counted
+    kappa, n = report.ratings_kappa["helpful"]
+    assert n == 6 and kappa > 0.5
