@@ -438,6 +438,18 @@ def cmd_round_next(args) -> int:
     return 0
 
 
+def cmd_round_report(args) -> int:
+    from sqlmodel import Session
+
+    from annotate.evidence import report_json, report_text, round_over_round
+
+    _, engine = open_workspace(args)
+    with Session(engine) as session:
+        results = round_over_round(session)
+    print(json.dumps(report_json(results), indent=2) if args.json else report_text(results))
+    return 0
+
+
 def cmd_round_ai_votes(args) -> int:
     from alignloop.db import session_scope
     from alignloop.rounds import set_ai_votes
@@ -790,6 +802,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--algo", default="ppo", choices=["ppo", "grpo", "rloo", "dpo"])
     p.add_argument("--prompts", type=int, default=32, help="prompts to queue for the next round")
     p.set_defaults(func=cmd_round_next)
+    p = round_.add_parser(
+        "report", parents=[common], help="human win rate of each round's policy against its predecessor"
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_round_report)
     p = round_.add_parser("ai-votes", parents=[common], help="AI judge slots per comparison in a round")
     p.add_argument("ai_votes", type=int, help="slots for AI votes, beside the people's target_votes (0 = none)")
     p.add_argument("--round", type=int, default=0)

@@ -112,8 +112,10 @@ def rounds_json(user: AdminDep, session: SessionDep) -> list[dict]:
 
     from alignloop import crud
     from alignloop.models import Comparison, ModelVersion, Round, Vote
+    from annotate.evidence import round_over_round
 
     names = {u.id: u.name for u in session.exec(select(User)).all()}
+    evidence = {r.round: r for r in round_over_round(session)}
     out = []
     for r in session.exec(select(Round).order_by(Round.number)).all():
         counts = dict(session.exec(select(Comparison.status, func.count()).where(Comparison.round == r.number)
@@ -131,6 +133,7 @@ def rounds_json(user: AdminDep, session: SessionDep) -> list[dict]:
             "krippendorff_alpha": quality_report(session, round=r.number).krippendorff_alpha,
             "policy": policy.name if policy else None,
             "reward_model": session.get(ModelVersion, r.reward_id).name if r.reward_id else None,
+            "vs_predecessor": asdict(evidence[r.number]) if r.number in evidence else None,
             "models": [{"name": m.name, "kind": m.kind,
                         "lineage": [x.name for x in crud.model_lineage(session, model_id=m.id)]} for m in models],
         })  # fmt: skip
@@ -146,15 +149,28 @@ def rounds_page(user: AdminDep, session: SessionDep):
             f"{html.escape(m['name'])} ({m['kind']}): {' ← '.join(html.escape(x) for x in m['lineage'])}"
             for m in r["models"]
         )
+        vs = r["vs_predecessor"]
+        vs_text = (
+            f"{vs['win_rate']:.0%} of {vs['battles']} ({vs['ci_low']:.2f}–{vs['ci_high']:.2f}) vs "
+            f"{html.escape(vs['predecessor'])}"
+            if vs
+            else "–"
+        )
         rows.append(
             f"<tr><td>{r['round']}</td><td>{r['status']}</td><td>{r['prompts']}</td><td>{r['queued']} / {r['done']}</td>"
-            f"<td>{votes}</td><td>{_fmt(r['krippendorff_alpha'])}</td><td>{_fmt(r['policy'])}</td>"
+            f"<td>{votes}</td><td>{_fmt(r['krippendorff_alpha'])}</td><td>{_fmt(r['policy'])}</td><td>{vs_text}</td>"
             f"<td>{_fmt(r['reward_model'])}</td><td>{models or '–'}</td></tr>"
         )
+    from annotate.evidence import round_over_round, svg_chart
+
     body = (
-        "<p><a href='/admin'>quality</a> · <a href='/admin/jobs'>jobs</a></p><h2>Rounds</h2>"
-        "<table border=1 cellpadding=4 style='border-collapse:collapse'><tr><th>round</th><th>status</th>"
+        "<p><a href='/admin'>quality</a> · <a href='/admin/jobs'>jobs</a> · <a href='/admin/gold'>gold</a></p>"
+        "<h2>Rounds</h2><h3>Each round's policy against its predecessor (human votes, 95% interval)</h3>"
+        + svg_chart(round_over_round(session))
+        + "<table border=1 cellpadding=4 style='border-collapse:collapse'><tr><th>round</th><th>status</th>"
         "<th>prompts</th><th>queued / done</th><th>votes per annotator</th><th>alpha</th><th>policy</th>"
-        "<th>reward model</th><th>models of the round (lineage)</th></tr>" + "".join(rows) + "</table>"
+        "<th>win rate vs predecessor</th><th>reward model</th><th>models of the round (lineage)</th></tr>"
+        + "".join(rows)
+        + "</table>"
     )
     return page("Rounds", body, user)

@@ -25,7 +25,7 @@ from alignloop.db import session_scope
 from alignloop.models import Round, User
 from alignloop.web import SessionDep, require_role
 from serve.chat import merge_streams, model_choices, reviewer, stream_text
-from serve.leaderboard import arena_battles, leaderboard
+from serve.leaderboard import all_battles, arena_battles, leaderboard, round_over_round_battles
 
 router = APIRouter(tags=["arena"])
 ReviewerDep = Annotated[User, Depends(require_role("reviewer", "admin"))]
@@ -34,9 +34,11 @@ CHOICE_LABELS = {"a": "A is better", "b": "B is better", "tie": "Tie", "both_bad
 
 @router.get("/api/leaderboard")
 def leaderboard_json(user: ReviewerDep, session: SessionDep) -> dict:
-    """Versions ranked by Bradley-Terry strength (Elo scale) with bootstrap 95% intervals and battle counts."""
-    battles = arena_battles(session)
-    return {"battles": len(battles), "models": leaderboard(battles)}
+    """Versions ranked by Bradley-Terry strength (Elo scale) with bootstrap 95% intervals and battle counts, from
+    arena battles and the human votes on each round's policy against its predecessor."""
+    arena, rounds = arena_battles(session), round_over_round_battles(session)
+    return {"battles": len(arena) + len(rounds), "arena_battles": len(arena), "round_battles": len(rounds),
+            "models": leaderboard(arena + rounds)}  # fmt: skip
 
 
 def pick_pair(names: list[str], rng: random.Random) -> tuple[str, str]:
@@ -91,7 +93,7 @@ def current_round(session: Session) -> int:
 
 def board_markdown(engine) -> str:
     with Session(engine) as session:
-        battles = arena_battles(session)
+        battles = all_battles(session)
     rows = leaderboard(battles)
     if not rows:
         return "No battles yet."

@@ -76,6 +76,24 @@ def test_round_next_closes_the_loop(round0, tiny_model_dir):
     with pytest.raises(AlignloopError, match="no usable votes"):
         next_round(engine, settings, plan)  # round 1 has no votes yet
 
+    # Evidence: people prefer the new policy on most round-1 comparisons; the report shows it per round.
+    from annotate.evidence import round_over_round
+
+    with session_scope(engine) as s:
+        admin = crud.get_user(s, name="admin")
+        new_id = crud.get_model_version(s, name="policy-round1").id
+        round1 = s.exec(select(Comparison).where(Comparison.round == 1)).all()
+        for i, c in enumerate(round1):
+            versions = [g.model_version_id for g in crud.comparison_generations(s, comparison_id=c.id)]
+            winner = versions.index(new_id) if i % 4 else 1 - versions.index(new_id)
+            crud.record_vote(s, comparison_id=c.id, user_id=admin.id, choice="ab"[winner])
+    with Session(engine) as s:
+        (result,) = round_over_round(s)
+    expected = sum(1 for i in range(len(round1)) if i % 4) / len(round1)
+    assert (result.round, result.policy, result.battles) == (1, "policy-round1", len(round1))
+    assert result.win_rate == pytest.approx(expected, abs=1e-4) and result.ci_low < expected < result.ci_high
+    assert main(["round", "report", "--workspace", str(settings.workspace)]) == 0
+
 
 def test_an_interrupted_round_resumes_where_it_stopped(round0, monkeypatch):
     settings, engine, plan = round0
