@@ -188,3 +188,65 @@ def test_reviewer_chats_with_streaming_then_battles_in_the_arena(browser, review
         assert len(s.exec(select(Comparison).where(Comparison.source == "arena")).all()) == 1
         assert len(s.exec(select(ChatFeedback)).all()) == 1
     page.close()
+
+
+@pytest.fixture
+def ranking_server(workspace):
+    settings, engine, _ = workspace
+    with Session(engine) as s:
+        crud.create_user(s, name="ranker", role="annotator", password="annotator-pass")
+        for i in range(2):
+            (p,), _ = crud.add_prompts(
+                s,
+                prompts=[crud.PromptCreate(messages=[{"role": "user", "content": f"Rank these {i}"}])],
+                source="t",
+            )
+            gens = [crud.add_generation(s, prompt_id=p.id, text=f"Answer {i}{k}") for k in "xyzw"[: 3 + i]]
+            crud.create_comparison(s, prompt_id=p.id, generation_ids=[g.id for g in gens])
+        s.commit()
+    with running_server(settings.workspace) as base:
+        yield base, engine
+
+
+def test_ranking_control_with_mouse_drag_undo_and_keyboard(browser, ranking_server):
+    base, engine = ranking_server
+    page = browser.new_page(viewport={"width": 1280, "height": 1200})
+    login(page, base, "ranker", "annotator-pass", "**/annotate/")
+    page.wait_for_selector("#rank-pick-c", timeout=60_000)
+    order = lambda: page.locator("#rank-order li").all_inner_texts()  # noqa: E731
+    # First item (3 responses): press C, A with the mouse; undo A; B by keyboard; A by mouse -> C B A.
+    page.click("#rank-pick-c")
+    page.click("#rank-pick-a")
+    page.click("#rank-undo")
+    page.locator("body").click(position={"x": 5, "y": 5})
+    page.keyboard.press("b")
+    page.click("#rank-pick-a")
+    assert order() == ["Response C", "Response B", "Response A"]
+    # Drag A to the top with the mouse -> A C B; then move C down with the keyboard -> A B C; undo -> A C B.
+    page.drag_and_drop("#rank-order li[data-label=A]", "#rank-order li[data-label=C]")
+    assert order() == ["Response A", "Response C", "Response B"]
+    page.focus("#rank-order li[data-label=C]")
+    page.keyboard.press("ArrowDown")
+    assert order() == ["Response A", "Response B", "Response C"]
+    page.keyboard.press("Backspace")
+    assert order() == ["Response A", "Response C", "Response B"]
+    assert page.input_value("#ranking textarea") == "A C B"
+    page.keyboard.press("Enter")  # submit
+    page.wait_for_selector("#progress:has-text('Today: 1')", timeout=30_000)
+    # The next item has four responses; the control starts empty, keyboard only: D A C B, Enter.
+    page.wait_for_selector("#rank-pick-d", timeout=30_000)
+    assert order() == []
+    page.locator("body").click(position={"x": 5, "y": 5})
+    for key in "dacb":
+        page.keyboard.press(key)
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#progress:has-text('Today: 2')", timeout=30_000)
+    with Session(engine) as s:
+        ranker = crud.get_user(s, name="ranker")
+        first, second = s.exec(
+            select(Vote).where(Vote.user_id == ranker.id).order_by(Vote.comparison_id)
+        ).all()
+    # Shown labels map to stored positions through the shown order.
+    assert first.ranking == [first.shown_order[i] for i in (0, 2, 1)]
+    assert second.ranking == [second.shown_order[i] for i in (3, 0, 2, 1)]
+    page.close()
