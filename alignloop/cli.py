@@ -770,7 +770,8 @@ def make_parser() -> argparse.ArgumentParser:
         dest="rl_command", required=True, metavar="ACTION"
     )
     p = rl.add_parser("train", parents=[common], help="optimise a policy; registers the result")
-    p.add_argument("--algo", default="ppo", choices=["ppo", "grpo", "rloo", "dpo"])
+    p.add_argument("--algo", default="ppo", choices=["ppo", "grpo", "rloo", "dpo", "kto"],
+                   help="kto learns from the chat's thumbs up/down (unpaired)")  # fmt: skip
     p.add_argument("--config", default=None, help="YAML with PPOConfig fields (configs/rl/*.yaml)")
     p.add_argument("--policy", default=None, help="model reference to start from")
     p.add_argument("--reward-model", default=None, help="registered reward model (ppo, grpo, rloo)")

@@ -1,8 +1,11 @@
-"""`alignloop rl train --algo ppo|grpo|rloo|dpo`: one entry point, one config style, one registration.
+"""`alignloop rl train --algo ppo|grpo|rloo|dpo|kto`: one entry point, one config style, one registration.
 
 - ppo: alignloop's own (`rl.ppo`), against a registered reward model;
 - grpo, rloo: TRL's `GRPOTrainer` / `RLOOTrainer` with the same reward model as `reward_funcs`;
-- dpo: TRL's `DPOTrainer` straight from the workspace's preference pairs (no reward model).
+- dpo: TRL's `DPOTrainer` straight from the workspace's preference pairs (no reward model);
+- kto: TRL's `KTOTrainer` on reviewers' thumbs up/down from the chat (`ChatFeedback.rating`): unpaired
+  judgements, each a desirable or undesirable completion in the context the model was given (preset applied),
+  so no pair has to be invented from them (Ethayarajh et al. 2024).
 Every algorithm starts from a model reference (an adapter version is merged in memory first, so the new
 adapter sits on top of it), trains a LoRA adapter (or the full model), logs per-step metrics to the `Run` row
 and `runs/run<ID>/metrics.jsonl`, and registers the result as a `ModelVersion` of kind `policy` whose base is
@@ -18,16 +21,17 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
-from sqlmodel import Session
+from sqlmodel import Session, col, select
 
 from alignloop import AlignloopError, crud, distributed, registry
 from alignloop.config import Settings
 from alignloop.db import session_scope
-from alignloop.models import Run
+from alignloop.models import ChatFeedback, Run
 from alignloop.runlog import StepLog, trainer_callback
 from rl.ppo import PPOConfig, PPOTrainer
 
-ALGOS = ("ppo", "grpo", "rloo", "dpo")
+ALGOS = ("ppo", "grpo", "rloo", "dpo", "kto")
+OFFLINE = ("dpo", "kto")  # learn from stored judgements: no prompts to sample, no reward model
 
 
 def load_config(algo: str, path: str | Path | None, **overrides) -> PPOConfig:
@@ -68,6 +72,16 @@ def load_policy(settings: Settings, ref: str, session=None):
     return model, loaded.tokenizer, loaded.licence
 
 
+def kto_examples(session) -> list[dict]:
+    """Reviewers' thumbs up/down from the chat as KTO rows: prompt (as the model saw it), completion, label."""
+    rows = session.exec(select(ChatFeedback).where(col(ChatFeedback.rating).in_([1, -1])).order_by(ChatFeedback.id))
+    return [
+        {"prompt": r.context or r.messages, "completion": [{"role": "assistant", "content": r.response}],
+         "label": r.rating == 1, "feedback_id": r.id}
+        for r in rows.all()
+    ]  # fmt: skip
+
+
 def reward_function(settings: Settings, session, name: str):
     """(prompts, completions) -> scores, from a registered reward model (any tokenizer)."""
     from reward.score import RewardModel
@@ -105,22 +119,33 @@ def train(engine, settings: Settings, algo: str, config: PPOConfig, *, resume: i
             algo = saved.pop("algo")
             config = PPOConfig(**{k: v for k, v in saved.items() if k in {f.name for f in fields(PPOConfig)}})
     # 1. Read and check everything before writing anything.
-    prompts = load_prompts(engine, config) if algo != "dpo" else []
+    prompts = load_prompts(engine, config) if algo not in OFFLINE else []
     with Session(engine) as session:
         start_version = crud.get_model_version(session, name=config.policy)
         registry.locate(config.policy, settings=settings, session=session)
-        if config.reward_model and algo != "dpo":
+        if config.reward_model and algo not in OFFLINE:
             version = crud.get_model_version(session, name=config.reward_model)
             if version is None or version.kind != "reward":
                 raise AlignloopError(f"{config.reward_model!r} is not a registered reward model")
         if config.name and crud.get_model_version(session, name=config.name) is not None:
             raise AlignloopError(f"a model version named {config.name!r} is already registered")
-        pairs = crud.preference_pairs(session) if algo == "dpo" else []
+        pairs = crud.preference_pairs(session) if algo == "dpo" else kto_examples(session) if algo == "kto" else []
     if algo == "dpo" and len(pairs) < 2:
         raise AlignloopError(f"DPO needs preference pairs: the workspace has {len(pairs)}")
+    if algo == "kto" and len({p["label"] for p in pairs}) < 2:
+        raise AlignloopError(
+            f"KTO needs thumbs up and thumbs down from the chat: the workspace has {len(pairs)} rated replies"
+            f" ({sum(p['label'] for p in pairs)} up)"
+        )
 
     # DPO learns from votes directly: record exactly which comparisons it saw (lineage), as reward runs do.
-    extra = {"comparison_ids": sorted({p["comparison_id"] for p in pairs})} if algo == "dpo" else None
+    extra = (
+        {"comparison_ids": sorted({p["comparison_id"] for p in pairs})}
+        if algo == "dpo"
+        else {"feedback_ids": sorted(p["feedback_id"] for p in pairs)}
+        if algo == "kto"
+        else None
+    )
     run_id = _open_run(engine, algo, config, resume, extra)
     if on_run is not None and distributed.is_main():
         on_run(run_id)  # the loop records the run before training, so an interrupted one can be resumed
@@ -210,7 +235,7 @@ def _trl(engine, settings, algo, config: PPOConfig, prompts, pairs, run_id, run_
     logger = trainer_callback(StepLog(engine, run_id, run_dir / "metrics.jsonl"))
     with Session(engine) as session:
         model, tokenizer, licence = load_policy(settings, config.policy, session)
-        scorer = reward_function(settings, session, config.reward_model) if algo != "dpo" else None
+        scorer = reward_function(settings, session, config.reward_model) if algo not in OFFLINE else None
     peft = (
         LoraConfig(
             r=config.lora_r,
@@ -237,6 +262,16 @@ def _trl(engine, settings, algo, config: PPOConfig, prompts, pairs, run_id, run_
         args = DPOConfig(per_device_train_batch_size=min(config.mini_batch_size, len(pairs)), beta=config.kl_coef
                          * 2, max_length=512, **common)  # fmt: skip
         trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                             peft_config=peft, callbacks=[logger])  # fmt: skip
+    elif algo == "kto":
+        from trl import KTOConfig, KTOTrainer
+
+        data = Dataset.from_list([{"prompt": p["prompt"], "completion": p["completion"], "label": p["label"]}
+                                  for p in pairs])  # fmt: skip
+        # KTO estimates its reference point from mismatched pairs within a batch: it needs two or more rows.
+        args = KTOConfig(per_device_train_batch_size=max(2, min(config.mini_batch_size, len(pairs))),
+                         beta=config.kl_coef * 2, max_length=512, **common)  # fmt: skip
+        trainer = KTOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                              peft_config=peft, callbacks=[logger])  # fmt: skip
     else:
 

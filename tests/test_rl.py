@@ -249,3 +249,33 @@ def test_sigkilled_ppo_run_resumes_from_its_last_checkpoint(rl_workspace, tiny_m
         steps = [h["step"] for h in run.metrics["history"]]
         assert run.status == "succeeded" and steps == list(range(1, 61))
         assert crud.get_model_version(s, name="killed").run_id == run_id
+
+
+def test_kto_trains_on_thumbs_up_and_down_and_registers(workspace, tiny_model_dir, capsys):
+    from serve.chat import save_feedback
+
+    settings, engine, _ = workspace
+    ws = ["--workspace", str(settings.workspace)]
+    base = ["rl", "train", "--algo", "kto", "--config", "configs/rl/tiny.yaml", "--policy", str(tiny_model_dir),
+            "--steps", "2", "--name", "pol-kto", *ws]  # fmt: skip
+    assert main(base) != 0  # no thumbs yet: a clear refusal, nothing registered
+    assert "KTO needs thumbs up and thumbs down" in capsys.readouterr().err
+    with session_scope(engine) as s:
+        reviewer = crud.create_user(s, name="rev", role="reviewer")
+    for i in range(4):
+        question = [{"role": "user", "content": f"Capital of country {i}?"}]
+        for reply, rating in (("Thank you! Here is a summary.", 1), ("No.", -1)):
+            save_feedback(engine, reviewer, model="default", history=[*question, {"role": "assistant", "content": reply}],
+                          rating=rating, edited=None)  # fmt: skip
+    assert main(base) == 0, capsys.readouterr().err
+    with Session(engine) as s:
+        version = crud.get_model_version(s, name="pol-kto")
+        run = s.get(Run, version.run_id)
+        assert version.kind == "policy" and version.metrics["algo"] == "kto"
+        assert run.status == "succeeded" and run.metrics["history"] and len(run.config["feedback_ids"]) == 8
+        assert version.metrics["first_loss"] is not None
+        tuned = resolve("pol-kto", settings=settings, session=s).model
+        start = resolve(str(tiny_model_dir), settings=settings, session=s).model
+    ids = torch.tensor([[1, 20, 30, 40, 50]])
+    with torch.no_grad():
+        assert not torch.allclose(tuned(input_ids=ids).logits, start(input_ids=ids).logits)
