@@ -247,15 +247,18 @@ def cmd_gold_import(args) -> int:
 
 
 def cmd_judge_run(args) -> int:
-    from annotate.judge import LocalJudge, OpenAIJudge, run_judge
+    from annotate.judge import JUDGE_INSTRUCTIONS, Constitution, LocalJudge, OpenAIJudge, run_judge
 
     settings, engine = open_workspace(args)
+    constitution = Constitution.load(args.constitution) if args.constitution else None
+    instructions = constitution.instructions() if constitution else JUDGE_INSTRUCTIONS
     if args.openai_base_url:
         if not args.openai_model:
             raise AlignloopError("--openai-model is required with --openai-base-url")
         judge = OpenAIJudge(
-            base_url=args.openai_base_url, model=args.openai_model, api_key=os.environ.get(args.api_key_env)
-        )
+            base_url=args.openai_base_url, model=args.openai_model, api_key=os.environ.get(args.api_key_env),
+            instructions=instructions,
+        )  # fmt: skip
     else:
         from sqlmodel import Session
 
@@ -266,9 +269,10 @@ def cmd_judge_run(args) -> int:
                 args.model or settings.default_policy, settings=settings, session=session
             )
         loaded = registry.load_causal_lm(source)
-        judge = LocalJudge(loaded.model, loaded.tokenizer)
+        judge = LocalJudge(loaded.model, loaded.tokenizer, instructions=instructions)
     counts = run_judge(engine, judge=judge, user_name=args.user, max_items=args.max_items,
-                       gold_share=args.gold_share, round=args.round)  # fmt: skip
+                       gold_share=args.gold_share, round=args.round, critique=args.critique, revise=args.revise,
+                       constitution=constitution)  # fmt: skip
     print(
         f"judge {args.user}: {counts['votes']} votes (a {counts['a']}, b {counts['b']}, tie {counts['tie']}, "
         f"ranked {counts['ranked']}; {counts['lost']} taken by others meanwhile)"
@@ -701,6 +705,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
     p.add_argument("--max-items", type=int, default=None)
     p.add_argument("--gold-share", type=float, default=0.05, help="share of its items that are gold items")
+    p.add_argument("--constitution", default=None, help="principles for the judge, one per line (text file)")
+    p.add_argument("--critique", action="store_true", help="store a written critique as each vote's rationale")
+    p.add_argument("--revise", action="store_true",
+                   help="critique and revise: store an improved reply as SFT data (sft train --from-chat-edits)")  # fmt: skip
     p.add_argument("--round", type=int, default=None, help="only this round's comparisons")
     p.set_defaults(func=cmd_judge_run)
 

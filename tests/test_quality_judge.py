@@ -7,7 +7,7 @@ from fastapi.testclient import TestClient
 from sqlmodel import Session, select
 from test_queue import seed, users
 
-from alignloop import crud
+from alignloop import AlignloopError, crud
 from alignloop.db import session_scope
 from alignloop.models import User, Vote
 from alignloop.web import create_app
@@ -257,3 +257,60 @@ def test_quality_report_measures_rankings_and_ratings(session):
     )  # the AI's order is not counted
     kappa, n = report.ratings_kappa["helpful"]
     assert n == 6 and kappa > 0.5
+
+
+class CriticJudge(LengthJudge):
+    def critique(self, prompt, replies, *, revise=False):
+        return "The longer reply explains more." + (" Revision: A longer, better answer." if revise else "")
+
+
+def test_constitution_critique_and_revise(engine, tmp_path):
+    from annotate.judge import Constitution, judge_messages
+    from sft.data import edited_examples
+
+    (tmp_path / "empty.md").write_text("# only a heading\n")
+    with pytest.raises(AlignloopError, match="one principle per line"):
+        Constitution.load(tmp_path / "empty.md")
+    path = tmp_path / "constitution.md"
+    path.write_text(
+        "# Our principles\n1. Prefer the reply that cites its sources.\n- Never encourage harm.\n"
+    )
+    constitution = Constitution.load(path)
+    assert constitution.principles == ["Prefer the reply that cites its sources.", "Never encourage harm."]
+    system = judge_messages([{"role": "user", "content": "q"}], "x", "y", constitution.instructions())[0]
+    assert "1. Prefer the reply that cites its sources." in system["content"]
+    with session_scope(engine) as s:
+        seed(s, 3)
+    counts = run_judge(engine, judge=CriticJudge(), user_name="critic", progress=False, critique=True, revise=True,
+                       constitution=constitution)  # fmt: skip
+    assert counts["votes"] == 3 and counts["revisions"] == 3
+    with Session(engine) as s:
+        votes = s.exec(select(Vote)).all()
+        assert all("Critique: The longer reply explains more." in v.rationale for v in votes)
+        assert all(constitution.sha256[:12] in v.rationale for v in votes)
+        assert [e.completion for e in edited_examples(s)] == ["A longer, better answer."] * 3
+
+
+def test_cli_judge_with_a_constitution_votes_in_its_slots_and_shows_gold_accuracy(
+    workspace, tiny_model_dir, tmp_path
+):
+    from alignloop.cli import main
+
+    settings, engine, password = workspace
+    (tmp_path / "c.md").write_text("Prefer the reply that answers the question.\n")
+    with session_scope(engine) as s:
+        items = seed(s, 2, target_votes=1)
+        seed(s, 1, gold="a", prefix="gold")
+    ws = ["--workspace", str(settings.workspace)]
+    assert main(["judge", "run", "--model", str(tiny_model_dir), "--constitution", str(tmp_path / "c.md"),
+                 "--critique", "--gold-share", "0.5", *ws]) == 0  # fmt: skip
+    with Session(engine) as s:
+        judge = crud.get_user(s, name="ai-judge")
+        votes = s.exec(select(Vote).where(Vote.user_id == judge.id)).all()
+        assert len(votes) == 3 and all("Critique:" in v.rationale for v in votes)
+        assert all(s.get(type(c), c.id).status == "queued" for c in items)  # people's slots untouched
+    with TestClient(create_app(settings, engine)) as client:
+        client.post("/login", data={"username": "admin", "password": password})
+        page = client.get("/admin").text
+    row = next(line for line in page.split("<tr") if "ai-judge" in line)
+    assert "(1)" in row  # its gold accuracy, over its one gold item
