@@ -50,7 +50,8 @@ def _v3_presets_and_keys(engine: Engine) -> None:
 
 
 def _v4_ai_slots_and_presets(engine: Engine) -> None:
-    """AI judges' own vote slots (per round and per comparison); the preset a chat reply was made with."""
+    """AI judges' own vote slots (per round and per comparison); the preset a chat reply was made with.
+    The new Transcript table needs no step: `create_all` has already made it."""
     _add_columns(engine, "round", {"ai_votes": "INTEGER NOT NULL DEFAULT 1"})
     _add_columns(
         engine,

@@ -229,3 +229,18 @@ class ApiKey(SQLModel, table=True):
     revoked: bool = Field(default=False)
     created_at: datetime = Field(default_factory=utcnow)
     last_used_at: datetime | None = None
+
+
+class Transcript(SQLModel, table=True):
+    # A reviewer's chat conversation, kept whole; flagged, tagged and commented on for the admins' review queue.
+    id: int | None = Field(default=None, primary_key=True)
+    user_id: int = Field(foreign_key="user.id", index=True)
+    model: str = Field(max_length=128)  # the model name as chosen in the chat ("default" or a version's name)
+    preset: str | None = Field(default=None, max_length=80)  # "name@version" of the last reply's preset
+    messages: list = json_column(default_factory=list)
+    flagged: bool = Field(default=False, index=True)
+    tags: list = json_column(default_factory=list)
+    comment: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
+    resolved_by: int | None = Field(default=None, foreign_key="user.id")  # the admin who closed the flag
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)

@@ -116,7 +116,7 @@ def _mount_stages(app: FastAPI) -> None:
     from annotate import gold as annotate_gold
     from reward import web as reward_web
     from rl import web as rl_web
-    from serve import arena, chat, openai_api
+    from serve import arena, chat, openai_api, review
 
     app.include_router(annotate_api.router)
     app.include_router(annotate_admin.router)
@@ -124,6 +124,7 @@ def _mount_stages(app: FastAPI) -> None:
     app.include_router(reward_web.router)
     app.include_router(rl_web.router)
     app.include_router(arena.router)
+    app.include_router(review.router)
     openai_api.install(app)
     engine, settings = app.state.engine, app.state.settings
 
