@@ -33,6 +33,7 @@ from alignloop.models import (
     Comparison,
     ComparisonItem,
     Generation,
+    Guidelines,
     ModelVersion,
     Prompt,
     Round,
@@ -518,6 +519,7 @@ def record_vote(
     seconds: float | None = None,
     num_items: int | None = None,
     ai: bool | None = None,
+    guidelines_version: int | None = None,
 ) -> Vote:
     """Store one vote and count it, atomically: never two votes by one user, never past the target.
 
@@ -570,6 +572,7 @@ def record_vote(
         ratings=ratings or {},
         rationale=rationale,
         seconds=seconds,
+        guidelines_version=guidelines_version,
     )
     session.add(vote)
     try:
@@ -577,6 +580,32 @@ def record_vote(
     except IntegrityError:  # the unique constraint caught a simultaneous second vote by the same user
         raise DuplicateVoteError(f"user {user_id} has already voted on comparison {comparison_id}") from None
     return vote
+
+
+# --- guidelines ----------------------------------------------------------------------------------------------
+
+MAX_GUIDELINES_CHARS = 20_000
+
+
+def save_guidelines(session: Session, *, text: str, round: int, user_id: int | None = None) -> Guidelines:
+    """A new version of the annotation guidelines, in force from `round` on."""
+    if not text.strip() or len(text) > MAX_GUIDELINES_CHARS:
+        raise AlignloopError(f"guidelines must be 1-{MAX_GUIDELINES_CHARS} characters")
+    if round < 0:
+        raise AlignloopError("round cannot be negative")
+    latest = session.exec(select(func.max(Guidelines.version))).one()
+    row = Guidelines(version=(latest or 0) + 1, round=round, text=text.strip(), created_by=user_id)
+    session.add(row)
+    session.flush()
+    return row
+
+
+def guidelines_for_round(session: Session, *, round: int | None) -> Guidelines | None:
+    """The newest version in force for `round` (None: the newest of all); None when none was ever saved."""
+    query = select(Guidelines).order_by(col(Guidelines.version).desc())
+    if round is not None:
+        query = query.where(Guidelines.round <= round)
+    return session.exec(query.limit(1)).first()
 
 
 # --- export --------------------------------------------------------------------------------------------------
@@ -699,6 +728,7 @@ def raw_votes(session: Session, *, rounds: Sequence[int] | None = None) -> list[
                 "ratings": json.dumps(vote.ratings),
                 "rationale": vote.rationale,
                 "seconds": vote.seconds,
+                "guidelines_version": vote.guidelines_version,
                 "created_at": _iso(vote.created_at),
             }
         )

@@ -51,7 +51,7 @@ def _v3_presets_and_keys(engine: Engine) -> None:
 
 def _v4_ai_slots_and_presets(engine: Engine) -> None:
     """AI judges' own vote slots (per round and per comparison); the preset a chat reply was made with.
-    The new Transcript table needs no step: `create_all` has already made it."""
+    The new Transcript and Guidelines tables need no step: `create_all` has already made it."""
     _add_columns(engine, "round", {"ai_votes": "INTEGER NOT NULL DEFAULT 1"})
     _add_columns(
         engine,
@@ -59,6 +59,7 @@ def _v4_ai_slots_and_presets(engine: Engine) -> None:
         {"target_ai_votes": "INTEGER NOT NULL DEFAULT 1", "num_ai_votes": "INTEGER NOT NULL DEFAULT 0"},
     )
     _add_columns(engine, "chatfeedback", {"preset": "VARCHAR(80)", "context": "JSON"})
+    _add_columns(engine, "vote", {"guidelines_version": "INTEGER"})
 
 
 MIGRATIONS: dict[int, Callable[[Engine], None]] = {

@@ -174,6 +174,7 @@ class Vote(SQLModel, table=True):
     ratings: dict = json_column(default_factory=dict)  # {position: {aspect: 1..5}}
     rationale: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
     seconds: float | None = None
+    guidelines_version: int | None = None  # the annotation guidelines in force for the item's round
     created_at: datetime = Field(default_factory=utcnow)
 
 
@@ -244,3 +245,13 @@ class Transcript(SQLModel, table=True):
     resolved_by: int | None = Field(default=None, foreign_key="user.id")  # the admin who closed the flag
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
+
+
+class Guidelines(SQLModel, table=True):
+    # The annotators' guidelines, versioned: each edit on /admin/guidelines is a new version for a round onwards.
+    id: int | None = Field(default=None, primary_key=True)
+    version: int = Field(unique=True, index=True)
+    round: int = 0  # in force for this round and later ones, until a newer version
+    text: str = Field(sa_column=Column(Text, nullable=False))
+    created_by: int | None = Field(default=None, foreign_key="user.id")
+    created_at: datetime = Field(default_factory=utcnow)

@@ -203,7 +203,7 @@ def build_ui(engine, settings: Settings, vote_limiter=None) -> gr.Blocks:
             gr.Markdown("## alignloop · annotate")
             progress_md = gr.Markdown(elem_id="progress")
         with gr.Accordion("Guidelines", open=False):
-            gr.Markdown(guidelines)
+            guidelines_md = gr.Markdown(guidelines, elem_id="guidelines")
         status_md = gr.Markdown(elem_id="status")
         chat = gr.Chatbot(label="Conversation", height=260, sanitize_html=True, elem_id="conversation")
         with gr.Row():
@@ -315,6 +315,13 @@ def build_ui(engine, settings: Settings, vote_limiter=None) -> gr.Blocks:
         ranking.submit(make_vote("rank"), inputs=vote_inputs, outputs=shown)
         skip_btn.click(do_skip, inputs=[item_state], outputs=shown, show_progress="hidden")
         demo.load(load_next, inputs=None, outputs=shown)
+
+        def current_guidelines():
+            with Session(engine) as session:
+                row = crud.guidelines_for_round(session, round=None)
+            return row.text + f"\n\n*Guidelines version {row.version}.*" if row else guidelines
+
+        demo.load(current_guidelines, inputs=None, outputs=guidelines_md)
     return demo
 
 

@@ -333,8 +333,12 @@ def submit_vote(
         stored_ratings[str(position(label))] = aspects
     if len(rationale) > 5000:
         raise AlignloopError("the rationale is limited to 5000 characters")
+    # The guidelines version is the server's to state, like the shown order: the one in force for the round.
+    round_of = session.exec(select(Comparison.round).where(Comparison.id == comparison_id)).one()
+    guidelines = crud.guidelines_for_round(session, round=round_of)
     vote = crud.record_vote(
         session,
+        guidelines_version=guidelines.version if guidelines else None,
         comparison_id=comparison_id,
         user_id=user_id,
         choice=stored_choice,
