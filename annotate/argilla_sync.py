@@ -16,7 +16,8 @@ Invariants, because a vote that comes back inverted is worse than one that never
 
 `pull` reads submitted responses and records them as votes of users named `argilla-<username>` (created on
 first sight, unable to log in to alignloop). Pulling twice adds nothing: one vote per (comparison, user) is
-the store's own constraint.
+the store's own constraint. Guidelines: the workspace's version in force heads each new dataset's guidelines,
+and pulled votes carry the version in force for their comparison's round, like votes cast in alignloop.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from sqlmodel import Session, select
 
 from alignloop import AlignloopError, crud
 from alignloop.db import session_scope
-from alignloop.models import MAX_RESPONSES, Comparison, Prompt
+from alignloop.models import MAX_RESPONSES, Comparison, Guidelines, Prompt
 
 LABELS = ["a", "b", "tie", "both_bad"]
 RECORD_PREFIX = "alignloop-comparison-"
@@ -59,10 +60,12 @@ def ranking_dataset_name(dataset_name: str, num_items: int) -> str:
     return f"{dataset_name}-rank{num_items}"
 
 
-def dataset_settings(*, target_votes: int, num_items: int = 2):
-    """Pairs: a label question. K > 2: one text field per response and a ranking question over them."""
+def dataset_settings(*, target_votes: int, num_items: int = 2, guidelines: Guidelines | None = None):
+    """Pairs: a label question. K > 2: one text field per response and a ranking question over them.
+    The workspace's guidelines (the version in force when the dataset is made) head Argilla's own."""
     import argilla as rg
 
+    guidelines_row = guidelines
     labels = [chr(ord("a") + i) for i in range(num_items)]
     if num_items == 2:
         guidelines = (
@@ -77,6 +80,8 @@ def dataset_settings(*, target_votes: int, num_items: int = 2):
                 values={label: f"Response {label.upper()}" for label in labels},
             )
         ]  # fmt: skip
+    if guidelines_row is not None:
+        guidelines = f"{guidelines_row.text}\n\n(alignloop guidelines version {guidelines_row.version})\n\n{guidelines}"
     return rg.Settings(
         guidelines=guidelines,
         fields=[rg.ChatField(name="conversation", title="Conversation")]
@@ -98,12 +103,12 @@ def shown_order(comparison_id: int, num_items: int) -> list[int]:
     return order
 
 
-def _dataset(client, rg, *, name: str, workspace: str, target_votes: int, num_items: int):
+def _dataset(client, rg, *, name: str, workspace: str, target_votes: int, num_items: int, guidelines=None):
     dataset = client.datasets(name=name, workspace=workspace)
     if dataset is None:
         dataset = rg.Dataset(
             name=name, workspace=workspace, client=client,
-            settings=dataset_settings(target_votes=target_votes, num_items=num_items),
+            settings=dataset_settings(target_votes=target_votes, num_items=num_items, guidelines=guidelines),
         )  # fmt: skip
         dataset.create()
     return dataset
@@ -146,12 +151,14 @@ def push(engine, client, *, dataset_name: str, workspace: str, round: int | None
                     },
                 )
             )
+    with Session(engine) as session:
+        guidelines = crud.guidelines_for_round(session, round=round)
     for k in sorted(by_k.keys() | {2}):
         name = dataset_name if k == 2 else ranking_dataset_name(dataset_name, k)
         if k not in by_k and client.datasets(name=name, workspace=workspace) is not None:
             continue
         dataset = _dataset(client, rg, name=name, workspace=workspace, target_votes=target_votes.get(k, 1),
-                           num_items=k)  # fmt: skip
+                           num_items=k, guidelines=guidelines)  # fmt: skip
         pushed = _pushed_ids(dataset)
         records = [r for r in by_k.get(k, []) if str(r.id) not in pushed]
         summary.already_pushed += len(by_k.get(k, [])) - len(records)
@@ -214,10 +221,12 @@ def _record(
 ) -> None:
     with session_scope(engine) as session:
         user = _argilla_user(session, username)
+        comparison = session.get(Comparison, comparison_id)
+        in_force = crud.guidelines_for_round(session, round=comparison.round) if comparison else None
         try:
             crud.record_vote(
                 session, comparison_id=comparison_id, user_id=user.id, shown_order=order, rationale="via Argilla",
-                **vote,
+                guidelines_version=in_force.version if in_force else None, **vote,
             )  # fmt: skip
             summary.pulled += 1
         except crud.DuplicateVoteError:

@@ -36,6 +36,7 @@ def test_push_then_pull_votes_idempotently(engine, argilla_server):
     with session_scope(engine) as s:
         pairs = seed(s, 4, target_votes=2)
         seed(s, 1, num_items=3, prefix="kway")
+        crud.save_guidelines(s, text="Prefer the honest answer.", round=0)
     client = connect(url, API_KEY)
 
     summary = push(engine, client, dataset_name="round-0", workspace="labeling")
@@ -43,6 +44,9 @@ def test_push_then_pull_votes_idempotently(engine, argilla_server):
     ds = state["find"]("round-0")
     assert ds["dataset"]["status"] == "ready"
     assert ds["dataset"]["distribution"] == {"strategy": "overlap", "min_submitted": 2}
+    assert ds["dataset"]["guidelines"].startswith(
+        "Prefer the honest answer.\n\n(alignloop guidelines version 1)"
+    )
     assert [q["name"] for q in ds["questions"]] == ["preference"]
     assert [f["name"] for f in ds["fields"]] == ["conversation", "response_a", "response_b"]
     record = ds["records"][0]
@@ -74,6 +78,7 @@ def test_push_then_pull_votes_idempotently(engine, argilla_server):
         assert s.get(Comparison, pairs[0].id).status == "done"
         assert crud.get_user(s, name="argilla-carol") is None
         assert len(s.exec(select(Vote)).all()) == 3
+        assert {v.guidelines_version for v in s.exec(select(Vote)).all()} == {1}
 
     # Pushing again adds no duplicate records in Argilla and re-sends none.
     again = push(engine, client, dataset_name="round-0", workspace="labeling")
@@ -119,10 +124,9 @@ def test_rankings_go_to_argilla_as_a_ranking_question(engine, argilla_server):
     state["add_workspace"]("labeling")
     with session_scope(engine) as s:
         (three,) = seed(s, 1, num_items=3, prefix="kway")
-        seed(s, 1, num_items=5, prefix="too-many")
     client = connect(url, API_KEY)
     summary = push(engine, client, dataset_name="r", workspace="labeling")
-    assert (summary.pushed, summary.pushed_rankings, summary.skipped_k_way) == (0, 1, 1)
+    assert (summary.pushed, summary.pushed_rankings, summary.skipped_k_way) == (0, 1, 0)
     ds = state["find"]("r-rank3")
     (question,) = ds["questions"]
     assert question["name"] == "ranking" and question["settings"]["type"] == "ranking"
