@@ -461,7 +461,9 @@ def cmd_round_ai_votes(args) -> int:
     _, engine = open_workspace(args)
     with session_scope(engine) as session:
         changed = set_ai_votes(session, round=args.round, ai_votes=args.ai_votes)
-    print(f"round {args.round}: {args.ai_votes} AI slots per comparison ({changed} queued comparisons updated)")
+    print(
+        f"round {args.round}: {args.ai_votes} AI slots per comparison ({changed} queued comparisons updated)"
+    )
     return 0
 
 
@@ -690,7 +692,9 @@ def make_parser() -> argparse.ArgumentParser:
         dest="gold_command", required=True, metavar="ACTION"
     )
     p = gold.add_parser("import", parents=[common], help="import gold items (all or nothing)")
-    p.add_argument("file", help='JSON lines: {"prompt", "responses": [2-4 texts], "gold": "a" | ["C", "A", "B"]}')
+    p.add_argument(
+        "file", help='JSON lines: {"prompt", "responses": [2-4 texts], "gold": "a" | ["C", "A", "B"]}'
+    )
     p.add_argument("--round", type=int, default=0)
     p.set_defaults(func=cmd_gold_import)
 
@@ -706,7 +710,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-items", type=int, default=None)
     p.add_argument("--gold-share", type=float, default=0.05, help="share of its items that are gold items")
     p.add_argument("--constitution", default=None, help="principles for the judge, one per line (text file)")
-    p.add_argument("--critique", action="store_true", help="store a written critique as each vote's rationale")
+    p.add_argument(
+        "--critique", action="store_true", help="store a written critique as each vote's rationale"
+    )
     p.add_argument("--revise", action="store_true",
                    help="critique and revise: store an improved reply as SFT data (sft train --from-chat-edits)")  # fmt: skip
     p.add_argument("--round", type=int, default=None, help="only this round's comparisons")
@@ -817,7 +823,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_round_report)
     p = round_.add_parser("ai-votes", parents=[common], help="AI judge slots per comparison in a round")
-    p.add_argument("ai_votes", type=int, help="slots for AI votes, beside the people's target_votes (0 = none)")
+    p.add_argument(
+        "ai_votes", type=int, help="slots for AI votes, beside the people's target_votes (0 = none)"
+    )
     p.add_argument("--round", type=int, default=0)
     p.set_defaults(func=cmd_round_ai_votes)
     p = round_.add_parser("lineage", parents=[common], help="every model a vote influenced")

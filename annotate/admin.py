@@ -48,7 +48,10 @@ def admin_page(
         f"(0.50 = none) · median {_fmt(report.median_seconds, 1)} s per item · AI-human agreement "
         f"{_fmt(report.ai_human_agreement)} on {report.ai_human_items} items · rankings: Kendall's W "
         f"{_fmt(report.kendall_w)} over {report.kendall_w_items} items · ratings (weighted kappa): "
-        + (", ".join(f"{html.escape(a)} {_fmt(k)} ({n})" for a, (k, n) in report.ratings_kappa.items()) or "–")
+        + (
+            ", ".join(f"{html.escape(a)} {_fmt(k)} ({n})" for a, (k, n) in report.ratings_kappa.items())
+            or "–"
+        )
         + "</p>"
     )
     rows = []

@@ -152,7 +152,8 @@ RANKING_JS = """
 """
 
 # Keyboard shortcuts: click the matching button unless the annotator is typing in a text field.
-SHORTCUTS_JS = """
+SHORTCUTS_JS = (
+    """
 <script>
 document.addEventListener('keydown', (event) => {
   const target = event.target;
@@ -164,7 +165,9 @@ document.addEventListener('keydown', (event) => {
   if (button && button.offsetParent !== null) { event.preventDefault(); button.click(); }
 });
 </script>
-""" + RANKING_JS
+"""
+    + RANKING_JS
+)
 
 
 def _user(session: Session, request: gr.Request):
@@ -221,7 +224,9 @@ def build_ui(engine, settings: Settings, vote_limiter=None) -> gr.Blocks:
             gr.HTML("", elem_id="rank-control")  # filled by RANKING_JS
             with gr.Row():
                 ranking = gr.Textbox(label="Ranking, best first (e.g. C A B)", elem_id="ranking", scale=3)
-                rank_submit = gr.Button("Submit ranking  [Enter]", elem_id="submit-ranking", variant="primary")
+                rank_submit = gr.Button(
+                    "Submit ranking  [Enter]", elem_id="submit-ranking", variant="primary"
+                )
         skip_btn = gr.Button("Skip  [S]", elem_id="vote-skip", size="sm")
         with gr.Accordion("Ratings and rationale (optional)", open=False):
             radios = []

@@ -74,7 +74,9 @@ def load_policy(settings: Settings, ref: str, session=None):
 
 def kto_examples(session) -> list[dict]:
     """Reviewers' thumbs up/down from the chat as KTO rows: prompt (as the model saw it), completion, label."""
-    rows = session.exec(select(ChatFeedback).where(col(ChatFeedback.rating).in_([1, -1])).order_by(ChatFeedback.id))
+    rows = session.exec(
+        select(ChatFeedback).where(col(ChatFeedback.rating).in_([1, -1])).order_by(ChatFeedback.id)
+    )
     return [
         {"prompt": r.context or r.messages, "completion": [{"role": "assistant", "content": r.response}],
          "label": r.rating == 1, "feedback_id": r.id}
@@ -129,7 +131,13 @@ def train(engine, settings: Settings, algo: str, config: PPOConfig, *, resume: i
                 raise AlignloopError(f"{config.reward_model!r} is not a registered reward model")
         if config.name and crud.get_model_version(session, name=config.name) is not None:
             raise AlignloopError(f"a model version named {config.name!r} is already registered")
-        pairs = crud.preference_pairs(session) if algo == "dpo" else kto_examples(session) if algo == "kto" else []
+        pairs = (
+            crud.preference_pairs(session)
+            if algo == "dpo"
+            else kto_examples(session)
+            if algo == "kto"
+            else []
+        )
     if algo == "dpo" and len(pairs) < 2:
         raise AlignloopError(f"DPO needs preference pairs: the workspace has {len(pairs)}")
     if algo == "kto" and len({p["label"] for p in pairs}) < 2:

@@ -208,7 +208,9 @@ def build_ui(engine, settings: Settings, pool) -> gr.Blocks:
                 for (reply,) in merge_streams([stream]):
                     shown = [*history, {"role": "assistant", "content": reply}]
                     yield "", shown, _shown(shown), pinned, kept
-                kept = save_transcript(engine, user, transcript_id=kept, model=name, preset=pinned, history=shown)
+                kept = save_transcript(
+                    engine, user, transcript_id=kept, model=name, preset=pinned, history=shown
+                )
                 yield "", shown, _shown(shown), pinned, kept
 
             chat_inputs = [message, history_state, model, preset, temperature, max_tokens, transcript_id]
@@ -284,8 +286,17 @@ def build_ui(engine, settings: Settings, pool) -> gr.Blocks:
                 texts = ["", ""]
                 for texts in merge_streams(streams):
                     yield texts[0], texts[1], None, *locked
-                state = {"prompt": text.strip(), "models": [left, right], "texts": texts} if left != right else None
-                yield texts[0], texts[1], state, *[gr.update(interactive=state is not None)] * len(side_buttons)
+                state = (
+                    {"prompt": text.strip(), "models": [left, right], "texts": texts}
+                    if left != right
+                    else None
+                )
+                yield (
+                    texts[0],
+                    texts[1],
+                    state,
+                    *[gr.update(interactive=state is not None)] * len(side_buttons),
+                )
 
             side_go.click(side_by_side, [side_prompt, left_model, right_model],
                           [left_out, right_out, side_state, *side_buttons.values()])  # fmt: skip
@@ -308,7 +319,9 @@ def build_ui(engine, settings: Settings, pool) -> gr.Blocks:
                 return vote
 
             for choice, button in side_buttons.items():
-                button.click(side_vote(choice), [side_state], [side_state, side_notice, *side_buttons.values()])
+                button.click(
+                    side_vote(choice), [side_state], [side_state, side_notice, *side_buttons.values()]
+                )
 
         with gr.Tab("Presets"):
             gr.Markdown("A preset is a system prompt, few-shot examples and an optional chain-of-thought "

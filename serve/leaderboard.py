@@ -50,7 +50,9 @@ def round_over_round_battles(session: Session) -> list[Battle]:
     """Human votes on each round's policy against its predecessor (see `annotate.evidence`), as battles."""
     from annotate.evidence import round_battles
 
-    return [Battle(a=policy, b=opponent, score_a=score) for _, policy, opponent, score in round_battles(session)]
+    return [
+        Battle(a=policy, b=opponent, score_a=score) for _, policy, opponent, score in round_battles(session)
+    ]
 
 
 def all_battles(session: Session) -> list[Battle]:
