@@ -27,9 +27,9 @@ from dataclasses import dataclass
 
 from sqlmodel import Session, select
 
-from alignloop import AlignloopError, crud
-from alignloop.db import session_scope
-from alignloop.models import MAX_RESPONSES, Comparison, Guidelines, Prompt
+from alignloop.core import AlignloopError, crud
+from alignloop.core.db import session_scope
+from alignloop.core.models import MAX_RESPONSES, Comparison, Guidelines, Prompt
 
 LABELS = ["a", "b", "tie", "both_bad"]
 RECORD_PREFIX = "alignloop-comparison-"

@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass
 
 from sqlmodel import Session, col, select
 
-from alignloop import crud
-from alignloop.models import Comparison, ModelVersion, Round, User, Vote
+from alignloop.core import crud
+from alignloop.core.models import Comparison, ModelVersion, Round, User, Vote
 
 Z95 = 1.959964
 

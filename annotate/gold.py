@@ -23,10 +23,10 @@ from fastapi import APIRouter, Depends, HTTPException
 from fastapi.responses import HTMLResponse, RedirectResponse
 from sqlmodel import Session, col, select
 
-from alignloop import AlignloopError, crud
-from alignloop.models import CHOICES, MAX_RESPONSES, Comparison, User, Vote
-from alignloop.prompts import ImportFileError, RecordError, read_json_records
-from alignloop.web import MAX_INT, SessionDep, page, require_role
+from alignloop.core import AlignloopError, crud
+from alignloop.core.http import MAX_INT, SessionDep, page, require_role
+from alignloop.core.models import CHOICES, MAX_RESPONSES, Comparison, User, Vote
+from alignloop.core.prompts import ImportFileError, RecordError, read_json_records
 from annotate.queue import LABELS
 
 MIN_CONSENSUS_VOTES = 2

@@ -15,9 +15,9 @@ from fastapi import APIRouter, Depends, Form, HTTPException
 from fastapi.responses import HTMLResponse, RedirectResponse
 from sqlmodel import col, select
 
-from alignloop import AlignloopError, crud
-from alignloop.models import Guidelines, User
-from alignloop.web import MAX_INT, SessionDep, page, require_role
+from alignloop.core import AlignloopError, crud
+from alignloop.core.http import MAX_INT, SessionDep, page, require_role
+from alignloop.core.models import Guidelines, User
 
 router = APIRouter(tags=["guidelines"])
 AdminDep = Annotated[User, Depends(require_role("admin"))]

@@ -34,10 +34,10 @@ from typing import Protocol
 import torch
 from sqlmodel import Session
 
-from alignloop import AlignloopError, crud
-from alignloop.db import session_scope
-from alignloop.generate import render
-from alignloop.models import ChatFeedback
+from alignloop.core import AlignloopError, crud
+from alignloop.core.db import session_scope
+from alignloop.core.models import ChatFeedback
+from alignloop.core.sampling import render
 from annotate import queue
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ class LocalJudge:
         return torch.softmax(logits.float(), dim=-1)[0].item()
 
     def critique(self, prompt: Sequence[dict], replies: Sequence[str], *, revise: bool = False) -> str:
-        from alignloop.generate import SamplingParams, generate
+        from alignloop.core.sampling import SamplingParams, generate
 
         messages = critique_messages(prompt, replies, self.instructions, revise=revise)
         params = SamplingParams(max_new_tokens=self.max_critique_tokens * (2 if revise else 1), temperature=0)

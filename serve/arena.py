@@ -19,10 +19,10 @@ import gradio as gr
 from fastapi import APIRouter, Depends
 from sqlmodel import Session
 
-from alignloop import AlignloopError
-from alignloop.config import Settings
-from alignloop.models import User
-from alignloop.web import SessionDep, require_role
+from alignloop.core import AlignloopError
+from alignloop.core.config import Settings
+from alignloop.core.http import SessionDep, require_role
+from alignloop.core.models import User
 from serve.battles import CHOICE_LABELS, current_round, record_battle  # noqa: F401  (re-exported)
 from serve.chat import merge_streams, model_choices, reviewer, stream_text
 from serve.leaderboard import all_battles, arena_battles, leaderboard, round_over_round_battles

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from sqlmodel import Session, col, select
 
-from alignloop import AlignloopError, crud
-from alignloop.config import Settings
-from alignloop.db import session_scope
-from alignloop.models import Round, User
+from alignloop.core import AlignloopError, crud
+from alignloop.core.config import Settings
+from alignloop.core.db import session_scope
+from alignloop.core.models import Round, User
 
 CHOICE_LABELS = {"a": "A is better", "b": "B is better", "tie": "Tie", "both_bad": "Both bad"}
 
@@ -23,7 +23,7 @@ def record_battle(engine, user: User, *, prompt: str, models: tuple[str, str], t
     if choice not in CHOICE_LABELS:
         raise AlignloopError(f"choice must be one of {', '.join(CHOICE_LABELS)}")
     with session_scope(engine) as session:
-        from alignloop.generate import ensure_model_version
+        from alignloop.core.crud import ensure_model_version
 
         messages = [{"role": "user", "content": prompt}]
         existing = crud.get_prompt_by_hash(session, content_hash=crud.prompt_hash(messages))

@@ -14,10 +14,10 @@ from fastapi import APIRouter, Depends, HTTPException
 from fastapi.responses import HTMLResponse, RedirectResponse
 from sqlmodel import Session, col, select
 
-from alignloop import AlignloopError
-from alignloop.db import session_scope
-from alignloop.models import Transcript, User, utcnow
-from alignloop.web import MAX_INT, SessionDep, page, require_role
+from alignloop.core import AlignloopError
+from alignloop.core.db import session_scope
+from alignloop.core.http import MAX_INT, SessionDep, page, require_role
+from alignloop.core.models import Transcript, User, utcnow
 
 MAX_TAGS, MAX_TAG_CHARS, MAX_COMMENT_CHARS = 10, 32, 2000
 

@@ -4,9 +4,9 @@
 import pytest
 from fastapi.testclient import TestClient
 
-from alignloop import crud
 from alignloop.cli import main
-from alignloop.db import session_scope
+from alignloop.core import crud
+from alignloop.core.db import session_scope
 from alignloop.web import create_app
 from annotate.evidence import round_over_round, wilson
 

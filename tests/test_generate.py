@@ -4,10 +4,11 @@ import pytest
 import torch
 from sqlmodel import Session, select
 
-from alignloop import AlignloopError, crud
-from alignloop.db import session_scope
-from alignloop.generate import SamplingParams, generate, queue_comparisons, render
-from alignloop.models import Comparison, Generation, ModelVersion, Run
+from alignloop.core import AlignloopError, crud
+from alignloop.core.db import session_scope
+from alignloop.core.models import Comparison, Generation, ModelVersion, Run
+from alignloop.core.sampling import SamplingParams, generate, render
+from annotate.generate import queue_comparisons
 
 PROMPTS = [
     [{"role": "user", "content": "Hi"}],
@@ -171,7 +172,7 @@ def test_k_is_bounded_by_what_the_annotation_page_shows(workspace, capsys):
     from test_queue import seed
 
     from alignloop.cli import main
-    from alignloop.models import MAX_RESPONSES
+    from alignloop.core.models import MAX_RESPONSES
 
     settings, engine, _ = workspace
     with pytest.raises(SystemExit):

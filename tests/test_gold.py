@@ -7,10 +7,10 @@ from fastapi.testclient import TestClient
 from sqlmodel import Session, select
 from test_queue import seed, users
 
-from alignloop import crud
 from alignloop.cli import main
-from alignloop.db import session_scope
-from alignloop.models import Comparison, User
+from alignloop.core import crud
+from alignloop.core.db import session_scope
+from alignloop.core.models import Comparison, User
 from alignloop.web import create_app
 from annotate import queue
 from annotate.quality import quality_report

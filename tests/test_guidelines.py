@@ -4,9 +4,9 @@ from fastapi.testclient import TestClient
 from sqlmodel import Session, select
 from test_queue import seed, users
 
-from alignloop import crud
-from alignloop.db import session_scope
-from alignloop.models import Comparison, Guidelines, Vote
+from alignloop.core import crud
+from alignloop.core.db import session_scope
+from alignloop.core.models import Comparison, Guidelines, Vote
 from alignloop.web import create_app
 from annotate import queue
 

@@ -7,11 +7,11 @@ import torch
 from conftest import build_tiny_llama
 from sqlmodel import Session, select
 
-from alignloop import AlignloopError, crud
 from alignloop.cli import main
-from alignloop.db import session_scope
-from alignloop.models import Run
-from alignloop.registry import resolve
+from alignloop.core import AlignloopError, crud
+from alignloop.core.db import session_scope
+from alignloop.core.models import Run
+from alignloop.core.registry import resolve
 from rl.ppo import PPOTrainer, gae, load_config, masked_whiten
 
 PROMPTS = [[{"role": "user", "content": f"Tell me about item {i}."}] for i in range(16)]
@@ -163,7 +163,7 @@ def test_each_algorithm_trains_and_registers_a_policy(rl_workspace, tiny_model_d
     with torch.no_grad():
         assert not torch.allclose(tuned(input_ids=ids).logits, base(input_ids=ids).logits)
     if algo == "dpo":  # lineage: exactly the votes DPO learned from reach the policy
-        from alignloop.models import Vote
+        from alignloop.core.models import Vote
         from alignloop.rounds import models_influenced_by_vote
 
         with Session(engine) as s:

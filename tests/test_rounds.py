@@ -5,10 +5,10 @@ import json
 import pytest
 from sqlmodel import Session, col, select
 
-from alignloop import AlignloopError, crud
 from alignloop.cli import main
-from alignloop.db import session_scope
-from alignloop.models import Comparison, Generation, Round, Run, Vote
+from alignloop.core import AlignloopError, crud
+from alignloop.core.db import session_scope
+from alignloop.core.models import Comparison, Generation, Round, Run, Vote
 from alignloop.rounds import RoundPlan, models_influenced_by_vote, next_round
 from rl.ppo import PPOTrainer
 
@@ -126,7 +126,7 @@ def test_round_ai_votes_sets_the_judges_slots(workspace, capsys):
     from test_queue import seed
 
     from alignloop.cli import main
-    from alignloop.models import Comparison, Round
+    from alignloop.core.models import Comparison, Round
 
     settings, engine, _ = workspace
     with session_scope(engine) as s:

@@ -6,9 +6,9 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import Session, select
 
-from alignloop import AlignloopError, crud
-from alignloop.db import session_scope
-from alignloop.models import ChatFeedback, Comparison, Vote
+from alignloop.core import AlignloopError, crud
+from alignloop.core.db import session_scope
+from alignloop.core.models import ChatFeedback, Comparison, Vote
 from serve.arena import pick_pair, record_battle
 from serve.chat import feedback_pairs, save_feedback
 from serve.leaderboard import Battle, leaderboard
@@ -118,7 +118,7 @@ def test_arena_battles_file_under_the_open_round_with_the_order_shown(workspace)
 
 
 def test_chat_feedback_keeps_the_preset_and_the_context_the_model_saw(workspace):
-    from serve.prompting import save_preset
+    from alignloop.core.presets import save_preset
     from sft.data import edited_examples
 
     _, engine, _ = workspace
