@@ -210,16 +210,30 @@ def cmd_prefs_import(args) -> int:
     return 0
 
 
+def cmd_gold_import(args) -> int:
+    from alignloop.core.db import session_scope
+    from annotate.gold import import_gold
+
+    _, engine = open_workspace(args)
+    with session_scope(engine) as session:
+        added = import_gold(session, path=args.file, round=args.round)
+    print(f"{args.file}: added {added} gold items to round {args.round}")
+    return 0
+
+
 def cmd_judge_run(args) -> int:
-    from annotate.judge import LocalJudge, OpenAIJudge, run_judge
+    from annotate.judge import JUDGE_INSTRUCTIONS, Constitution, LocalJudge, OpenAIJudge, run_judge
 
     settings, engine = open_workspace(args)
+    constitution = Constitution.load(args.constitution) if args.constitution else None
+    instructions = constitution.instructions() if constitution else JUDGE_INSTRUCTIONS
     if args.openai_base_url:
         if not args.openai_model:
             raise AlignloopError("--openai-model is required with --openai-base-url")
         judge = OpenAIJudge(
-            base_url=args.openai_base_url, model=args.openai_model, api_key=os.environ.get(args.api_key_env)
-        )
+            base_url=args.openai_base_url, model=args.openai_model, api_key=os.environ.get(args.api_key_env),
+            instructions=instructions,
+        )  # fmt: skip
     else:
         from sqlmodel import Session
 
@@ -231,8 +245,10 @@ def cmd_judge_run(args) -> int:
             )
             placement = registry.placement_for(source, settings)
         loaded = registry.load_causal_lm(source, placement=placement, settings=settings)
-        judge = LocalJudge(loaded.model, loaded.tokenizer)
-    counts = run_judge(engine, judge=judge, user_name=args.user, max_items=args.max_items)
+        judge = LocalJudge(loaded.model, loaded.tokenizer, instructions=instructions)
+    counts = run_judge(engine, judge=judge, user_name=args.user, max_items=args.max_items,
+                       gold_share=args.gold_share, round=args.round, critique=args.critique, revise=args.revise,
+                       constitution=constitution)  # fmt: skip
     print(
         f"judge {args.user}: {counts['votes']} votes (a {counts['a']}, b {counts['b']}, tie {counts['tie']}, "
         f"ranked {counts['ranked']}; {counts['lost']} taken by others meanwhile)"
@@ -253,7 +269,8 @@ def cmd_argilla(args) -> int:
             engine, client, dataset_name=args.dataset, workspace=args.argilla_workspace, round=args.round
         )
         print(
-            f"pushed {summary.pushed} comparisons ({summary.skipped_k_way} with more than two responses skipped)"
+            f"pushed {summary.pushed} pairs and {summary.pushed_rankings} rankings ({summary.already_pushed} "
+            f"already in Argilla, {summary.skipped_k_way} with too many responses skipped)"
         )
     else:
         summary = pull(engine, client, dataset_name=args.dataset, workspace=args.argilla_workspace)
@@ -401,6 +418,31 @@ def cmd_round_next(args) -> int:
     print(
         f"closed round {result['round']}: reward model {result['reward_model'] or '- (dpo)'}, new policy "
         f"{result['policy']}; queued {result['queued']} comparisons for round {result['next_round']} (run {result['run_id']})"
+    )
+    return 0
+
+
+def cmd_round_report(args) -> int:
+    from sqlmodel import Session
+
+    from annotate.evidence import report_json, report_text, round_over_round
+
+    _, engine = open_workspace(args)
+    with Session(engine) as session:
+        results = round_over_round(session)
+    print(json.dumps(report_json(results), indent=2) if args.json else report_text(results))
+    return 0
+
+
+def cmd_round_ai_votes(args) -> int:
+    from alignloop.core.db import session_scope
+    from alignloop.rounds import set_ai_votes
+
+    _, engine = open_workspace(args)
+    with session_scope(engine) as session:
+        changed = set_ai_votes(session, round=args.round, ai_votes=args.ai_votes)
+    print(
+        f"round {args.round}: {args.ai_votes} AI slots per comparison ({changed} queued comparisons updated)"
     )
     return 0
 

@@ -245,7 +245,8 @@ def make_parser() -> argparse.ArgumentParser:
         "--samples",
         type=count("samples", 2, MAX_RESPONSES),
         default=2,
-        help="responses per prompt (K>2 makes ranking items; the annotation page shows up to 4)",
+        help=f"responses per prompt, 2 to {MAX_RESPONSES} (K>2 makes ranking items; the annotation page shows "
+        f"at most {MAX_RESPONSES})",
     )
     p.add_argument("--round", type=count("round"), default=0)
     p.add_argument("--split", default="train", choices=["train", "eval"])
@@ -282,6 +283,16 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--round", type=count("round"), default=0)
     p.set_defaults(handler="cmd_prefs_import")
 
+    gold = sub.add_parser("gold", help="gold items: comparisons with a known answer").add_subparsers(
+        dest="gold_command", required=True, metavar="ACTION"
+    )
+    p = gold.add_parser("import", parents=[common], help="import gold items (all or nothing)")
+    p.add_argument(
+        "file", help='JSON lines: {"prompt", "responses": [2-4 texts], "gold": "a" | ["C", "A", "B"]}'
+    )
+    p.add_argument("--round", type=int, default=0)
+    p.set_defaults(handler="cmd_gold_import")
+
     judge = sub.add_parser("judge", help="RLAIF: an AI annotator").add_subparsers(
         dest="judge_command", required=True, metavar="ACTION"
     )
@@ -292,6 +303,16 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--openai-model", default=None)
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
     p.add_argument("--max-items", type=count("max_items", 1, 10 * MAX_PROMPTS), default=None)
+    p.add_argument(
+        "--gold-share", type=number("gold_share"), default=0.05, help="share of its items that are gold items"
+    )
+    p.add_argument("--constitution", default=None, help="principles for the judge, one per line (text file)")
+    p.add_argument(
+        "--critique", action="store_true", help="store a written critique as each vote's rationale"
+    )
+    p.add_argument("--revise", action="store_true",
+                   help="critique and revise: store an improved reply as SFT data (sft train --from-chat-edits)")  # fmt: skip
+    p.add_argument("--round", type=count("round"), default=None, help="only this round's comparisons")
     p.set_defaults(handler="cmd_judge_run")
 
     argilla = sub.add_parser("argilla", help="sync with an Argilla 2.x server").add_subparsers(
@@ -392,6 +413,17 @@ def make_parser() -> argparse.ArgumentParser:
         help="prompts to queue for the next round",
     )
     p.set_defaults(handler="cmd_round_next")
+    p = round_.add_parser(
+        "report", parents=[common], help="human win rate of each round's policy against its predecessor"
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler="cmd_round_report")
+    p = round_.add_parser("ai-votes", parents=[common], help="AI judge slots per comparison in a round")
+    p.add_argument(
+        "ai_votes", type=int, help="slots for AI votes, beside the people's target_votes (0 = none)"
+    )
+    p.add_argument("--round", type=int, default=0)
+    p.set_defaults(handler="cmd_round_ai_votes")
     p = round_.add_parser("lineage", parents=[common], help="every model a vote influenced")
     p.add_argument("--vote", type=count("vote", 1, MAX_ID), required=True)
     p.set_defaults(handler="cmd_round_lineage")

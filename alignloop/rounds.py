@@ -19,6 +19,7 @@ Stages are called through their public functions (DESIGN.md: stages never reach 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlmodel import Session, col, select
@@ -27,7 +28,7 @@ from alignloop.core import AlignloopError, crud
 from alignloop.core.config import Settings
 from alignloop.core.db import session_scope
 from alignloop.core.export import write_rows
-from alignloop.core.models import ModelVersion, Round, Run, Vote
+from alignloop.core.models import Comparison, ModelVersion, Round, Run, Vote
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,8 +128,9 @@ def next_round(engine, settings: Settings, plan: RoundPlan) -> dict:
         with session_scope(engine) as session:
             new_id = crud.get_model_version(session, name=policy_name).id
             crud.get_or_create_round(
-                session, number=number + 1, target_votes=round_.target_votes, policy_id=new_id
-            )
+                session, number=number + 1, target_votes=round_.target_votes, policy_id=new_id,
+                ai_votes=round_.ai_votes,
+            )  # fmt: skip
         summary = queue_comparisons(
             engine, settings=settings, model_ref=policy_name, versus=policy, num_prompts=plan.num_prompts,
             round=number + 1, progress=plan.progress,
@@ -150,7 +152,28 @@ def next_round(engine, settings: Settings, plan: RoundPlan) -> dict:
             "queued": summary["comparisons"], "run_id": run_id}  # fmt: skip
 
 
+def set_ai_votes(session: Session, *, round: int, ai_votes: int) -> int:
+    """Set a round's AI slots per comparison, for its queued comparisons too; returns how many changed."""
+    if ai_votes < 0:
+        raise AlignloopError("--ai-votes cannot be negative")
+    row = crud.get_or_create_round(session, number=round, ai_votes=ai_votes)
+    row.ai_votes = ai_votes
+    session.add(row)
+    queued = session.exec(
+        select(Comparison).where(Comparison.round == round, Comparison.status == "queued")
+    ).all()
+    for comparison in queued:
+        comparison.target_ai_votes = ai_votes
+        session.add(comparison)
+    session.flush()
+    return len(queued)
+
+
 # --- lineage -------------------------------------------------------------------------------------------------
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def models_influenced_by_vote(session: Session, *, vote_id: int) -> list[ModelVersion]:
@@ -161,13 +184,16 @@ def models_influenced_by_vote(session: Session, *, vote_id: int) -> list[ModelVe
         raise AlignloopError(f"no vote {vote_id}")
     reached: dict[int, ModelVersion] = {}
     runs = session.exec(select(Run).where(col(Run.kind).in_(["reward", "rl"]))).all()
+
+    def trained_on(run: Run) -> bool:
+        # The exact comparisons the run saw, and only votes it could have seen (cast before it started).
+        return vote.comparison_id in run.config.get("comparison_ids", []) and _aware(
+            vote.created_at
+        ) <= _aware(run.created_at)
+
     reward_names = set()
     for run in runs:
-        if (
-            run.kind == "reward"
-            and vote.comparison_id in run.config.get("comparison_ids", [])
-            and run.output_model_id
-        ):
+        if run.kind == "reward" and trained_on(run) and run.output_model_id:
             model = session.get(ModelVersion, run.output_model_id)
             reached[model.id] = model
             reward_names.add(model.name)
@@ -175,7 +201,7 @@ def models_influenced_by_vote(session: Session, *, vote_id: int) -> list[ModelVe
         if run.kind != "rl" or not run.output_model_id:
             continue
         uses_vote = run.config.get("reward_model") in reward_names or (
-            run.config.get("algo") == "dpo" and run.created_at >= vote.created_at
+            run.config.get("algo") == "dpo" and trained_on(run)
         )
         if uses_vote:
             model = session.get(ModelVersion, run.output_model_id)

@@ -173,16 +173,21 @@ def _mount_stages(app: FastAPI) -> None:
     from annotate import admin as annotate_admin
     from annotate import api as annotate_api
     from annotate import app as annotate_app
+    from annotate import gold as annotate_gold
+    from annotate import guidelines as annotate_guidelines
     from reward import web as reward_web
     from rl import web as rl_web
-    from serve import arena, chat, levels_web, openai_api
+    from serve import arena, chat, levels_web, openai_api, review
 
     app.include_router(annotate_api.router)
     app.include_router(annotate_admin.router)
+    app.include_router(annotate_gold.router)
+    app.include_router(annotate_guidelines.router)
     app.include_router(reward_web.router)
     app.include_router(rl_web.router)
     app.include_router(arena.router)
     app.include_router(levels_web.router)
+    app.include_router(review.router)
     openai_api.install(app)
     engine, settings = app.state.engine, app.state.settings
 

@@ -94,8 +94,10 @@ def rounds_json(user: AdminDep, session: SessionDep) -> list[dict]:
 
     from alignloop.core import crud
     from alignloop.core.models import Comparison, ModelVersion, Round, Vote
+    from annotate.evidence import round_over_round
 
     names = {u.id: u.name for u in session.exec(select(User)).all()}
+    evidence = {r.round: r for r in round_over_round(session)}
     out = []
     for r in session.exec(select(Round).order_by(Round.number)).all():
         counts = dict(session.exec(select(Comparison.status, func.count()).where(Comparison.round == r.number)
@@ -113,6 +115,7 @@ def rounds_json(user: AdminDep, session: SessionDep) -> list[dict]:
             "krippendorff_alpha": quality_report(session, round=r.number).krippendorff_alpha,
             "policy": policy.name if policy else None,
             "reward_model": session.get(ModelVersion, r.reward_id).name if r.reward_id else None,
+            "vs_predecessor": asdict(evidence[r.number]) if r.number in evidence else None,
             "models": [{"name": m.name, "kind": m.kind,
                         "lineage": [x.name for x in crud.model_lineage(session, model_id=m.id)]} for m in models],
         })  # fmt: skip
@@ -121,5 +124,11 @@ def rounds_json(user: AdminDep, session: SessionDep) -> list[dict]:
 
 @router.get("/admin/rounds", response_class=HTMLResponse, include_in_schema=False)
 def rounds_page(request: Request, user: AdminDep, session: SessionDep):
-    return render(templates, request, "admin_rounds.html", title="Rounds", user=user,
+    from markupsafe import Markup
+
+    from annotate.evidence import round_over_round, svg_chart
+
+    # The chart is SVG drawn by annotate.evidence from numbers, escaping every name it writes.
+    chart = Markup(svg_chart(round_over_round(session)))
+    return render(templates, request, "admin_rounds.html", title="Rounds", user=user, chart=chart,
                   rounds=rounds_json(user, session))  # fmt: skip

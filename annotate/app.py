@@ -31,21 +31,143 @@ DEFAULT_GUIDELINES = """\
 - Ratings (1 = poor, 5 = excellent) and a one-line rationale are optional but help the model builders.
 
 Keys: **1** A is better · **2** B is better · **3** tie · **4** both bad · **S** skip
+
+Ranking three or four responses: press the responses from best to worst (click them, or type their letters),
+drag a ranked one to move it (or focus it and use the up/down arrows), **Undo** (or Backspace) takes back the
+last change, **Enter** submits.
+"""
+
+# The ranking control for K > 2 (mouse and keyboard). The "Ranking" textbox stays the single source of truth
+# (the server reads it, and typing "C A B" into it still works); the control only edits it, so nothing here
+# can disagree with what is submitted. Built with DOM calls and textContent, never innerHTML: labels only.
+RANKING_JS = """
+<script>
+(() => {
+  const undo = [];
+  let rendered = null, dragged = null, last = null;
+  const box = () => document.querySelector('#ranking textarea, #ranking input');
+  const labels = () => ['a', 'b', 'c', 'd'].filter((l) => {
+    const el = document.getElementById('response-' + l);
+    return el && el.offsetParent !== null;
+  }).map((l) => l.toUpperCase());
+  const current = () => {
+    const all = labels();
+    const seen = [];
+    for (const l of (box() ? box().value : '').toUpperCase().split(/[^A-Z]+/)) {
+      if (all.includes(l) && !seen.includes(l)) seen.push(l);
+    }
+    return seen;
+  };
+  const write = (order) => {
+    const el = box();
+    if (!el) return;
+    undo.push(el.value);
+    el.value = order.join(' ');
+    el.dispatchEvent(new Event('input', {bubbles: true}));
+    render(true);
+  };
+  const pick = (label) => { const o = current(); if (!o.includes(label)) write([...o, label]); };
+  const back = () => {
+    const el = box();
+    if (!el || !undo.length) return;
+    el.value = undo.pop();
+    el.dispatchEvent(new Event('input', {bubbles: true}));
+    render(true);
+  };
+  const move = (from, to) => {
+    const o = current();
+    if (to < 0 || to >= o.length || from === to) return;
+    const [x] = o.splice(from, 1);
+    o.splice(to, 0, x);
+    write(o);
+  };
+  const button = (id, text, onclick) => {
+    const b = document.createElement('button');
+    b.type = 'button'; b.id = id; b.textContent = text; b.className = 'lg secondary';
+    b.style.margin = '2px'; b.onclick = onclick;
+    return b;
+  };
+  function render(force) {
+    const root = document.getElementById('rank-control');
+    if (!root) return;
+    const all = labels(), order = current();
+    const key = all.join() + '|' + order.join();
+    if (!force && key === rendered) return;
+    rendered = key;
+    root.replaceChildren();
+    const picks = document.createElement('div');
+    picks.append('Press in order, best first: ');
+    for (const l of all) {
+      const b = button('rank-pick-' + l.toLowerCase(), l, () => pick(l));
+      b.disabled = order.includes(l);
+      picks.append(b);
+    }
+    picks.append(button('rank-undo', 'Undo', back));
+    const list = document.createElement('ol');
+    list.id = 'rank-order';
+    order.forEach((l, i) => {
+      const item = document.createElement('li');
+      item.textContent = 'Response ' + l;
+      item.dataset.label = l; item.draggable = true; item.tabIndex = 0;
+      item.style.cssText = 'cursor:grab;padding:4px 8px;margin:2px 0;border:1px solid #ccc;border-radius:4px';
+      item.addEventListener('dragstart', (e) => { dragged = i; e.dataTransfer.setData('text/plain', l); });
+      item.addEventListener('dragover', (e) => e.preventDefault());
+      item.addEventListener('drop', (e) => { e.preventDefault(); if (dragged !== null) move(dragged, i); dragged = null; });
+      item.addEventListener('keydown', (e) => {
+        if (e.key === 'ArrowUp' || e.key === 'ArrowDown') {
+          e.preventDefault(); e.stopPropagation();
+          const to = i + (e.key === 'ArrowUp' ? -1 : 1);
+          move(i, to);
+          const again = document.querySelector('#rank-order li[data-label="' + l + '"]');
+          if (again) again.focus();
+        }
+      });
+      list.append(item);
+    });
+    root.append(picks, list);
+  }
+  window.alignloopRanking = {
+    // Keys while a ranking item is on screen: letters press in order, Backspace/U undo, Enter submits.
+    key(event) {
+      const root = document.getElementById('rank-control');
+      if (!root || root.offsetParent === null) return false;
+      const k = event.key.toUpperCase();
+      if (labels().includes(k)) { event.preventDefault(); pick(k); return true; }
+      if (event.key === 'Backspace' || k === 'U') { event.preventDefault(); back(); return true; }
+      if (event.key === 'Enter') {
+        const submit = document.getElementById('submit-ranking');
+        if (submit) { event.preventDefault(); submit.click(); return true; }
+      }
+      return false;
+    },
+  };
+  setInterval(() => {
+    const el = box();
+    if (el && el.value === '' && last) undo.length = 0;  // the server cleared it: a new item
+    last = el ? el.value : null;
+    render(false);
+  }, 150);  // a new item (or typing in the box) re-renders the control
+})();
+</script>
 """
 
 # Keyboard shortcuts: click the matching button unless the annotator is typing in a text field.
-SHORTCUTS_JS = """
+SHORTCUTS_JS = (
+    """
 <script>
 document.addEventListener('keydown', (event) => {
   const target = event.target;
   if (target && (target.tagName === 'TEXTAREA' || (target.tagName === 'INPUT' && target.type !== 'radio'))) return;
   if (event.ctrlKey || event.metaKey || event.altKey) return;
+  if (window.alignloopRanking && window.alignloopRanking.key(event)) return;
   const ids = {'1': 'vote-a', '2': 'vote-b', '3': 'vote-tie', '4': 'vote-both-bad', 's': 'vote-skip', 'S': 'vote-skip'};
   const button = ids[event.key] && document.getElementById(ids[event.key]);
   if (button && button.offsetParent !== null) { event.preventDefault(); button.click(); }
 });
 </script>
 """
+    + RANKING_JS
+)
 
 
 def logout_button() -> gr.Button:
@@ -93,7 +215,7 @@ def build_ui(engine, settings: Settings, vote_limiter=None) -> gr.Blocks:
             progress_md = gr.Markdown(elem_id="progress")
             logout_button()
         with gr.Accordion("Guidelines", open=False):
-            gr.Markdown(guidelines)
+            guidelines_md = gr.Markdown(guidelines, elem_id="guidelines")
         status_md = gr.Markdown(elem_id="status")
         # Prompts are untrusted imported text: no Markdown, so no live links (README "Security").
         chat = gr.Chatbot(label="Conversation", height=260, sanitize_html=True, render_markdown=False,
@@ -109,9 +231,13 @@ def build_ui(engine, settings: Settings, vote_limiter=None) -> gr.Blocks:
             vote_b = gr.Button("B is better  [2]", elem_id="vote-b", variant="primary")
             vote_tie = gr.Button("Tie  [3]", elem_id="vote-tie")
             vote_bad = gr.Button("Both bad  [4]", elem_id="vote-both-bad")
-        with gr.Row(visible=False) as rank_row:
-            ranking = gr.Textbox(label="Ranking, best first (e.g. C A B)", elem_id="ranking", scale=3)
-            rank_submit = gr.Button("Submit ranking", elem_id="submit-ranking", variant="primary")
+        with gr.Column(visible=False) as rank_row:
+            gr.HTML("", elem_id="rank-control")  # filled by RANKING_JS
+            with gr.Row():
+                ranking = gr.Textbox(label="Ranking, best first (e.g. C A B)", elem_id="ranking", scale=3)
+                rank_submit = gr.Button(
+                    "Submit ranking  [Enter]", elem_id="submit-ranking", variant="primary"
+                )
         skip_btn = gr.Button("Skip  [S]", elem_id="vote-skip", size="sm")
         with gr.Accordion("Ratings and rationale (optional)", open=False):
             radios = []
@@ -207,6 +333,13 @@ def build_ui(engine, settings: Settings, vote_limiter=None) -> gr.Blocks:
         ranking.submit(make_vote("rank"), inputs=vote_inputs, outputs=shown)
         skip_btn.click(do_skip, inputs=[item_state], outputs=shown, show_progress="hidden")
         demo.load(load_next, inputs=None, outputs=shown)
+
+        def current_guidelines():
+            with Session(engine) as session:
+                row = crud.guidelines_for_round(session, round=None)
+            return row.text + f"\n\n*Guidelines version {row.version}.*" if row else guidelines
+
+        demo.load(current_guidelines, inputs=None, outputs=guidelines_md)
     return demo
 
 

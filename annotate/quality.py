@@ -9,8 +9,12 @@ Per round (or over everything):
 - flags: gold accuracy, or kappa against the leave-one-out consensus of the other humans, below a threshold
   (with enough evidence to judge). Consensus rather than mean pairwise kappa, so that one careless annotator
   does not drag down everybody they were paired with;
-- AI-human agreement: how often an AI judge's choice matches the human majority on items both voted on.
-Rankings (K > 2) count towards counts and timing; the agreement statistics use pairwise choices.
+- AI-human agreement: how often an AI judge's choice matches the human majority on items both voted on;
+- rankings (K > 2): Kendall's coefficient of concordance W per item ranked by two or more people (1 = the
+  same order, 0 = no agreement), averaged over items; gold accuracy counts the response ranked first;
+- ratings (1..5 per aspect): Cohen's kappa with quadratic weights, pooled over every pair of people who rated
+  the same response on the same aspect (a 4 against a 5 is a near miss, not a disagreement).
+Only human votes enter the agreement statistics; AI judges are measured against them, never part of them.
 """
 
 from __future__ import annotations
@@ -59,6 +63,11 @@ class QualityReport:
     ai_human_agreement: float | None
     ai_human_items: int
     annotators: list[AnnotatorStats]
+    kendall_w: float | None = None  # mean over items with two or more human rankings
+    kendall_w_items: int = 0
+    ratings_kappa: dict[str, tuple[float | None, int]] = field(
+        default_factory=dict
+    )  # aspect -> (kappa, pairs)
 
 
 def cohen_kappa(a: list[str], b: list[str]) -> float | None:
@@ -72,6 +81,38 @@ def cohen_kappa(a: list[str], b: list[str]) -> float | None:
     if expected == 1:
         return 1.0 if observed == 1 else None
     return (observed - expected) / (1 - expected)
+
+
+def weighted_kappa(a: list[int], b: list[int], categories: range = range(1, 6)) -> float | None:
+    """Cohen's kappa with quadratic weights for ordinal ratings; None when undefined (no spread at all)."""
+    if not a:
+        return None
+    k = len(categories)
+    index = {c: i for i, c in enumerate(categories)}
+    observed = np.zeros((k, k))
+    for x, y in zip(a, b, strict=True):
+        observed[index[x], index[y]] += 1
+    observed /= observed.sum()
+    expected = np.outer(observed.sum(axis=1), observed.sum(axis=0))
+    i, j = np.indices((k, k))
+    weights = (i - j) ** 2 / (k - 1) ** 2
+    denominator = (weights * expected).sum()
+    if denominator == 0:
+        return None
+    return float(1 - (weights * observed).sum() / denominator)
+
+
+def kendall_w(rankings: list[list[int]]) -> float | None:
+    """Kendall's W for m rankings (positions best first) of the same n items, without ties."""
+    m, n = len(rankings), len(rankings[0]) if rankings else 0
+    if m < 2 or n < 2:
+        return None
+    rank_sums = np.zeros(n)
+    for ranking in rankings:
+        for rank, position in enumerate(ranking, 1):
+            rank_sums[position] += rank
+    s = ((rank_sums - rank_sums.mean()) ** 2).sum()
+    return float(12 * s / (m**2 * (n**3 - n)))
 
 
 def _plurality(labels: list[str]) -> str | None:
@@ -122,6 +163,10 @@ def quality_report(
     }
 
     choices: dict[int, dict[int, str]] = defaultdict(dict)  # comparison -> user -> choice (pairwise only)
+    rankings: dict[int, list[list[int]]] = defaultdict(list)  # comparison -> human rankings
+    ratings: dict[tuple[int, str, str], dict[int, int]] = defaultdict(
+        dict
+    )  # (comparison, position, aspect) -> user -> 1..5
     gold_hits: dict[int, list[bool]] = defaultdict(list)
     first_picks: dict[int, list[bool]] = defaultdict(list)
     seconds: dict[int, list[float]] = defaultdict(list)
@@ -130,7 +175,15 @@ def quality_report(
         s.num_votes += 1
         if vote.seconds is not None:
             seconds[vote.user_id].append(vote.seconds)
+        if users[vote.user_id].kind == "human":
+            if vote.ranking:
+                rankings[comparison.id].append(vote.ranking)
+            for position, aspects in (vote.ratings or {}).items():
+                for aspect, value in aspects.items():
+                    ratings[(comparison.id, str(position), aspect)][vote.user_id] = int(value)
         if vote.choice is None:
+            if comparison.gold is not None and vote.ranking:  # ranking gold: the same response first
+                gold_hits[vote.user_id].append(vote.ranking[0] == int(comparison.gold.split(",")[0]))
             continue
         choices[comparison.id][vote.user_id] = vote.choice
         if comparison.gold is not None:
@@ -178,6 +231,16 @@ def quality_report(
         if top is not None:  # no human majority, nothing to agree with
             ai_matches.extend(ch == top for u, ch in votes.items() if users[u].kind == "ai")
 
+    item_w = [w for r in rankings.values() if (w := kendall_w(r)) is not None]
+    by_aspect: dict[str, tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
+    for (_, _, aspect), values in ratings.items():
+        for a, b in combinations(sorted(values), 2):  # both orders: the two raters are interchangeable
+            by_aspect[aspect][0].extend([values[a], values[b]])
+            by_aspect[aspect][1].extend([values[b], values[a]])
+    ratings_kappa = {
+        aspect: (weighted_kappa(x, y), len(x) // 2) for aspect, (x, y) in sorted(by_aspect.items())
+    }
+
     all_first = [x for picks in first_picks.values() for x in picks]
     all_seconds = [x for xs in seconds.values() for x in xs]
     return QualityReport(
@@ -191,4 +254,7 @@ def quality_report(
         ai_human_agreement=sum(ai_matches) / len(ai_matches) if ai_matches else None,
         ai_human_items=len(ai_matches),
         annotators=[s for s in stats.values() if s.num_votes],
+        kendall_w=sum(item_w) / len(item_w) if item_w else None,
+        kendall_w_items=len(item_w),
+        ratings_kappa=ratings_kappa,
     )

@@ -15,6 +15,11 @@ Votes (the same rules for the page, the JSON API and the judge, all through `sub
   kept across reloads) to the vote; nothing the client sends changes it;
 - ratings accept only the workspace's configured aspect names, with int values 1..5 (not bools or floats),
   for the labels the item has, so a row stays small whatever a client posts.
+AI judges (users of kind "ai") take `next_ai_item`, not `next_item`: they fill the comparison's own AI slots
+(`target_ai_votes`, a per-round setting), never a person's, and may answer items people have finished, so
+that AI-human agreement can be measured. They get gold items at the same share as people. They take no
+lease: judges are few, and the vote's conditional UPDATE (crud.record_vote) still stops a slot being filled
+twice; the cost is that two judges racing for one slot waste one verdict.
 
 How the "never beyond target" rule holds: a claim locks the candidate comparison row (PostgreSQL
 `FOR UPDATE SKIP LOCKED`; SQLite serialises write transactions with `BEGIN IMMEDIATE`), then counts votes and
@@ -263,6 +268,31 @@ def next_item(
     return None
 
 
+def next_ai_item(
+    session: Session,
+    *,
+    user_id: int,
+    gold_share: float = GOLD_SHARE,
+    round: int | None = None,
+    now: datetime | None = None,
+) -> Item | None:
+    """The next comparison for an AI judge: one with a free AI slot (or gold) it has not answered."""
+    now = now or utcnow()
+    open_slot = or_(col(Comparison.gold).is_not(None), Comparison.num_ai_votes < Comparison.target_ai_votes)
+    query = select(Comparison).where(Comparison.status != "cancelled", ~_VOTED, ~_SKIPPED, open_slot)
+    if round is not None:
+        query = query.where(Comparison.round == round)
+    gold_first = _gold_turn(session, user_id, gold_share)
+    for gold in (gold_first, not gold_first):
+        gold_filter = col(Comparison.gold).is_not(None) if gold else col(Comparison.gold).is_(None)
+        comparison = session.exec(
+            query.where(gold_filter).order_by(*_QUEUE_ORDER).limit(1), params={"user_id": user_id}
+        ).first()
+        if comparison is not None:
+            return _item(session, comparison, user_id=user_id, expires_at=now)
+    return None
+
+
 def _claim(
     session: Session, comparison: Comparison, *, user_id: int, now: datetime, expires_at: datetime
 ) -> bool:
@@ -315,14 +345,22 @@ def submit_vote(
     num_items = session.exec(_NUM_ITEMS, params={"comparison_id": comparison_id}).one()
     if num_items == 0:
         raise crud.NotFoundError(f"comparison {comparison_id} does not exist")
-    lease = session.exec(_VOTER_LEASE, params={"comparison_id": comparison_id, "user_id": user_id}).first()
-    # A gold item stays assigned after its lease runs out (it has room for everyone); any other item needs
-    # the lease still live, or the slot may already be someone else's.
-    if lease is None or not (lease[1] is not None or _as_utc(lease[0].expires_at) > now):
-        raise NotLeasedError(
-            f"comparison {comparison_id} is not leased to you (or the lease expired): take items from the queue"
-        )
-    leased_at = lease[0].leased_at
+    voter = session.get(User, user_id)
+    if voter is not None and voter.kind == "ai":
+        # AI judges take no lease (see the docstring): their own slots are filled by record_vote's conditional
+        # UPDATE, which never touches a person's. They are made by `judge run`, never by a web login.
+        leased_at = None
+    else:
+        lease = session.exec(
+            _VOTER_LEASE, params={"comparison_id": comparison_id, "user_id": user_id}
+        ).first()
+        # A gold item stays assigned after its lease runs out (it has room for everyone); any other item needs
+        # the lease still live, or the slot may already be someone else's.
+        if lease is None or not (lease[1] is not None or _as_utc(lease[0].expires_at) > now):
+            raise NotLeasedError(
+                f"comparison {comparison_id} is not leased to you (or the lease expired): take items from the queue"
+            )
+        leased_at = lease[0].leased_at
     # Clamped at 0: several servers' clocks may differ by a little.
     seconds = (
         max(0.0, round((now - _as_utc(leased_at)).total_seconds(), 2)) if leased_at is not None else None
@@ -354,8 +392,12 @@ def submit_vote(
         stored_ratings[str(position(label))] = given
     if len(rationale) > 5000:
         raise AlignloopError("the rationale is limited to 5000 characters")
+    # The guidelines version is the server's to state, like the shown order: the one in force for the round.
+    round_of = session.exec(select(Comparison.round).where(Comparison.id == comparison_id)).one()
+    guidelines = crud.guidelines_for_round(session, round=round_of)
     vote = crud.record_vote(
         session,
+        guidelines_version=guidelines.version if guidelines else None,
         comparison_id=comparison_id,
         user_id=user_id,
         choice=stored_choice,

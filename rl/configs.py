@@ -85,5 +85,17 @@ class DPOConfig:
     name: str | None = field(default=None, metadata={"help": "Model version name (default: dpo-run<id>)."})
 
 
-CONFIGS: dict[str, type] = {"ppo": PPOConfig, "grpo": GRPOConfig, "rloo": RLOOConfig, "dpo": DPOConfig}
-RLConfig = PPOConfig | GRPOConfig | RLOOConfig | DPOConfig
+@dataclass
+class KTOConfig(DPOConfig):
+    """The same settings as DPO, on unpaired thumbs up/down from the chat (TRL's KTOTrainer; `beta` is its
+    beta). A batch holds at least two rows: KTO estimates its reference point from mismatched pairs in it."""
+
+
+CONFIGS: dict[str, type] = {
+    "ppo": PPOConfig,
+    "grpo": GRPOConfig,
+    "rloo": RLOOConfig,
+    "dpo": DPOConfig,
+    "kto": KTOConfig,
+}
+RLConfig = PPOConfig | GRPOConfig | RLOOConfig | DPOConfig | KTOConfig

@@ -1,8 +1,11 @@
-"""`alignloop rl train --algo ppo|grpo|rloo|dpo`: one entry point, one registration.
+"""`alignloop rl train --algo ppo|grpo|rloo|dpo|kto`: one entry point, one registration.
 
 - ppo: alignloop's own (`rl.ppo`), against a registered reward model;
 - grpo, rloo: TRL's `GRPOTrainer` / `RLOOTrainer` with the same reward model as `reward_funcs`;
-- dpo: TRL's `DPOTrainer` straight from the workspace's preference pairs (no reward model).
+- dpo: TRL's `DPOTrainer` straight from the workspace's preference pairs (no reward model);
+- kto: TRL's `KTOTrainer` on reviewers' thumbs up/down from the chat (`ChatFeedback.rating`): unpaired
+  judgements, each a desirable or undesirable completion in the context the model was given (preset applied),
+  so no pair has to be invented from them (Ethayarajh et al. 2024).
 Every algorithm starts from a model reference (an adapter version is merged in memory first, so the new
 adapter sits on top of it), trains a LoRA adapter (or the full model), logs per-step metrics to the `Run` row
 and `runs/run<ID>/metrics.jsonl`, and registers the result as a `ModelVersion` of kind `policy` whose base is
@@ -20,12 +23,12 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
-from sqlmodel import Session
+from sqlmodel import Session, col, select
 
 from alignloop.core import AlignloopError, crud, devices, distributed, registry
 from alignloop.core.config import Settings, read_config_file, read_run_config
 from alignloop.core.db import session_scope
-from alignloop.core.models import Run
+from alignloop.core.models import ChatFeedback, Run
 from alignloop.core.runlog import StepLog, trainer_callback
 from rl.configs import CONFIGS, DPOConfig, GRPOConfig, RLConfig
 from rl.ppo import PPOTrainer
@@ -33,6 +36,7 @@ from rl.ppo import load_config as load_ppo
 
 log = logging.getLogger(__name__)
 ALGOS = tuple(CONFIGS)
+OFFLINE = ("dpo", "kto")  # learn from stored judgements: no prompts to sample, no reward model
 
 
 def load_config(algo: str, path: str | Path | None, **overrides) -> RLConfig:
@@ -64,7 +68,7 @@ def load_config(algo: str, path: str | Path | None, **overrides) -> RLConfig:
     else:
         config = read_run_config(CONFIGS[algo], None, values, what=algo)
         _check_trl(config, where)
-    if algo != "dpo" and not config.reward_model:
+    if algo not in OFFLINE and not config.reward_model:
         raise AlignloopError(
             f"{algo} needs a reward model: --reward-model NAME (see `alignloop reward train`)"
         )
@@ -110,6 +114,18 @@ def load_policy(settings: Settings, ref: str, session=None, *, training: bool = 
     return model, loaded.tokenizer, loaded.licence
 
 
+def kto_examples(session) -> list[dict]:
+    """Reviewers' thumbs up/down from the chat as KTO rows: prompt (as the model saw it), completion, label."""
+    rows = session.exec(
+        select(ChatFeedback).where(col(ChatFeedback.rating).in_([1, -1])).order_by(ChatFeedback.id)
+    )
+    return [
+        {"prompt": r.context or r.messages, "completion": [{"role": "assistant", "content": r.response}],
+         "label": r.rating == 1, "feedback_id": r.id}
+        for r in rows.all()
+    ]  # fmt: skip
+
+
 def reward_function(settings: Settings, session, name: str, *, device: str | None = None):
     """(prompts, completions) -> scores, from a registered reward model (any tokenizer), on `device`."""
     from reward.score import RewardModel
@@ -118,8 +134,8 @@ def reward_function(settings: Settings, session, name: str, *, device: str | Non
     return lambda prompts, completions: scorer.score(list(prompts), [c.text for c in completions])
 
 
-def _open_run(engine, algo: str, config: RLConfig, resume: int | None) -> int:
-    """The main process opens (or reopens) the Run; the others learn its id."""
+def _open_run(engine, algo: str, config: RLConfig, resume: int | None, extra: dict | None = None) -> int:
+    """The main process opens (or reopens) the Run; the others learn its id. `extra` goes into its config."""
     run_id = None
     if distributed.is_main():
         with session_scope(engine) as session:
@@ -129,7 +145,8 @@ def _open_run(engine, algo: str, config: RLConfig, resume: int | None) -> int:
                 session.add(run)
                 run_id = run.id
             else:
-                run_id = crud.create_run(session, kind="rl", config={"algo": algo, **asdict(config)}).id
+                run_config = {"algo": algo, **asdict(config), **(extra or {})}
+                run_id = crud.create_run(session, kind="rl", config=run_config).id
     return distributed.broadcast(run_id)
 
 
@@ -147,7 +164,7 @@ def train(engine, settings: Settings, algo: str, config: RLConfig | None, *, res
             cls = CONFIGS[algo]
             config = cls(**{k: v for k, v in saved.items() if k in {f.name for f in fields(cls)}})
     # 1. Read and check everything before writing anything.
-    prompts = load_prompts(engine, config) if algo != "dpo" else []
+    prompts = load_prompts(engine, config) if algo not in OFFLINE else []
     with Session(engine) as session:
         start_version = crud.get_model_version(session, name=config.policy)
         source = registry.locate(config.policy, settings=settings, session=session)
@@ -158,20 +175,39 @@ def train(engine, settings: Settings, algo: str, config: RLConfig | None, *, res
             settings,
             full=getattr(config, "method", "lora") == "full",
         )
-        if algo != "dpo":
+        if algo not in OFFLINE:
             version = crud.get_model_version(session, name=config.reward_model)
             if version is None or version.kind != "reward":
                 raise AlignloopError(f"{config.reward_model!r} is not a registered reward model")
         if config.name and crud.get_model_version(session, name=config.name) is not None:
             raise AlignloopError(f"a model version named {config.name!r} is already registered")
-        pairs = crud.preference_pairs(session) if algo == "dpo" else []
+        pairs = (
+            crud.preference_pairs(session)
+            if algo == "dpo"
+            else kto_examples(session)
+            if algo == "kto"
+            else []
+        )
     from sft.layers import check_layers, num_layers_of
 
     check_layers(config.layers_to_transform, num_layers_of(source))
     if algo == "dpo" and len(pairs) < 2:
         raise AlignloopError(f"DPO needs preference pairs: the workspace has {len(pairs)}")
+    if algo == "kto" and len({p["label"] for p in pairs}) < 2:
+        raise AlignloopError(
+            f"KTO needs thumbs up and thumbs down from the chat: the workspace has {len(pairs)} rated replies"
+            f" ({sum(p['label'] for p in pairs)} up)"
+        )
 
-    run_id = _open_run(engine, algo, config, resume)
+    # DPO learns from votes directly: record exactly which comparisons it saw (lineage), as reward runs do.
+    extra = (
+        {"comparison_ids": sorted({p["comparison_id"] for p in pairs})}
+        if algo == "dpo"
+        else {"feedback_ids": sorted(p["feedback_id"] for p in pairs)}
+        if algo == "kto"
+        else None
+    )
+    run_id = _open_run(engine, algo, config, resume, extra)
     if on_run is not None and distributed.is_main():
         on_run(run_id)  # the loop records the run before training, so an interrupted one can be resumed
     run_dir = settings.runs_dir / f"run{run_id}"
@@ -271,7 +307,7 @@ def _trl(engine, settings, algo, config: GRPOConfig | DPOConfig, prompts, pairs,
         policy_device = str(distributed.state().device)  # where the Trainer will put the policy
         scorer = (
             reward_function(settings, session, config.reward_model, device=policy_device)
-            if algo != "dpo"
+            if algo not in OFFLINE
             else None
         )
     peft = (
@@ -309,6 +345,21 @@ def _trl(engine, settings, algo, config: GRPOConfig | DPOConfig, prompts, pairs,
             **common,
         )
         trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                             peft_config=peft, callbacks=[logger])  # fmt: skip
+    elif algo == "kto":
+        from trl import KTOConfig as TRLKTOConfig
+        from trl import KTOTrainer
+
+        data = Dataset.from_list([{"prompt": p["prompt"], "completion": p["completion"], "label": p["label"]}
+                                  for p in pairs])  # fmt: skip
+        # KTO estimates its reference point from mismatched pairs within a batch: it needs two or more rows.
+        args = TRLKTOConfig(
+            per_device_train_batch_size=max(2, min(config.mini_batch_size, len(pairs))),
+            beta=config.beta,
+            max_length=config.max_length,
+            **common,
+        )
+        trainer = KTOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                              peft_config=peft, callbacks=[logger])  # fmt: skip
     else:
 

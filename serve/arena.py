@@ -3,7 +3,9 @@
 A reviewer types a prompt; two different versions, drawn at random and placed on random sides, answer side by
 side with their names hidden. The vote (A / B / tie / both bad) is stored as a `Comparison` with source
 `arena` plus a `Vote`, exactly like an annotation, so reward training can use it; only then are the names
-shown. The leaderboard (`serve.leaderboard`) ranks versions by Bradley-Terry strength with bootstrap 95%
+shown. The comparison is filed under the round open now (per-round figures stay per round), its responses in
+a fixed order (by model version id) and the vote carries the order the sides were actually shown in, so
+position bias in the arena is measurable like anywhere else. The leaderboard (`serve.leaderboard`) ranks versions by Bradley-Terry strength with bootstrap 95%
 intervals; `/api/leaderboard` serves the same table as JSON.
 """
 
@@ -18,18 +20,23 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel
 from sqlmodel import Session
 
-from alignloop.core import AlignloopError, crud
+from alignloop.core import AlignloopError
 from alignloop.core.config import Settings
-from alignloop.core.db import session_scope
 from alignloop.core.http import SessionDep, require_role
 from alignloop.core.models import User
 from annotate.app import logout_button
+from serve.battles import CHOICE_LABELS, current_round, record_battle  # noqa: F401  (re-exported)
 from serve.chat import merge_streams, model_choices, reviewer, stream_text
-from serve.leaderboard import LeaderboardRow, arena_battles, leaderboard
+from serve.leaderboard import (
+    LeaderboardRow,
+    all_battles,
+    arena_battles,
+    leaderboard,
+    round_over_round_battles,
+)
 
 router = APIRouter(tags=["arena"])
 ReviewerDep = Annotated[User, Depends(require_role("reviewer", "admin"))]
-CHOICE_LABELS = {"a": "A is better", "b": "B is better", "tie": "Tie", "both_bad": "Both bad"}
 
 
 class LeaderboardOut(BaseModel):
@@ -39,9 +46,11 @@ class LeaderboardOut(BaseModel):
 
 @router.get("/api/leaderboard", response_model=LeaderboardOut)
 def leaderboard_json(user: ReviewerDep, session: SessionDep) -> dict:
-    """Versions ranked by Bradley-Terry strength (Elo scale) with bootstrap 95% intervals and battle counts."""
-    battles = arena_battles(session)
-    return {"battles": len(battles), "models": leaderboard(battles)}
+    """Versions ranked by Bradley-Terry strength (Elo scale) with bootstrap 95% intervals and battle counts, from
+    arena battles and the human votes on each round's policy against its predecessor."""
+    arena, rounds = arena_battles(session), round_over_round_battles(session)
+    return {"battles": len(arena) + len(rounds), "arena_battles": len(arena), "round_battles": len(rounds),
+            "models": leaderboard(arena + rounds)}  # fmt: skip
 
 
 def pick_pair(names: list[str], rng: random.Random) -> tuple[str, str]:
@@ -50,35 +59,9 @@ def pick_pair(names: list[str], rng: random.Random) -> tuple[str, str]:
     return tuple(rng.sample(names, 2))
 
 
-def record_battle(engine, user: User, *, prompt: str, models: tuple[str, str], texts: tuple[str, str],
-                  choice: str, settings: Settings) -> int:  # fmt: skip
-    """Store the battle as an arena comparison with the user's vote; returns the comparison id."""
-    if choice not in CHOICE_LABELS:
-        raise AlignloopError(f"choice must be one of {', '.join(CHOICE_LABELS)}")
-    with session_scope(engine) as session:
-        messages = [{"role": "user", "content": prompt}]
-        existing = crud.get_prompt_by_hash(session, content_hash=crud.prompt_hash(messages))
-        if existing is None:
-            (existing,), _ = crud.add_prompts(
-                session, prompts=[crud.PromptCreate(messages=messages)], source="arena"
-            )
-        versions = [crud.ensure_model_version(session, ref=settings.default_policy if m == "default" else m, licence=None)
-                    for m in models]  # fmt: skip
-        generations = [
-            crud.add_generation(
-                session, prompt_id=existing.id, model_version_id=v.id, text=t, params={"arena": True}
-            )
-            for v, t in zip(versions, texts, strict=True)
-        ]
-        comparison = crud.create_comparison(session, prompt_id=existing.id, generation_ids=[g.id for g in generations],
-                                            round=0, source="arena", target_votes=1)  # fmt: skip
-        crud.record_vote(session, comparison_id=comparison.id, user_id=user.id, choice=choice)
-        return comparison.id
-
-
 def board_markdown(engine) -> str:
     with Session(engine) as session:
-        battles = arena_battles(session)
+        battles = all_battles(session)
     rows = leaderboard(battles)
     if not rows:
         return "No battles yet."

@@ -23,7 +23,10 @@ from alignloop.core.db import session_scope
 from alignloop.core.models import ChatFeedback, User
 from alignloop.core.presets import apply_preset, get_preset, list_presets, save_preset
 from annotate.app import logout_button
+from serve.battles import CHOICE_LABELS as SIDE_LABELS
+from serve.battles import record_battle
 from serve.engine import Request, Stream
+from serve.review import review_transcript, save_transcript
 
 NO_PRESET = "(no preset)"
 REVIEW_ROLES = ("reviewer", "admin")
@@ -58,6 +61,15 @@ def preset_delimiter(engine, preset: str | None) -> str | None:
         return None
     with Session(engine) as session:
         return get_preset(session, preset).answer_delimiter
+
+
+def pin_preset(engine, preset: str | None) -> str | None:
+    """'name' -> 'name@version' of the latest version now, so a later save cannot change what was used."""
+    if not preset or preset == NO_PRESET:
+        return None
+    with Session(engine) as session:
+        row = get_preset(session, preset)
+        return f"{row.name}@{row.version}"
 
 
 def model_ref(settings: Settings, name: str) -> str:
@@ -105,17 +117,29 @@ def _shown(history: list[dict]) -> list[dict]:
 
 
 def save_feedback(
-    engine, user: User, *, model: str, history: list[dict], rating: int | None, edited: str | None
+    engine,
+    user: User,
+    *,
+    model: str,
+    history: list[dict],
+    rating: int | None,
+    edited: str | None,
+    preset: str | None = None,
 ):
+    """Store a verdict on the last reply with the preset it was made with (pinned to its version) and the
+    messages the model was actually given, so edits become SFT data in the context the model saw."""
     if not history or history[-1]["role"] != "assistant":
         raise AlignloopError("there is no reply to give feedback on yet")
     if edited is not None and not edited.strip():
         raise AlignloopError("the better answer is empty")
     with session_scope(engine) as session:
         version = crud.get_model_version(session, name=model)
+        row = get_preset(session, preset) if preset and preset != NO_PRESET else None
         session.add(ChatFeedback(user_id=user.id, model_version_id=version.id if version else None,
                                  messages=history[:-1], response=history[-1]["content"], rating=rating,
-                                 edited=edited.strip() if edited else None))  # fmt: skip
+                                 edited=edited.strip() if edited else None,
+                                 preset=f"{row.name}@{row.version}" if row else None,
+                                 context=apply_preset(row, history[:-1]) if row else None))  # fmt: skip
 
 
 def build_ui(engine, settings: Settings, pool) -> gr.Blocks:
@@ -124,6 +148,8 @@ def build_ui(engine, settings: Settings, pool) -> gr.Blocks:
         logout_button()
         with gr.Tab("Chat"):
             history_state = gr.State([])  # the conversation as plain messages (unescaped)
+            reply_preset = gr.State(None)  # the preset ("name@version") the last reply was made with
+            transcript_id = gr.State(None)  # this conversation's Transcript row (serve.review)
             with gr.Row():
                 model = gr.Dropdown(label="Model", choices=["default"], value="default", elem_id="chat-model")
                 preset = gr.Dropdown(
@@ -147,9 +173,9 @@ def build_ui(engine, settings: Settings, pool) -> gr.Blocks:
             save_better = gr.Button("Save better answer", elem_id="save-better")
             notice = gr.Markdown(elem_id="chat-notice")
 
-            def respond(text, history, name, preset_ref, temp, limit, request: gr.Request):
+            def respond(text, history, name, preset_ref, temp, limit, kept, request: gr.Request):
                 with Session(engine) as session:
-                    reviewer(session, request)
+                    user = reviewer(session, request)
                 text = (text or "").strip()
                 if not text:
                     raise gr.Error("Type a message first.")
@@ -157,11 +183,12 @@ def build_ui(engine, settings: Settings, pool) -> gr.Blocks:
                     raise gr.Error("That message is too long (8,000 characters at most).")
                 history = [*history, {"role": "user", "content": text}]
                 try:
-                    stream, _ = stream_text(pool, settings, name, prepare(engine, history, preset_ref),
+                    pinned = pin_preset(engine, preset_ref)
+                    stream, _ = stream_text(pool, settings, name, prepare(engine, history, pinned),
                                             temperature=temp, max_tokens=int(limit))  # fmt: skip
                 except AlignloopError as exc:
                     raise gr.Error(str(exc)) from None
-                delimiter, reply = preset_delimiter(engine, preset_ref), ""
+                delimiter, reply, shown = preset_delimiter(engine, preset_ref), "", history
                 for (reply,) in merge_streams([stream]):
                     # The reasoning stays hidden: until the answer starts, the reviewer sees a placeholder.
                     visible = (
@@ -169,43 +196,74 @@ def build_ui(engine, settings: Settings, pool) -> gr.Blocks:
                     )
                     visible = "(thinking…)" if delimiter and delimiter not in reply else visible
                     shown = [*history, {"role": "assistant", "content": visible}]
-                    yield "", shown, _shown(shown)
+                    yield "", shown, _shown(shown), pinned, kept
                 if delimiter and delimiter not in reply:  # never wrote the delimiter: nothing to hide
                     shown = [*history, {"role": "assistant", "content": reply}]
-                    yield "", shown, _shown(shown)
+                kept = save_transcript(
+                    engine, user, transcript_id=kept, model=name, preset=pinned, history=shown
+                )
+                yield "", shown, _shown(shown), pinned, kept
 
-            send.click(respond, [message, history_state, model, preset, temperature, max_tokens],
-                       [message, history_state, chatbot])  # fmt: skip
-            message.submit(respond, [message, history_state, model, preset, temperature, max_tokens],
-                           [message, history_state, chatbot])  # fmt: skip
-            clear.click(lambda: ([], [], ""), None, [history_state, chatbot, notice])
+            chat_inputs = [message, history_state, model, preset, temperature, max_tokens, transcript_id]
+            chat_outputs = [message, history_state, chatbot, reply_preset, transcript_id]
+            send.click(respond, chat_inputs, chat_outputs)
+            message.submit(respond, chat_inputs, chat_outputs)
 
             def feedback(rating, edited):
-                def handler(history, name, better_text, request: gr.Request):
+                def handler(history, name, better_text, used_preset, request: gr.Request):
                     with Session(engine) as session:
                         user = reviewer(session, request)
                     try:
                         save_feedback(engine, user, model=name, history=history, rating=rating,
-                                      edited=better_text if edited else None)  # fmt: skip
+                                      edited=better_text if edited else None, preset=used_preset)  # fmt: skip
                     except AlignloopError as exc:
                         raise gr.Error(str(exc)) from None
                     return "Saved: thank you." if not edited else "Saved your better answer."
 
                 return handler
 
-            up.click(feedback(1, False), [history_state, model, better], notice)
-            down.click(feedback(-1, False), [history_state, model, better], notice)
-            save_better.click(feedback(None, True), [history_state, model, better], notice)
+            up.click(feedback(1, False), [history_state, model, better, reply_preset], notice)
+            down.click(feedback(-1, False), [history_state, model, better, reply_preset], notice)
+            save_better.click(feedback(None, True), [history_state, model, better, reply_preset], notice)
+
+            with gr.Accordion("Review this conversation", open=True):
+                with gr.Row():
+                    flag = gr.Checkbox(label="Flag for the admins' review queue", elem_id="review-flag")
+                    tags = gr.Textbox(label="Tags (comma-separated)", elem_id="review-tags", max_lines=1)
+                comment = gr.Textbox(label="Comment", lines=2, max_length=2000, elem_id="review-comment")
+                save_review = gr.Button("Save review", elem_id="review-save")
+
+            def do_review(kept, flagged, tag_text, comment_text, request: gr.Request):
+                with Session(engine) as session:
+                    user = reviewer(session, request)
+                try:
+                    row = review_transcript(engine, user, transcript_id=kept, flagged=bool(flagged), tags=tag_text,
+                                            comment=comment_text)  # fmt: skip
+                except AlignloopError as exc:
+                    raise gr.Error(str(exc)) from None
+                return "Review saved" + (" and flagged for the admins." if row.flagged else ".")
+
+            save_review.click(do_review, [transcript_id, flag, tags, comment], notice)
+            clear.click(lambda: ([], [], "", None, None, False, "", ""), None,
+                        [history_state, chatbot, notice, reply_preset, transcript_id, flag, tags, comment])  # fmt: skip
 
         with gr.Tab("Side by side"):
             with gr.Row():
-                left_model = gr.Dropdown(label="Left model", choices=["default"], value="default")
-                right_model = gr.Dropdown(label="Right model", choices=["default"], value="default")
+                left_model = gr.Dropdown(label="Left model", choices=["default"], value="default",
+                                         elem_id="side-left-model")  # fmt: skip
+                right_model = gr.Dropdown(label="Right model", choices=["default"], value="default",
+                                          elem_id="side-right-model")  # fmt: skip
             side_prompt = gr.Textbox(label="Prompt", elem_id="side-prompt")
-            side_go = gr.Button("Ask both", variant="primary")
+            side_go = gr.Button("Ask both", variant="primary", elem_id="side-go")
             with gr.Row():
-                left_out = gr.Textbox(label="Left", lines=8, interactive=False)
-                right_out = gr.Textbox(label="Right", lines=8, interactive=False)
+                left_out = gr.Textbox(label="Left", lines=8, interactive=False, elem_id="side-left")
+                right_out = gr.Textbox(label="Right", lines=8, interactive=False, elem_id="side-right")
+            side_state = gr.State(None)  # {"prompt", "models", "texts"} of the last finished pair
+            with gr.Row():
+                side_buttons = {c: gr.Button(label.replace("A", "Left").replace("B", "Right"),
+                                             elem_id=f"side-vote-{c}", interactive=False)
+                                for c, label in SIDE_LABELS.items()}  # fmt: skip
+            side_notice = gr.Markdown(elem_id="side-notice")
 
             def side_by_side(text, left, right, request: gr.Request):
                 with Session(engine) as session:
@@ -215,10 +273,46 @@ def build_ui(engine, settings: Settings, pool) -> gr.Blocks:
                 messages = [{"role": "user", "content": text.strip()}]
                 streams = [stream_text(pool, settings, m, messages, temperature=0.7, max_tokens=256)[0]
                            for m in (left, right)]  # fmt: skip
+                locked = [gr.update(interactive=False)] * len(side_buttons)
+                texts = ["", ""]
                 for texts in merge_streams(streams):
-                    yield texts[0], texts[1]
+                    yield texts[0], texts[1], None, *locked
+                state = (
+                    {"prompt": text.strip(), "models": [left, right], "texts": texts}
+                    if left != right
+                    else None
+                )
+                yield (
+                    texts[0],
+                    texts[1],
+                    state,
+                    *[gr.update(interactive=state is not None)] * len(side_buttons),
+                )
 
-            side_go.click(side_by_side, [side_prompt, left_model, right_model], [left_out, right_out])
+            side_go.click(side_by_side, [side_prompt, left_model, right_model],
+                          [left_out, right_out, side_state, *side_buttons.values()])  # fmt: skip
+
+            def side_vote(choice):
+                # Named side by side, so not blind like the arena: the vote is stored as an arena battle all
+                # the same (a comparison with the shown order), which reward training and the leaderboard use.
+                def vote(state, request: gr.Request):
+                    if not state:
+                        raise gr.Error("Ask two different models first.")
+                    with Session(engine) as session:
+                        user = reviewer(session, request)
+                    try:
+                        record_battle(engine, user, prompt=state["prompt"], models=tuple(state["models"]),
+                                      texts=tuple(state["texts"]), choice=choice, settings=settings)  # fmt: skip
+                    except AlignloopError as exc:
+                        raise gr.Error(str(exc)) from None
+                    return None, "Vote recorded.", *[gr.update(interactive=False)] * len(side_buttons)
+
+                return vote
+
+            for choice, button in side_buttons.items():
+                button.click(
+                    side_vote(choice), [side_state], [side_state, side_notice, *side_buttons.values()]
+                )
 
         with gr.Tab("Presets"):
             gr.Markdown("A preset is a system prompt, few-shot examples and an optional chain-of-thought "

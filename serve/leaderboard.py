@@ -1,7 +1,8 @@
 """Arena battles -> a leaderboard of model versions by Bradley-Terry strength, with bootstrap 95% intervals.
 
 Chatbot Arena's method: P(i beats j) = sigmoid(beta_i - beta_j), fitted by maximum likelihood over every
-battle (a tie or both-bad counts as half a win for each side), shown on the Elo scale (1000 + 400/ln 10 *
+battle (a tie or both-bad counts as half a win for each side); battles are the arena's and the human votes
+on each round's policy against its predecessor (`annotate.evidence`), shown on the Elo scale (1000 + 400/ln 10 *
 beta, mean strength 1000). The interval comes from refitting on battles resampled with replacement.
 A tiny L2 term keeps a version that has only won (or only lost) finite.
 """
@@ -44,6 +45,20 @@ def arena_battles(session: Session) -> list[Battle]:
         score = {"a": 1.0, "b": 0.0}.get(vote.choice, 0.5)
         battles.append(Battle(a=names[a], b=names[b], score_a=score))
     return battles
+
+
+def round_over_round_battles(session: Session) -> list[Battle]:
+    """Human votes on each round's policy against its predecessor (see `annotate.evidence`), as battles."""
+    from annotate.evidence import round_battles
+
+    return [
+        Battle(a=policy, b=opponent, score_a=score) for _, policy, opponent, score in round_battles(session)
+    ]
+
+
+def all_battles(session: Session) -> list[Battle]:
+    """What the leaderboard ranks: arena battles and the loop's round-over-round comparisons together."""
+    return arena_battles(session) + round_over_round_battles(session)
 
 
 def fit(battles: list[Battle], models: list[str], l2: float = 1e-4) -> np.ndarray:

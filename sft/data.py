@@ -102,10 +102,11 @@ def chosen_examples(session: Session, *, rounds: list[int] | None = None) -> lis
 
 
 def edited_examples(session: Session) -> list[Example]:
-    """The better answers reviewers wrote for chat replies."""
+    """The better answers reviewers wrote for chat replies, in the context the model was given (the chat's
+    preset applied: its system prompt and few-shot turns are what the answer is a better reply to)."""
     rows = session.exec(select(ChatFeedback).where(col(ChatFeedback.edited).is_not(None))).all()
     return [
-        Example(prompt=r.messages, completion=r.edited.strip(), category="chat-edit")
+        Example(prompt=r.context or r.messages, completion=r.edited.strip(), category="chat-edit")
         for r in rows
         if r.edited.strip()
     ]

@@ -199,12 +199,20 @@ def make_standin(api_key: str = "alignloop-test-key"):
         return user["id"]
 
     def respond(
-        dataset_id: str, external_id: str, user_id: str, value: str, status: str = "submitted"
+        dataset_id: str,
+        external_id: str,
+        user_id: str,
+        value,
+        status: str = "submitted",
+        question: str = "preference",
     ) -> None:
-        """What an annotator's click in Argilla's UI leaves on the server."""
+        """What an annotator's click in Argilla's UI leaves on the server. A ranking is given as the values best
+        first and stored in the wire format, [{"value": ..., "rank": n}]."""
+        if question == "ranking":
+            value = [{"value": v, "rank": i + 1} for i, v in enumerate(value)]
         record = next(r for r in dataset(dataset_id)["records"] if r["external_id"] == external_id)
         record["responses"].append(
-            _resource({"values": {"preference": {"value": value}}, "status": status, "user_id": user_id})
+            _resource({"values": {question: {"value": value}}, "status": status, "user_id": user_id})
         )
 
     def add_workspace(name: str) -> str:
@@ -212,5 +220,9 @@ def make_standin(api_key: str = "alignloop-test-key"):
         state["workspaces"][ws["id"]] = ws
         return ws["id"]
 
+    def find(name: str) -> dict:
+        return next(d for d in state["datasets"].values() if d["dataset"]["name"] == name)
+
     state["add_annotator"], state["respond"], state["add_workspace"] = add_annotator, respond, add_workspace
+    state["find"] = find
     return app, state

@@ -36,13 +36,17 @@ def test_push_then_pull_votes_idempotently(engine, argilla_server):
     with session_scope(engine) as s:
         pairs = seed(s, 4, target_votes=2)
         seed(s, 1, num_items=3, prefix="kway")
+        crud.save_guidelines(s, text="Prefer the honest answer.", round=0)
     client = connect(url, API_KEY)
 
     summary = push(engine, client, dataset_name="round-0", workspace="labeling")
-    assert (summary.pushed, summary.skipped_k_way) == (4, 1)
-    (ds,) = state["datasets"].values()
+    assert (summary.pushed, summary.pushed_rankings, summary.skipped_k_way) == (4, 1, 0)
+    ds = state["find"]("round-0")
     assert ds["dataset"]["status"] == "ready"
     assert ds["dataset"]["distribution"] == {"strategy": "overlap", "min_submitted": 2}
+    assert ds["dataset"]["guidelines"].startswith(
+        "Prefer the honest answer.\n\n(alignloop guidelines version 1)"
+    )
     assert [q["name"] for q in ds["questions"]] == ["preference"]
     assert [f["name"] for f in ds["fields"]] == ["conversation", "response_a", "response_b"]
     record = ds["records"][0]
@@ -74,7 +78,66 @@ def test_push_then_pull_votes_idempotently(engine, argilla_server):
         assert s.get(Comparison, pairs[0].id).status == "done"
         assert crud.get_user(s, name="argilla-carol") is None
         assert len(s.exec(select(Vote)).all()) == 3
+        assert {v.guidelines_version for v in s.exec(select(Vote)).all()} == {1}
 
-    # Pushing again adds no duplicate records in Argilla.
-    push(engine, client, dataset_name="round-0", workspace="labeling")
+    # Pushing again adds no duplicate records in Argilla and re-sends none.
+    again = push(engine, client, dataset_name="round-0", workspace="labeling")
+    assert (again.pushed, again.already_pushed) == (0, 4)
     assert len(ds["records"]) == len({r["external_id"] for r in ds["records"]})
+
+
+@pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
+def test_a_second_push_never_inverts_votes_already_given(engine, argilla_server):
+    """The first comparison closes between two pushes; every later record already has a response. Each pulled
+    vote must name the response its annotator saw as A when they answered."""
+    url, state = argilla_server
+    state["add_workspace"]("labeling")
+    with session_scope(engine) as s:
+        pairs = seed(s, 8)
+        crud.create_user(s, name="inhouse", role="annotator")
+    client = connect(url, API_KEY)
+    push(engine, client, dataset_name="r", workspace="labeling")
+    ds = state["find"]("r")
+    alice = state["add_annotator"]("alice")
+    seen_as_a = {}
+    for p in pairs[1:]:
+        ext = f"{RECORD_PREFIX}{p.id}"
+        seen_as_a[p.id] = next(r for r in ds["records"] if r["external_id"] == ext)["fields"]["response_a"]
+        state["respond"](ds["dataset"]["id"], ext, alice, "a")
+    with session_scope(engine) as s:  # an in-house annotator closes the first comparison meanwhile
+        crud.record_vote(
+            s, comparison_id=pairs[0].id, user_id=crud.get_user(s, name="inhouse").id, choice="a"
+        )
+    push(engine, client, dataset_name="r", workspace="labeling")
+    assert pull(engine, client, dataset_name="r", workspace="labeling").pulled == len(pairs) - 1
+    with Session(engine) as s:
+        user = crud.get_user(s, name="argilla-alice")
+        for p in pairs[1:]:
+            vote = s.exec(select(Vote).where(Vote.comparison_id == p.id, Vote.user_id == user.id)).one()
+            texts = [g.text for g in crud.comparison_generations(s, comparison_id=p.id)]
+            assert texts["ab".index(vote.choice)] == seen_as_a[p.id], f"vote on comparison {p.id} inverted"
+
+
+@pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
+def test_rankings_go_to_argilla_as_a_ranking_question(engine, argilla_server):
+    url, state = argilla_server
+    state["add_workspace"]("labeling")
+    with session_scope(engine) as s:
+        (three,) = seed(s, 1, num_items=3, prefix="kway")
+    client = connect(url, API_KEY)
+    summary = push(engine, client, dataset_name="r", workspace="labeling")
+    assert (summary.pushed, summary.pushed_rankings, summary.skipped_k_way) == (0, 1, 0)
+    ds = state["find"]("r-rank3")
+    (question,) = ds["questions"]
+    assert question["name"] == "ranking" and question["settings"]["type"] == "ranking"
+    assert [f["name"] for f in ds["fields"]] == ["conversation", "response_a", "response_b", "response_c"]
+    (record,) = ds["records"]
+    order = [int(x) for x in record["metadata"]["shown_order"].split(",")]
+    bob = state["add_annotator"]("bob")
+    state["respond"](ds["dataset"]["id"], record["external_id"], bob, ["c", "a", "b"], question="ranking")
+    assert pull(engine, client, dataset_name="r", workspace="labeling").pulled == 1
+    with Session(engine) as s:
+        (vote,) = s.exec(select(Vote).where(Vote.comparison_id == three.id)).all()
+        texts = [g.text for g in crud.comparison_generations(s, comparison_id=three.id)]
+    assert vote.ranking == [order[2], order[0], order[1]]
+    assert [texts[p] for p in vote.ranking] == [record["fields"][f"response_{x}"] for x in "cab"]

@@ -188,3 +188,121 @@ def test_reviewer_chats_with_streaming_then_battles_in_the_arena(browser, review
         assert len(s.exec(select(Comparison).where(Comparison.source == "arena")).all()) == 1
         assert len(s.exec(select(ChatFeedback)).all()) == 1
     page.close()
+
+
+@pytest.fixture
+def ranking_server(workspace):
+    settings, engine, _ = workspace
+    with Session(engine) as s:
+        crud.create_user(s, name="ranker", role="annotator", password="annotator-pass")
+        for i in range(2):
+            (p,), _ = crud.add_prompts(
+                s,
+                prompts=[crud.PromptCreate(messages=[{"role": "user", "content": f"Rank these {i}"}])],
+                source="t",
+            )
+            gens = [crud.add_generation(s, prompt_id=p.id, text=f"Answer {i}{k}") for k in "xyzw"[: 3 + i]]
+            crud.create_comparison(s, prompt_id=p.id, generation_ids=[g.id for g in gens])
+        s.commit()
+    with running_server(settings.workspace) as base:
+        yield base, engine
+
+
+def test_ranking_control_with_mouse_drag_undo_and_keyboard(browser, ranking_server):
+    base, engine = ranking_server
+    page = browser.new_page(viewport={"width": 1280, "height": 1200})
+    login(page, base, "ranker", "annotator-pass", "**/annotate/")
+    page.wait_for_selector("#rank-pick-c", timeout=60_000)
+    order = lambda: page.locator("#rank-order li").all_inner_texts()  # noqa: E731
+    # First item (3 responses): press C, A with the mouse; undo A; B by keyboard; A by mouse -> C B A.
+    page.click("#rank-pick-c")
+    page.click("#rank-pick-a")
+    page.click("#rank-undo")
+    page.locator("body").click(position={"x": 5, "y": 5})
+    page.keyboard.press("b")
+    page.click("#rank-pick-a")
+    assert order() == ["Response C", "Response B", "Response A"]
+    # Drag A to the top with the mouse -> A C B; then move C down with the keyboard -> A B C; undo -> A C B.
+    page.drag_and_drop("#rank-order li[data-label=A]", "#rank-order li[data-label=C]")
+    assert order() == ["Response A", "Response C", "Response B"]
+    page.focus("#rank-order li[data-label=C]")
+    page.keyboard.press("ArrowDown")
+    assert order() == ["Response A", "Response B", "Response C"]
+    page.keyboard.press("Backspace")
+    assert order() == ["Response A", "Response C", "Response B"]
+    assert page.input_value("#ranking textarea") == "A C B"
+    page.keyboard.press("Enter")  # submit
+    page.wait_for_selector("#progress:has-text('Today: 1')", timeout=30_000)
+    # The next item has four responses; the control starts empty, keyboard only: D A C B, Enter.
+    page.wait_for_selector("#rank-pick-d", timeout=30_000)
+    assert order() == []
+    page.locator("body").click(position={"x": 5, "y": 5})
+    for key in "dacb":
+        page.keyboard.press(key)
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#progress:has-text('Today: 2')", timeout=30_000)
+    with Session(engine) as s:
+        ranker = crud.get_user(s, name="ranker")
+        first, second = s.exec(
+            select(Vote).where(Vote.user_id == ranker.id).order_by(Vote.comparison_id)
+        ).all()
+    # Shown labels map to stored positions through the shown order.
+    assert first.ranking == [first.shown_order[i] for i in (0, 2, 1)]
+    assert second.ranking == [second.shown_order[i] for i in (3, 0, 2, 1)]
+    page.close()
+
+
+def test_reviewer_flags_and_comments_and_votes_side_by_side(browser, review_server, workspace):
+    base, engine = review_server
+    _, _, admin_password = workspace
+    page = browser.new_page(viewport={"width": 1280, "height": 1400})
+    login(page, base, "rev", "reviewer-pass", f"{base}/")
+    page.goto(f"{base}/chat/")
+    page.wait_for_selector("#chat-input textarea", timeout=60_000)
+    page.fill("#chat-input textarea", "Tell me a secret <i>recipe</i>.")
+    page.click("#chat-send")
+    page.locator("#chatbot").get_by_text("secret", exact=False).first.wait_for(timeout=60_000)
+    page.wait_for_function(
+        "() => document.querySelectorAll('#chatbot [data-testid=bot], #chatbot .bot').length > 0",
+        timeout=60_000,
+    )
+    page.wait_for_timeout(1000)  # the reply finishes and the transcript is kept
+    page.check("#review-flag input")
+    page.fill("#review-tags textarea, #review-tags input", "unsafe, Recipe")
+    page.fill("#review-comment textarea", "It should have refused <b>this</b>.")
+    page.click("#review-save")
+    page.wait_for_selector("#chat-notice:has-text('flagged for the admins')", timeout=30_000)
+
+    # Side by side: the default model on the left, tiny-b on the right; the vote is recorded.
+    page.get_by_role("tab", name="Side by side").click()
+    page.click("#side-right-model input")
+    page.get_by_role("option", name="tiny-b").click()
+    page.fill("#side-prompt textarea", "Name a colour.")
+    page.click("#side-go")
+    page.wait_for_selector("#side-vote-a:not([disabled])", timeout=60_000)
+    page.click("#side-vote-a")
+    page.wait_for_selector("#side-notice:has-text('Vote recorded')", timeout=30_000)
+    page.close()
+
+    with Session(engine) as s:
+        from alignloop.core.models import Comparison, Transcript
+
+        (transcript,) = s.exec(select(Transcript)).all()
+        assert transcript.flagged and transcript.tags == ["recipe", "unsafe"]
+        assert transcript.messages[-1]["role"] == "assistant" and len(transcript.messages) == 2
+        (battle,) = s.exec(select(Comparison).where(Comparison.source == "arena")).all()
+        (vote,) = s.exec(select(Vote).where(Vote.comparison_id == battle.id)).all()
+        left = crud.comparison_generations(s, comparison_id=battle.id)[vote.shown_order[0]]
+        assert (
+            vote.choice == "ab"[vote.shown_order[0]]
+            and left.model_version_id != crud.get_model_version(s, name="tiny-b").id
+        )  # the left (default) model won, and it was shown first
+
+    admin = browser.new_page()
+    login(admin, base, "admin", admin_password, f"{base}/")
+    admin.goto(f"{base}/admin/review")
+    queue_text = admin.inner_text("body")
+    assert "It should have refused <b>this</b>." in queue_text and "recipe, unsafe" in queue_text
+    admin.click(f"#transcript-{transcript.id} button")
+    admin.wait_for_selector("text=Nothing flagged.", timeout=30_000)
+    admin.close()

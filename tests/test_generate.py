@@ -5,6 +5,7 @@ import torch
 from sqlmodel import Session, select
 
 from alignloop.core import AlignloopError, crud
+from alignloop.core.db import session_scope
 from alignloop.core.models import Comparison, Generation, ModelVersion, Run
 from alignloop.core.sampling import SamplingParams, generate, render
 from annotate.generate import queue_comparisons
@@ -179,3 +180,27 @@ def test_generation_runs_without_grad_and_leaves_the_model_in_eval(tiny_model, t
     assert not tiny_model.training
     assert all(p.grad is None for p in tiny_model.parameters())
     assert torch.is_inference_mode_enabled() is False
+
+
+def test_k_is_bounded_by_what_the_annotation_page_shows(workspace, capsys):
+    """The page shows at most MAX_RESPONSES responses: more could be queued but never be voted on as shown."""
+    from test_queue import seed
+
+    from alignloop.cli import main
+    from alignloop.core.limits import MAX_RESPONSES
+
+    settings, engine, _ = workspace
+    with pytest.raises(SystemExit):
+        main(["generate", "--samples", str(MAX_RESPONSES + 1), "--workspace", str(settings.workspace)])
+    assert f"must be 2 to {MAX_RESPONSES}" in capsys.readouterr().err
+    with (
+        pytest.raises(AlignloopError, match=f"at most {MAX_RESPONSES} responses"),
+        session_scope(engine) as s,
+    ):
+        seed(s, 1, num_items=MAX_RESPONSES + 1)
+    with pytest.raises(AlignloopError, match="--samples must be 2 to"):
+        queue_comparisons(
+            engine, settings=settings, model_ref="unused", num_prompts=1, num_samples=MAX_RESPONSES + 1
+        )
+    with Session(engine) as s:
+        assert crud.count_comparisons(s) == 0

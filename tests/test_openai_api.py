@@ -228,3 +228,12 @@ def test_prompts_longer_than_the_context_get_an_openai_400_and_annotators_a_403(
     with pytest.raises(openai.PermissionDeniedError) as err:
         annotator.models.list()
     assert err.value.body["code"] == "insufficient_role" and err.value.body["type"] == "permission_error"
+
+
+def test_default_model_is_listed_once_after_it_was_used(session):
+    """Generating with (or battling) the default model registers it under the name "default"."""
+    from alignloop.core.crud import ensure_model_version, servable_models
+
+    ensure_model_version(session, ref="default", licence="apache-2.0")
+    crud.register_model(session, name="tiny", kind="policy", base="tiny")
+    assert servable_models(session) == ["default", "tiny"]

@@ -7,10 +7,11 @@ from fastapi.testclient import TestClient
 from sqlmodel import Session, select
 from test_queue import seed, users
 
-from alignloop.core import crud
+from alignloop.core import AlignloopError, crud
 from alignloop.core.db import session_scope
 from alignloop.core.models import User, Vote
 from alignloop.web import create_app
+from annotate import queue
 from annotate.judge import LocalJudge, OpenAIJudge, decide, run_judge
 from annotate.quality import cohen_kappa, quality_report
 
@@ -188,3 +189,128 @@ def test_judge_refuses_a_human_user(engine):
 
     with pytest.raises(AlignloopError, match="human annotator"):
         run_judge(engine, judge=LengthJudge(), user_name="a0", progress=False)
+
+
+def test_the_judge_has_its_own_slots_and_answers_gold(engine):
+    """With target_votes 1 the judge used to close every item before a person saw it, and AI-human agreement
+    stayed empty. Now it fills its own slot, people still get every item, and its gold accuracy is measured."""
+    with session_scope(engine) as s:
+        crud.get_or_create_round(s, number=0, target_votes=1, ai_votes=1)
+        comparisons = seed(s, 6, target_votes=1)
+        golds = seed(s, 2, gold="b", prefix="gold-with-a-longer-b")
+        (human,) = users(s, 1)
+    counts = run_judge(engine, judge=LengthJudge(), user_name="judge", progress=False, gold_share=0.25)
+    assert counts["votes"] == 8  # six items in its own slots, and both gold items
+    with session_scope(engine) as s:
+        assert all(s.get(type(c), c.id).status == "queued" for c in comparisons)  # people's slots are free
+        for _ in comparisons:
+            item = queue.next_item(s, user_id=human.id, gold_share=0)
+            queue.submit_vote(s, user_id=human.id, comparison_id=item.comparison_id, choice="tie")
+        assert all(s.get(type(c), c.id).status == "done" for c in comparisons)
+    again = run_judge(engine, judge=LengthJudge(), user_name="judge", progress=False)
+    assert again["votes"] == 0  # one AI slot each, already filled
+    with Session(engine) as s:
+        report = quality_report(s)
+        judge = next(a for a in report.annotators if a.name == "judge")
+        assert judge.num_gold == len(golds) and judge.gold_accuracy is not None
+        assert (
+            report.ai_human_items == 6 and report.ai_human_agreement == 0.0
+        )  # the human said tie throughout
+
+
+def test_a_round_without_ai_slots_gives_the_judge_only_gold(engine):
+    with session_scope(engine) as s:
+        crud.get_or_create_round(s, number=0, ai_votes=0)
+        seed(s, 3)
+        seed(s, 1, gold="a", prefix="gold")
+    assert run_judge(engine, judge=LengthJudge(), user_name="judge", progress=False)["votes"] == 1
+
+
+def test_kendalls_w_and_weighted_kappa_by_hand():
+    from annotate.quality import kendall_w, weighted_kappa
+
+    assert kendall_w([[0, 1, 2], [0, 1, 2], [0, 1, 2]]) == pytest.approx(1.0)
+    # Two raters in opposite orders: rank sums all equal -> W = 0.
+    assert kendall_w([[0, 1, 2], [2, 1, 0]]) == pytest.approx(0.0)
+    # m=2, n=3: ranks (1,2,3) and (1,3,2) -> sums (2,5,5), mean 4, S = 4+1+1 = 6, W = 12*6 / (4*24) = 0.75
+    assert kendall_w([[0, 1, 2], [0, 2, 1]]) == pytest.approx(0.75)
+    assert weighted_kappa([1, 2, 3, 4, 5], [1, 2, 3, 4, 5]) == pytest.approx(1.0)
+    near, far = weighted_kappa([1, 5, 1, 5], [2, 4, 1, 5]), weighted_kappa([1, 5, 1, 5], [5, 1, 5, 1])
+    assert near > 0.8 > 0 > far  # a near miss counts as near agreement, opposite ends as disagreement
+
+
+def test_quality_report_measures_rankings_and_ratings(session):
+    a, b, c = users(session, 3)
+    judge = crud.create_user(session, name="judge", role="annotator", kind="ai")
+    ranked = seed(session, 2, num_items=3, target_votes=3, prefix="rank")
+    for comparison in ranked:
+        for user in (a, b):
+            crud.record_vote(session, comparison_id=comparison.id, user_id=user.id, ranking=[0, 1, 2])
+        crud.record_vote(session, comparison_id=comparison.id, user_id=judge.id, ranking=[2, 1, 0])
+    (pair,) = seed(session, 1, target_votes=3, prefix="rated")
+    for user, score in ((a, 4), (b, 5), (c, 4)):
+        crud.record_vote(session, comparison_id=pair.id, user_id=user.id, choice="a",
+                         ratings={"0": {"helpful": score}, "1": {"helpful": 6 - score}})  # fmt: skip
+    report = quality_report(session)
+    assert report.kendall_w_items == 2 and report.kendall_w == pytest.approx(
+        1.0
+    )  # the AI's order is not counted
+    kappa, n = report.ratings_kappa["helpful"]
+    assert n == 6 and kappa > 0.5
+
+
+class CriticJudge(LengthJudge):
+    def critique(self, prompt, replies, *, revise=False):
+        return "The longer reply explains more." + (" Revision: A longer, better answer." if revise else "")
+
+
+def test_constitution_critique_and_revise(engine, tmp_path):
+    from annotate.judge import Constitution, judge_messages
+    from sft.data import edited_examples
+
+    (tmp_path / "empty.md").write_text("# only a heading\n")
+    with pytest.raises(AlignloopError, match="one principle per line"):
+        Constitution.load(tmp_path / "empty.md")
+    path = tmp_path / "constitution.md"
+    path.write_text(
+        "# Our principles\n1. Prefer the reply that cites its sources.\n- Never encourage harm.\n"
+    )
+    constitution = Constitution.load(path)
+    assert constitution.principles == ["Prefer the reply that cites its sources.", "Never encourage harm."]
+    system = judge_messages([{"role": "user", "content": "q"}], "x", "y", constitution.instructions())[0]
+    assert "1. Prefer the reply that cites its sources." in system["content"]
+    with session_scope(engine) as s:
+        seed(s, 3)
+    counts = run_judge(engine, judge=CriticJudge(), user_name="critic", progress=False, critique=True, revise=True,
+                       constitution=constitution)  # fmt: skip
+    assert counts["votes"] == 3 and counts["revisions"] == 3
+    with Session(engine) as s:
+        votes = s.exec(select(Vote)).all()
+        assert all("Critique: The longer reply explains more." in v.rationale for v in votes)
+        assert all(constitution.sha256[:12] in v.rationale for v in votes)
+        assert [e.completion for e in edited_examples(s)] == ["A longer, better answer."] * 3
+
+
+def test_cli_judge_with_a_constitution_votes_in_its_slots_and_shows_gold_accuracy(
+    workspace, tiny_model_dir, tmp_path
+):
+    from alignloop.cli import main
+
+    settings, engine, password = workspace
+    (tmp_path / "c.md").write_text("Prefer the reply that answers the question.\n")
+    with session_scope(engine) as s:
+        items = seed(s, 2, target_votes=1)
+        seed(s, 1, gold="a", prefix="gold")
+    ws = ["--workspace", str(settings.workspace)]
+    assert main(["judge", "run", "--model", str(tiny_model_dir), "--constitution", str(tmp_path / "c.md"),
+                 "--critique", "--gold-share", "0.5", *ws]) == 0  # fmt: skip
+    with Session(engine) as s:
+        judge = crud.get_user(s, name="ai-judge")
+        votes = s.exec(select(Vote).where(Vote.user_id == judge.id)).all()
+        assert len(votes) == 3 and all("Critique:" in v.rationale for v in votes)
+        assert all(s.get(type(c), c.id).status == "queued" for c in items)  # people's slots untouched
+    with TestClient(create_app(settings, engine)) as client:
+        client.post("/login", data={"username": "admin", "password": password})
+        page = client.get("/admin").text
+    row = next(line for line in page.split("<tr") if "ai-judge" in line)
+    assert "(1)" in row  # its gold accuracy, over its one gold item

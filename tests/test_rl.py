@@ -5,10 +5,11 @@ import json
 import pytest
 import torch
 from conftest import build_tiny_llama, web_login
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from alignloop.cli import main
 from alignloop.core import AlignloopError, crud
+from alignloop.core.db import session_scope
 from alignloop.core.models import Run
 from alignloop.core.registry import resolve
 from rl.ppo import PPOTrainer, gae, load_config, masked_whiten
@@ -137,6 +138,16 @@ def rl_workspace(workspace, tiny_model_dir, tmp_path):
 def test_each_algorithm_trains_and_registers_a_policy(rl_workspace, tiny_model_dir, algo, capsys):
     settings, engine, ws, password = rl_workspace
     extra = [] if algo == "dpo" else ["--reward-model", "rm"]
+    if algo == "dpo":  # votes DPO must not learn from: a tie, and a vote of an annotator excluded by QC
+        from test_queue import seed
+
+        with session_scope(engine) as s:
+            tied, excluded = seed(s, 2, prefix="not-learned")
+            admin = crud.get_user(s, name="admin")
+            careless = crud.create_user(s, name="careless", role="annotator")
+            careless.votes_excluded = True
+            unused = [crud.record_vote(s, comparison_id=tied.id, user_id=admin.id, choice="tie").id,
+                      crud.record_vote(s, comparison_id=excluded.id, user_id=careless.id, choice="a").id]  # fmt: skip
     code = main(["rl", "train", "--algo", algo, "--config", "configs/rl/tiny.yaml", "--policy",
                  str(tiny_model_dir), "--steps", "2", "--name", f"pol-{algo}", *extra, *ws])  # fmt: skip
     assert code == 0, capsys.readouterr().err
@@ -153,6 +164,17 @@ def test_each_algorithm_trains_and_registers_a_policy(rl_workspace, tiny_model_d
     ids = torch.tensor([[1, 20, 30, 40, 50]])
     with torch.no_grad():
         assert not torch.allclose(tuned(input_ids=ids).logits, base(input_ids=ids).logits)
+    if algo == "dpo":  # lineage: exactly the votes DPO learned from reach the policy
+        from alignloop.core.models import Vote
+        from alignloop.rounds import models_influenced_by_vote
+
+        with Session(engine) as s:
+            learned = s.get(Run, version.run_id).config["comparison_ids"]
+            assert tied.id not in learned and excluded.id not in learned
+            used = s.exec(select(Vote).where(Vote.comparison_id == learned[0])).one()
+            assert "pol-dpo" in [m.name for m in models_influenced_by_vote(s, vote_id=used.id)]
+            for vote_id in unused:
+                assert "pol-dpo" not in [m.name for m in models_influenced_by_vote(s, vote_id=vote_id)]
 
 
 def test_ppo_cli_resume_stacked_rounds_and_eval(rl_workspace, tiny_model_dir, capsys):
@@ -253,3 +275,33 @@ def test_ppo_scores_rollouts_on_the_policys_device(rl_workspace, tiny_model_dir,
     assert main(["rl", "train", "--config", "configs/rl/tiny.yaml", "--reward-model", "rm", "--policy",
                  str(tiny_model_dir), "--steps", "1", *ws]) == 0  # fmt: skip
     assert seen["asked"] == seen["scorer"] == seen["policy"]
+
+
+def test_kto_trains_on_thumbs_up_and_down_and_registers(workspace, tiny_model_dir, capsys):
+    from serve.chat import save_feedback
+
+    settings, engine, _ = workspace
+    ws = ["--workspace", str(settings.workspace)]
+    base = ["rl", "train", "--algo", "kto", "--config", "configs/rl/tiny.yaml", "--policy", str(tiny_model_dir),
+            "--steps", "2", "--name", "pol-kto", *ws]  # fmt: skip
+    assert main(base) != 0  # no thumbs yet: a clear refusal, nothing registered
+    assert "KTO needs thumbs up and thumbs down" in capsys.readouterr().err
+    with session_scope(engine) as s:
+        reviewer = crud.create_user(s, name="rev", role="reviewer")
+    for i in range(4):
+        question = [{"role": "user", "content": f"Capital of country {i}?"}]
+        for reply, rating in (("Thank you! Here is a summary.", 1), ("No.", -1)):
+            save_feedback(engine, reviewer, model="default", history=[*question, {"role": "assistant", "content": reply}],
+                          rating=rating, edited=None)  # fmt: skip
+    assert main(base) == 0, capsys.readouterr().err
+    with Session(engine) as s:
+        version = crud.get_model_version(s, name="pol-kto")
+        run = s.get(Run, version.run_id)
+        assert version.kind == "policy" and version.metrics["algo"] == "kto"
+        assert run.status == "succeeded" and run.metrics["history"] and len(run.config["feedback_ids"]) == 8
+        assert version.metrics["first_loss"] is not None
+        tuned = resolve("pol-kto", settings=settings, session=s).model
+        start = resolve(str(tiny_model_dir), settings=settings, session=s).model
+    ids = torch.tensor([[1, 20, 30, 40, 50]])
+    with torch.no_grad():
+        assert not torch.allclose(tuned(input_ids=ids).logits, start(input_ids=ids).logits)

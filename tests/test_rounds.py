@@ -7,6 +7,7 @@ from sqlmodel import Session, col, select
 
 from alignloop.cli import main
 from alignloop.core import AlignloopError, crud
+from alignloop.core.db import session_scope
 from alignloop.core.models import Comparison, Generation, Round, Run, Vote
 from alignloop.rounds import RoundPlan, models_influenced_by_vote, next_round
 from rl.ppo import PPOTrainer
@@ -75,6 +76,24 @@ def test_round_next_closes_the_loop(round0, tiny_model_dir):
     with pytest.raises(AlignloopError, match="no usable votes"):
         next_round(engine, settings, plan)  # round 1 has no votes yet
 
+    # Evidence: people prefer the new policy on most round-1 comparisons; the report shows it per round.
+    from annotate.evidence import round_over_round
+
+    with session_scope(engine) as s:
+        admin = crud.get_user(s, name="admin")
+        new_id = crud.get_model_version(s, name="policy-round1").id
+        round1 = s.exec(select(Comparison).where(Comparison.round == 1)).all()
+        for i, c in enumerate(round1):
+            versions = [g.model_version_id for g in crud.comparison_generations(s, comparison_id=c.id)]
+            winner = versions.index(new_id) if i % 4 else 1 - versions.index(new_id)
+            crud.record_vote(s, comparison_id=c.id, user_id=admin.id, choice="ab"[winner])
+    with Session(engine) as s:
+        (result,) = round_over_round(s)
+    expected = sum(1 for i in range(len(round1)) if i % 4) / len(round1)
+    assert (result.round, result.policy, result.battles) == (1, "policy-round1", len(round1))
+    assert result.win_rate == pytest.approx(expected, abs=1e-4) and result.ci_low < expected < result.ci_high
+    assert main(["round", "report", "--workspace", str(settings.workspace)]) == 0
+
 
 def test_an_interrupted_round_resumes_where_it_stopped(round0, monkeypatch):
     settings, engine, plan = round0
@@ -101,3 +120,20 @@ def test_an_interrupted_round_resumes_where_it_stopped(round0, monkeypatch):
         assert steps == [1, 2, 3, 4]
         assert result["queued"] == len(s.exec(select(Comparison).where(Comparison.round == 1)).all())
         assert s.exec(select(Generation).where(col(Generation.model_version_id).is_(None))).all() == []
+
+
+def test_round_ai_votes_sets_the_judges_slots(workspace, capsys):
+    from test_queue import seed
+
+    from alignloop.cli import main
+    from alignloop.core.models import Comparison, Round
+
+    settings, engine, _ = workspace
+    with session_scope(engine) as s:
+        seed(s, 2)
+    assert main(["round", "ai-votes", "2", "--round", "0", "--workspace", str(settings.workspace)]) == 0
+    assert "2 queued comparisons updated" in capsys.readouterr().out
+    with Session(engine) as s:
+        assert {c.target_ai_votes for c in s.exec(select(Comparison)).all()} == {2}
+        assert s.exec(select(Round).where(Round.number == 0)).one().ai_votes == 2
+    assert main(["round", "ai-votes", "-1", "--workspace", str(settings.workspace)]) != 0

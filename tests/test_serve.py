@@ -89,3 +89,51 @@ def test_chat_feedback_becomes_sft_and_preference_data(workspace):
 
     with Session(engine) as s:
         assert [e.completion for e in edited_examples(s)] == ["Paris is the capital of France."]
+
+
+def test_arena_battles_file_under_the_open_round_with_the_order_shown(workspace):
+    settings, engine, _ = workspace
+    with session_scope(engine) as s:
+        reviewer = crud.create_user(s, name="rev", role="reviewer", password="reviewer-pass")
+        m1, m2 = (crud.register_model(s, name=n, kind="policy", base="default") for n in ("m1", "m2"))
+        crud.get_or_create_round(s, number=0).status = "closed"
+        crud.get_or_create_round(s, number=1)
+    # m2 shown as A and preferred; then m1 shown as A and preferred.
+    first = record_battle(engine, reviewer, prompt="p", models=("m2", "m1"), texts=("two", "one"), choice="a",
+                          settings=settings)  # fmt: skip
+    second = record_battle(engine, reviewer, prompt="p", models=("m1", "m2"), texts=("one", "two"), choice="a",
+                           settings=settings)  # fmt: skip
+    with Session(engine) as s:
+        for cid, shown_first, winner in ((first, "m2", "two"), (second, "m1", "one")):
+            comparison = s.get(Comparison, cid)
+            vote = s.exec(select(Vote).where(Vote.comparison_id == cid)).one()
+            gens = crud.comparison_generations(s, comparison_id=cid)
+            assert comparison.round == 1
+            assert [g.model_version_id for g in gens] == [m1.id, m2.id]  # stored in a fixed order
+            assert (
+                gens[vote.shown_order[0]].model_version_id == crud.get_model_version(s, name=shown_first).id
+            )
+            assert gens["ab".index(vote.choice)].text == winner
+        report_bias = [v.shown_order[0] == "ab".index(v.choice) for v in s.exec(select(Vote)).all()]
+    assert report_bias == [True, True]  # both picked the side shown first: visible as position bias
+
+
+def test_chat_feedback_keeps_the_preset_and_the_context_the_model_saw(workspace):
+    from alignloop.core.presets import save_preset
+    from sft.data import edited_examples
+
+    _, engine, _ = workspace
+    with session_scope(engine) as s:
+        reviewer = crud.create_user(s, name="rev", role="reviewer", password="reviewer-pass")
+        save_preset(s, name="terse", system_prompt="Answer in one word.")
+    history = [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Lyon."}]
+    save_feedback(
+        engine, reviewer, model="default", history=history, rating=None, edited="Paris.", preset="terse"
+    )
+    with session_scope(engine) as s:
+        save_preset(s, name="terse", system_prompt="Changed later.")  # a new version must not rewrite history
+    with Session(engine) as s:
+        (row,) = s.exec(select(ChatFeedback)).all()
+        assert row.preset == "terse@1"
+        (example,) = edited_examples(s)
+    assert example.prompt == [{"role": "system", "content": "Answer in one word."}, history[0]]

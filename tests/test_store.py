@@ -314,3 +314,23 @@ def test_a_version_1_database_is_migrated(engine):
     with Session(engine) as s:
         assert len(s.exec(select(Comparison)).all()) == 1
         assert crud.create_user(s, name="after", role="annotator").votes_excluded is False
+
+
+def test_a_version_3_database_gets_ai_slots_and_chat_presets(engine):
+    """Workspaces made before AI judges had their own slots open with one slot per comparison, data kept."""
+    with session_scope(engine) as s:
+        make_comparison(s)
+    with engine.begin() as conn:
+        conn.execute(text("ALTER TABLE comparison DROP COLUMN target_ai_votes"))
+        conn.execute(text("ALTER TABLE comparison DROP COLUMN num_ai_votes"))
+        conn.execute(text('ALTER TABLE "round" DROP COLUMN ai_votes'))
+        conn.execute(text("ALTER TABLE chatfeedback DROP COLUMN preset"))
+        conn.execute(text("ALTER TABLE chatfeedback DROP COLUMN context"))
+        conn.execute(text("ALTER TABLE vote DROP COLUMN guidelines_version"))
+        conn.execute(text("UPDATE schemainfo SET version = 3"))
+    assert create_schema(engine) == SCHEMA_VERSION == schema_version(engine)
+    with Session(engine) as s:
+        (comparison,) = s.exec(select(Comparison)).all()
+        assert (comparison.target_ai_votes, comparison.num_ai_votes) == (1, 0)
+    assert {"preset", "context"} <= {c["name"] for c in inspect(engine).get_columns("chatfeedback")}
+    assert "guidelines_version" in {c["name"] for c in inspect(engine).get_columns("vote")}

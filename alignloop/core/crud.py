@@ -21,6 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, SQLModel, col, select
 
 from alignloop.core import AlignloopError
+from alignloop.core.limits import MAX_RESPONSES
 from alignloop.core.models import (
     CHOICES,
     COMPARISON_SOURCES,
@@ -33,6 +34,7 @@ from alignloop.core.models import (
     Comparison,
     ComparisonItem,
     Generation,
+    Guidelines,
     Lease,
     ModelVersion,
     Prompt,
@@ -270,8 +272,11 @@ SERVABLE_KINDS = ("policy", "sft")
 
 
 def servable_models(session: Session) -> list[str]:
-    """Names a chat can use: "default" (the workspace's default policy), then each policy and SFT version."""
-    return ["default"] + [v.name for v in list_model_versions(session) if v.kind in SERVABLE_KINDS]
+    """Names a chat can use: "default" (the workspace's default policy), then each policy and SFT version.
+    The default model is registered under its own name ("default") the first time it generates or fights in
+    the arena; it is listed once."""
+    names = [v.name for v in list_model_versions(session) if v.kind in SERVABLE_KINDS]
+    return ["default"] + [n for n in names if n != "default"]
 
 
 def list_model_versions(session: Session, *, kind: str | None = None) -> list[ModelVersion]:
@@ -317,12 +322,12 @@ def finish_run(
 
 
 def get_or_create_round(
-    session: Session, *, number: int, target_votes: int = 1, policy_id: int | None = None
+    session: Session, *, number: int, target_votes: int = 1, policy_id: int | None = None, ai_votes: int = 1
 ) -> Round:
     existing = session.exec(select(Round).where(Round.number == number)).first()
     if existing is not None:
         return existing
-    row = Round(number=number, target_votes=target_votes, policy_id=policy_id)
+    row = Round(number=number, target_votes=target_votes, policy_id=policy_id, ai_votes=ai_votes)
     session.add(row)
     session.flush()
     return row
@@ -366,9 +371,16 @@ def create_comparison(
     source: str = "queue",
     priority: int = 0,
     gold: str | None = None,
+    target_ai_votes: int | None = None,
 ) -> Comparison:
+    """`target_ai_votes` defaults to the round's `ai_votes` setting (1 when the round has no row yet)."""
     if len(generation_ids) < 2:
         raise AlignloopError("a comparison needs at least two generations")
+    if len(generation_ids) > MAX_RESPONSES:
+        raise AlignloopError(
+            f"a comparison holds at most {MAX_RESPONSES} responses (what the annotation page shows), "
+            f"not {len(generation_ids)}"
+        )
     if len(set(generation_ids)) != len(generation_ids):
         raise AlignloopError("a comparison cannot hold the same generation twice")
     if target_votes < 1:
@@ -381,11 +393,17 @@ def create_comparison(
     if any(g.prompt_id != prompt_id for g in generations):
         raise AlignloopError("every generation in a comparison must answer the comparison's prompt")
     if gold is not None:
-        _check_choice(gold, len(generation_ids))
+        check_gold(gold, len(generation_ids))
+    if target_ai_votes is None:
+        round_row = session.exec(select(Round).where(Round.number == round)).first()
+        target_ai_votes = round_row.ai_votes if round_row is not None else 1
+    if target_ai_votes < 0:
+        raise AlignloopError("target_ai_votes cannot be negative")
     comparison = Comparison(
         prompt_id=prompt_id,
         round=round,
         target_votes=target_votes,
+        target_ai_votes=target_ai_votes,
         source=source,
         priority=priority,
         gold=gold,
@@ -465,6 +483,24 @@ def _check_choice(choice: str, num_items: int) -> None:
         raise AlignloopError(f"a comparison of {num_items} responses takes a ranking, not {choice!r}")
 
 
+def check_gold(gold: str, num_items: int) -> None:
+    """A gold answer: a choice for pairs; for K > 2 the ranking's positions best first ("2,0,1")."""
+    if num_items == 2:
+        _check_choice(gold, num_items)
+        return
+    try:
+        ranking = [int(x) for x in gold.split(",")]
+    except ValueError:
+        raise AlignloopError(
+            f"gold for {num_items} responses is a ranking like '2,0,1', not {gold!r}"
+        ) from None
+    _check_permutation("the gold ranking", ranking, num_items)
+
+
+def gold_ranking(gold: str) -> list[int]:
+    return [int(x) for x in gold.split(",")]
+
+
 def _check_permutation(name: str, value: Sequence[int], num_items: int) -> None:
     if sorted(value) != list(range(num_items)) or not all(isinstance(v, int) for v in value):
         raise AlignloopError(f"{name} must order all {num_items} responses exactly once, got {list(value)!r}")
@@ -487,6 +523,15 @@ _VOTE_GATE = (
         ),
     )
 )
+# AI judges fill their own slots (`target_ai_votes`), on queued or done comparisons alike, and never change
+# the status: people's slots alone decide when an item leaves the annotators' queue.
+_AI_VOTE_GATE = (
+    update(Comparison)
+    .where(Comparison.id == bindparam("cid"), Comparison.status != "cancelled")
+    .where(~exists().where(Vote.comparison_id == bindparam("cid"), Vote.user_id == bindparam("uid")))
+    .where((Comparison.num_ai_votes < Comparison.target_ai_votes) | col(Comparison.gold).is_not(None))
+    .values(num_ai_votes=Comparison.num_ai_votes + 1)
+)
 
 
 def record_vote(
@@ -501,8 +546,13 @@ def record_vote(
     rationale: str = "",
     seconds: float | None = None,
     num_items: int | None = None,
+    ai: bool | None = None,
+    guidelines_version: int | None = None,
 ) -> Vote:
     """Store one vote and count it, atomically: never two votes by one user, never past the target.
+
+    An AI judge's vote (`ai`, else read from the user's kind) counts against the comparison's AI slots, a
+    person's against `target_votes`: a judge never closes an item before people have seen it.
 
     `num_items` (the comparison's number of responses) saves a query when the caller knows it. Refused votes
     raise before anything is written, except when the same user votes twice at the same instant on
@@ -530,7 +580,11 @@ def record_vote(
 
     # One conditional UPDATE is the gate: it counts the vote only while the comparison has room (gold items
     # always do: every annotator answers them) and this user has not voted on it, whatever the concurrency.
-    counted = session.connection().execute(_VOTE_GATE, {"cid": comparison_id, "uid": user_id}).rowcount
+    if ai is None:
+        user = session.get(User, user_id)
+        ai = user is not None and user.kind == "ai"
+    gate = _AI_VOTE_GATE if ai else _VOTE_GATE
+    counted = session.connection().execute(gate, {"cid": comparison_id, "uid": user_id}).rowcount
     if counted != 1:
         if session.exec(
             select(Vote.id).where(Vote.comparison_id == comparison_id, Vote.user_id == user_id)
@@ -546,6 +600,7 @@ def record_vote(
         ratings=ratings or {},
         rationale=rationale,
         seconds=seconds,
+        guidelines_version=guidelines_version,
     )
     session.add(vote)
     try:
@@ -553,6 +608,32 @@ def record_vote(
     except IntegrityError:  # the unique constraint caught a simultaneous second vote by the same user
         raise DuplicateVoteError(f"user {user_id} has already voted on comparison {comparison_id}") from None
     return vote
+
+
+# --- guidelines ----------------------------------------------------------------------------------------------
+
+MAX_GUIDELINES_CHARS = 20_000
+
+
+def save_guidelines(session: Session, *, text: str, round: int, user_id: int | None = None) -> Guidelines:
+    """A new version of the annotation guidelines, in force from `round` on."""
+    if not text.strip() or len(text) > MAX_GUIDELINES_CHARS:
+        raise AlignloopError(f"guidelines must be 1-{MAX_GUIDELINES_CHARS} characters")
+    if round < 0:
+        raise AlignloopError("round cannot be negative")
+    latest = session.exec(select(func.max(Guidelines.version))).one()
+    row = Guidelines(version=(latest or 0) + 1, round=round, text=text.strip(), created_by=user_id)
+    session.add(row)
+    session.flush()
+    return row
+
+
+def guidelines_for_round(session: Session, *, round: int | None) -> Guidelines | None:
+    """The newest version in force for `round` (None: the newest of all); None when none was ever saved."""
+    query = select(Guidelines).order_by(col(Guidelines.version).desc())
+    if round is not None:
+        query = query.where(Guidelines.round <= round)
+    return session.exec(query.limit(1)).first()
 
 
 # --- export --------------------------------------------------------------------------------------------------
@@ -697,6 +778,7 @@ def raw_votes(session: Session, *, rounds: Sequence[int] | None = None) -> list[
                 "ratings": json.dumps(vote.ratings),
                 "rationale": vote.rationale,
                 "seconds": vote.seconds,
+                "guidelines_version": vote.guidelines_version,
                 "created_at": _iso(vote.created_at),
             }
         )

@@ -62,11 +62,25 @@ def _v5_preset_selection(engine: Engine) -> None:
                                     "shot_order": "VARCHAR(16) NOT NULL DEFAULT 'similar_last'"})  # fmt: skip
 
 
+def _v6_ai_slots_and_presets(engine: Engine) -> None:
+    """AI judges' own vote slots (per round and per comparison); the preset a chat reply was made with.
+    The new Transcript and Guidelines tables need no step: `create_all` has already made it."""
+    _add_columns(engine, "round", {"ai_votes": "INTEGER NOT NULL DEFAULT 1"})
+    _add_columns(
+        engine,
+        "comparison",
+        {"target_ai_votes": "INTEGER NOT NULL DEFAULT 1", "num_ai_votes": "INTEGER NOT NULL DEFAULT 0"},
+    )
+    _add_columns(engine, "chatfeedback", {"preset": "VARCHAR(80)", "context": "JSON"})
+    _add_columns(engine, "vote", {"guidelines_version": "INTEGER"})
+
+
 MIGRATIONS: dict[int, Callable[[Engine], None]] = {
     2: _v2_annotation_queue,
     3: _v3_presets_and_keys,
     4: _v4_lease_start,
     5: _v5_preset_selection,
+    6: _v6_ai_slots_and_presets,
 }
 
 

@@ -14,7 +14,7 @@ from sqlalchemy import JSON, Column, Index, Text, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
 # Bump when a table changes and add the step to `db.MIGRATIONS`.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 UNSCORED = 1e300  # sorts comparisons without a reward margin after every scored one
 
@@ -94,6 +94,7 @@ class Round(SQLModel, table=True):
     policy_id: int | None = Field(default=None, foreign_key="modelversion.id")
     reward_id: int | None = Field(default=None, foreign_key="modelversion.id")
     target_votes: int = 1
+    ai_votes: int = 1  # slots per comparison for AI judges, separate from the people's `target_votes`
     status: str = Field(default="open", max_length=16)
     created_at: datetime = Field(default_factory=utcnow)
 
@@ -139,10 +140,14 @@ class Comparison(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     prompt_id: int = Field(foreign_key="prompt.id", index=True)
     round: int = Field(default=0, index=True)
-    target_votes: int = 1
-    num_votes: int = 0
+    target_votes: int = 1  # human votes; `status` turns "done" when they are in
+    num_votes: int = 0  # human votes counted so far
+    target_ai_votes: int = 1  # AI judges' own slots: they never take a person's
+    num_ai_votes: int = 0
     status: str = Field(default="queued", max_length=16)
-    gold: str | None = Field(default=None, max_length=16)  # known answer for gold items
+    # Known answer for gold items: a choice (a | b | tie | both_bad), or for K > 2 the ranking's positions best
+    # first, comma-separated ("2,0,1").
+    gold: str | None = Field(default=None, max_length=16)
     source: str = Field(default="queue", max_length=16)
     priority: int = 0
     reward_margin: float | None = None  # |r_a - r_b| from the current reward model: small = uncertain
@@ -168,6 +173,7 @@ class Vote(SQLModel, table=True):
     ratings: dict = json_column(default_factory=dict)  # {position: {aspect: 1..5}}
     rationale: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
     seconds: float | None = None
+    guidelines_version: int | None = None  # the annotation guidelines in force for the item's round
     created_at: datetime = Field(default_factory=utcnow)
 
 
@@ -203,6 +209,9 @@ class ChatFeedback(SQLModel, table=True):
     response: str = Field(sa_column=Column(Text, nullable=False))
     rating: int | None = None  # +1 thumbs up, -1 thumbs down
     edited: str | None = Field(default=None, sa_column=Column(Text))
+    # The L1 preset ("name@version") the reply was made with, and the messages as the model was given them.
+    preset: str | None = Field(default=None, max_length=80)
+    context: list | None = json_column(nullable=True)
     created_at: datetime = Field(default_factory=utcnow)
 
 
@@ -245,4 +254,29 @@ class LoginSession(SQLModel, table=True):
     id: str = Field(primary_key=True, max_length=64)
     user_id: int = Field(foreign_key="user.id", index=True)
     fingerprint: str = Field(max_length=64)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Transcript(SQLModel, table=True):
+    # A reviewer's chat conversation, kept whole; flagged, tagged and commented on for the admins' review queue.
+    id: int | None = Field(default=None, primary_key=True)
+    user_id: int = Field(foreign_key="user.id", index=True)
+    model: str = Field(max_length=128)  # the model name as chosen in the chat ("default" or a version's name)
+    preset: str | None = Field(default=None, max_length=80)  # "name@version" of the last reply's preset
+    messages: list = json_column(default_factory=list)
+    flagged: bool = Field(default=False, index=True)
+    tags: list = json_column(default_factory=list)
+    comment: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
+    resolved_by: int | None = Field(default=None, foreign_key="user.id")  # the admin who closed the flag
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class Guidelines(SQLModel, table=True):
+    # The annotators' guidelines, versioned: each edit on /admin/guidelines is a new version for a round onwards.
+    id: int | None = Field(default=None, primary_key=True)
+    version: int = Field(unique=True, index=True)
+    round: int = 0  # in force for this round and later ones, until a newer version
+    text: str = Field(sa_column=Column(Text, nullable=False))
+    created_by: int | None = Field(default=None, foreign_key="user.id")
     created_at: datetime = Field(default_factory=utcnow)
