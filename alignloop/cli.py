@@ -75,11 +75,13 @@ def init_workspace(path: Path, *, database_url: str = "") -> str:
 
 
 def open_workspace(args) -> tuple[Settings, object]:
+    from alignloop import runguard
     from alignloop.db import create_schema, make_engine
 
     settings = load_settings(args.workspace)
     engine = make_engine(settings.db_url)
     create_schema(engine)
+    runguard.recover(engine)  # runs left `running` by a process that died (SIGKILL, OOM) are marked failed
     return settings, engine
 
 
@@ -821,8 +823,15 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "transformers", "huggingface_hub", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = make_parser().parse_args(argv)
+    from alignloop import runguard
+
+    opened = runguard.mark()
     try:
-        return args.func(args)
+        try:
+            return args.func(args)
+        except BaseException as exc:  # a Run this command opened and left running fails with the reason
+            runguard.fail_unfinished(exc, since=opened)
+            raise
     except AlignloopError as exc:
         if os.environ.get("ALIGNLOOP_DEBUG") == "1":
             raise

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from sqlmodel import Session
 
-from alignloop import AlignloopError, crud, distributed, registry
+from alignloop import AlignloopError, crud, distributed, registry, runguard
 from alignloop.config import Settings
 from alignloop.db import session_scope
 from alignloop.models import Run
@@ -84,7 +84,7 @@ def _open_run(engine, algo: str, config: PPOConfig, resume: int | None) -> int:
             if resume is not None:
                 run = session.get(Run, resume)
                 run.status, run.error = "running", None
-                session.add(run)
+                runguard.claim(session, run)  # this process owns it now
                 run_id = run.id
             else:
                 run_id = crud.create_run(session, kind="rl", config={"algo": algo, **asdict(config)}).id
