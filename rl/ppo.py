@@ -601,6 +601,7 @@ class PPOTrainer:
                    not self.accelerator.is_main_process)  # fmt: skip
         while self.step < self.config.steps:
             step_start = time.perf_counter()
+            self.largest_micro_batch = 0
             batch, rollout_stats = self.rollout(self.step)
             start = time.perf_counter()
             update_stats = self.update(batch, self.step)
