@@ -19,6 +19,16 @@ step (its update half as long) at the same peak memory, and both learn the test 
 the default anyway: it keeps value regression from pulling on the policy's weights, the failure the PPO
 literature warns about with shared trunks, for about a quarter more time per step.
 
+Memory and speed (issue #12: on full-context HH prompts the first version reached 20.7 GB and was OOM-killed):
+prompts are capped at `max_prompt_length` tokens once, up front (oldest turns first, cuts counted: see
+`rl/budget.py`); every forward pass (rollout log-probs, reference, values, update) runs on micro-batches of at
+most `micro_batch_tokens` padded tokens, gradients accumulated with each micro-batch's token sums divided by
+the whole minibatch's token count, so the update equals one pass over the minibatch (a test checks the
+gradients); optional activation checkpointing; bf16 autocast where the chip multiplies in bf16 natively;
+rollouts generate with the policy adapter merged into fresh weight tensors (swapped back afterwards, so the
+reference never drifts); every step logs the time split (generate / score / forward / update) and the
+process's peak and current RSS.
+
 Implementation details follow "The N Implementation Details of RLHF with PPO" (Huang et al., 2024) and
 "Secrets of RLHF in LLMs Part I" (Zheng et al., 2023): logits divided by the sampling temperature before
 log-probs; left-padded queries and right-padded responses with explicit position ids; values and rewards

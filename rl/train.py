@@ -169,7 +169,9 @@ def _ppo(engine, settings, config, prompts, run_id, run_dir, resume, progress):
     if distributed.is_main():
         trainer.save_policy(out)
     metrics = summarise(history, time.perf_counter() - start)
-    metrics |= {"processes": trainer.accelerator.num_processes, "replicas_in_sync": trainer.replicas_in_sync}
+    metrics |= {"processes": trainer.accelerator.num_processes, "replicas_in_sync": trainer.replicas_in_sync,
+                "prompt_truncation": trainer.prompt_report.as_dict(),
+                "peak_rss_mb": max((h.get("peak_rss_mb", 0) for h in history), default=None)}  # fmt: skip
     return out, metrics, licence
 
 
