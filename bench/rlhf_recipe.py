@@ -93,6 +93,7 @@ def main() -> None:
     parser.add_argument(
         "--reward-epochs", type=float, default=None, help="reward training epochs (default: config's)"
     )
+    parser.add_argument("--max-pairs", type=int, default=None, help="reward training pairs per model (default: all)")
     parser.add_argument("--eval-prompts", type=int, default=64)
     parser.add_argument(
         "--eval-tokens", type=int, default=None, help="response cap at evaluation (default: PPO's)"
@@ -134,6 +135,8 @@ def main() -> None:
             crud.add_prompts(session, prompts=prompts, source=path.name)
 
     rm_over = {"from_workspace": False}
+    if args.max_pairs:
+        rm_over["max_pairs"] = args.max_pairs
     if args.reward_epochs is not None:
         rm_over["num_train_epochs"] = args.reward_epochs
     rm = phases.run("reward model (half A)", lambda: reward_train.train(engine, settings, reward_train.load_config(
