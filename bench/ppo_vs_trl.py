@@ -37,7 +37,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-QUESTIONS = ROOT.parent / "shared" / "data" / "vicuna_bench_questions.jsonl"
+DATA = Path(os.environ.get("ALIGNLOOP_SHARED_DATA", ROOT.parent / "shared" / "data"))
+QUESTIONS = DATA / "vicuna_bench_questions.jsonl"
 TRL_VENV = Path(tempfile.gettempdir()) / "alignloop-trl112"
 SETTINGS = {
     "tiny": dict(batch_size=8, mini_batch_size=4, ppo_epochs=2, max_new_tokens=24, learning_rate=1e-4),
@@ -46,7 +47,7 @@ SETTINGS = {
     "hh-default": dict(batch_size=16, mini_batch_size=8, ppo_epochs=2, max_new_tokens=48, learning_rate=3e-5),
 }
 MODEL = {"tiny": "tiny", "default": "default", "hh-tiny": "tiny", "hh-default": "default"}
-HH = ROOT.parent / "shared" / "data" / "hh_harmless_dev.jsonl"
+HH = DATA / "hh_harmless_dev.jsonl"
 COMMON = dict(temperature=0.7, kl_coef=0.05, lora_r=16, lora_alpha=32,
               target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])  # fmt: skip
 
