@@ -93,7 +93,9 @@ def main() -> None:
     parser.add_argument(
         "--reward-epochs", type=float, default=None, help="reward training epochs (default: config's)"
     )
-    parser.add_argument("--max-pairs", type=int, default=None, help="reward training pairs per model (default: all)")
+    parser.add_argument(
+        "--max-pairs", type=int, default=None, help="reward training pairs per model (default: all)"
+    )
     parser.add_argument("--eval-prompts", type=int, default=64)
     parser.add_argument(
         "--eval-tokens", type=int, default=None, help="response cap at evaluation (default: PPO's)"
