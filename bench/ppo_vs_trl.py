@@ -12,7 +12,7 @@ temperature, KL coefficient, learning rate, LoRA):
   cap, and without one it was OOM-killed inside its first step here (24.9 GB, issue #12), so both trainers get
   the same prompts, fitted beforehand with alignloop's `rl.budget.fit_prompt` to `--max-prompt-length`
   (oldest turns dropped first). alignloop runs with its shipped memory settings (configs/rl/default.yaml:
-  token-budget micro-batches, value head on the policy) and would run uncapped prompts too.
+  token-budget micro-batches, value head on the policy).
 The reward model is the same in both trainers and applied the same way (prompt + response token ids, score at the
 last token before EOS; TRL's PPO requires a reward model that shares the policy's tokenizer): for the tiny
 setting a seeded random scalar head; for the default setting `--trained-reward DIR`, a reward model trained on
@@ -265,7 +265,7 @@ def main() -> None:
         print(
             f"hh settings: prompts capped at {args.max_prompt_length} tokens for both. Uncapped (max 830 tokens), "
             "TRL 1.12 was OOM-killed in its first step on this 24 GB machine (24.9 GB, issue #12); alignloop's "
-            "shipped config bounds every forward pass by micro_batch_tokens and runs uncapped prompts too."
+            "shipped config caps prompts itself (max_prompt_length) and bounds every forward pass by micro_batch_tokens."
         )
     for setting in args.settings:
         ours, theirs = results[(setting, "alignloop")], results[(setting, "trl 1.12")]
