@@ -26,8 +26,8 @@ from pathlib import Path
 
 from sqlmodel import Session, select
 
-from alignloop.db import session_scope
-from alignloop.models import Run, utcnow
+from alignloop.core.db import session_scope
+from alignloop.core.models import Run, utcnow
 
 log = logging.getLogger(__name__)
 _opened: list[tuple[object, int]] = []  # (engine, run id) opened by this process

@@ -106,10 +106,10 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    from alignloop.cli import init_workspace
-    from alignloop.config import load_settings
-    from alignloop.db import make_engine, session_scope
-    from alignloop.prompts import parse_prompt_file
+    from alignloop.core.config import load_settings
+    from alignloop.core.db import make_engine, session_scope
+    from alignloop.core.prompts import parse_prompt_file
+    from alignloop.core.workspace import init_workspace
     from reward import train as reward_train
     from rl import train as rl_train
     from rl.evaluate import evaluate_policy
@@ -127,7 +127,7 @@ def main() -> None:
           f"({len(keys(half_b))} prompts), evaluation prompts {len(keys(held))} (in neither half)")  # fmt: skip
     file_a, file_b = write_pairs(half_a, work / "half_a.jsonl"), write_pairs(half_b, work / "half_b.jsonl")
     with session_scope(engine) as session:
-        from alignloop import crud
+        from alignloop.core import crud
 
         for path, split in ((write_prompts(half_a, work / "train_prompts.jsonl"), "train"),
                             (write_prompts(held, work / "eval_prompts.jsonl"), "eval")):  # fmt: skip
@@ -152,7 +152,7 @@ def main() -> None:
     result = phases.run("PPO", lambda: rl_train.train(engine, settings, "ppo", config, progress=False))
     from sqlmodel import Session
 
-    from alignloop.models import Run
+    from alignloop.core.models import Run
 
     with Session(engine) as session:
         history = session.get(Run, result["run_id"]).metrics["history"]

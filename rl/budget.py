@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from alignloop import AlignloopError
-from alignloop.generate import render
+from alignloop.core import AlignloopError
+from alignloop.core.sampling import render
 
 
 @dataclass

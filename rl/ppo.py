@@ -58,9 +58,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alignloop import AlignloopError
-from alignloop.config import read_run_config
-from alignloop.generate import Completion, SamplingParams, generate, render
+from alignloop.core import AlignloopError
+from alignloop.core.config import read_run_config
+from alignloop.core.sampling import Completion, SamplingParams, generate, render
 from rl.budget import fit_prompts, padded_tokens, peak_rss_mb, plan_micro_batches, row_lengths, rss_mb
 
 log = logging.getLogger(__name__)
@@ -441,7 +441,7 @@ class PPOTrainer:
         if self.prompt_report.truncated:
             log.info("prompts cut to max_prompt_length=%s: %s", config.max_prompt_length,
                      self.prompt_report.as_dict())  # fmt: skip
-        from alignloop import distributed
+        from alignloop.core import distributed
 
         distributed.state()  # the process group, on the CPU when there is no GPU
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())

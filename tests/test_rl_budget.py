@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import build_tiny_llama
 
-from alignloop import AlignloopError
-from alignloop.generate import render
+from alignloop.core import AlignloopError
+from alignloop.core.sampling import render
 from rl.budget import fit_prompt, fit_prompts, plan_micro_batches
 from rl.ppo import PPOTrainer, load_config
 

@@ -4,7 +4,7 @@ a finite sum) the estimate from the policy's own tempered samples lands within a
 import torch
 from conftest import build_tiny_llama
 
-from alignloop.generate import SamplingParams, generate, render
+from alignloop.core.sampling import SamplingParams, generate, render
 from rl.evaluate import kl_to_baseline
 
 T = 0.7

@@ -10,16 +10,17 @@ import sys
 import pytest
 from sqlmodel import Session, select
 
-from alignloop import crud, runguard
+from alignloop import runguard
 from alignloop.cli import main
-from alignloop.db import session_scope
-from alignloop.models import Run
+from alignloop.core import crud
+from alignloop.core.db import session_scope
+from alignloop.core.models import Run
 
 HOLD = """
 import sys, time
-from alignloop.config import load_settings
-from alignloop.db import make_engine, session_scope
-from alignloop import crud
+from alignloop.core.config import load_settings
+from alignloop.core.db import make_engine, session_scope
+from alignloop.core import crud
 engine = make_engine(load_settings(sys.argv[1]).db_url)
 with session_scope(engine) as session:
     run_id = crud.create_run(session, kind="rl", config={}).id
