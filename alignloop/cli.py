@@ -22,16 +22,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from sqlalchemy.exc import SQLAlchemyError  # noqa: E402
 
-from alignloop.core import (  # noqa: E402
-    AlignloopError,
-    __version__,
-    workspace,  # noqa: E402
-)
-from alignloop.core.config import (
-    Settings,
-    is_workspace,
-    workspace_path,
-)
+from alignloop.core import AlignloopError, __version__, workspace  # noqa: E402
+from alignloop.core.config import Settings, is_workspace, workspace_path  # noqa: E402
 from alignloop.core.workspace import init_workspace  # noqa: E402
 from alignloop.parser import config_overrides, make_parser  # noqa: E402
 
@@ -612,8 +604,15 @@ def main(argv: list[str] | None = None) -> int:
     # Everything this process creates (database, WAL, backups, run logs, checkpoints) is the owner's only;
     # the modules that create files also chmod them (alignloop.core.files), for other entry points.
     os.umask(0o077)
+    from alignloop.core import runguard
+
+    opened = runguard.mark()
     try:
-        return globals()[args.handler](args)
+        try:
+            return globals()[args.handler](args)
+        except BaseException as exc:  # a Run this command opened and left running fails with the reason
+            runguard.fail_unfinished(exc, since=opened)
+            raise
     except AlignloopError as exc:
         if os.environ.get("ALIGNLOOP_DEBUG") == "1":
             raise

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from sqlmodel import Session, col, select
 
-from alignloop.core import AlignloopError, crud
+from alignloop.core import AlignloopError, crud, runguard
 from alignloop.core.config import Settings
 from alignloop.core.db import session_scope
 from alignloop.core.export import write_rows
@@ -81,7 +81,7 @@ def next_round(engine, settings: Settings, plan: RoundPlan) -> dict:
             raise AlignloopError(f"round {number} has no usable votes yet: annotate (or run the judge) first")
         run = _round_run(session, number, plan)
         run.status = "running"
-        session.add(run)
+        runguard.claim(session, run)  # a resumed round belongs to this process now
         run_id, done = run.id, dict(run.metrics)
     run_dir = settings.runs_dir / f"run{run_id}"
     run_dir.mkdir(parents=True, exist_ok=True)

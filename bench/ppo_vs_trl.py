@@ -3,10 +3,16 @@
 TRL 1.12 is installed into its own virtualenv (`$TMPDIR/alignloop-trl112`, created on first use: torch 2.13.0
 from this machine, then `trl==1.12.0`, `peft` from the package registry), never into the project's.
 
-Two settings, identical for both trainers (prompts, batch size, minibatches, PPO epochs, response length,
+Settings, identical for both trainers (prompts, batch size, minibatches, PPO epochs, response length,
 temperature, KL coefficient, learning rate, LoRA):
 - tiny: a 2-layer Llama (hidden 64) with the default model's tokenizer, full fine-tuning;
-- default: SmolLM2-135M-Instruct with LoRA r=16 on the attention and MLP projections.
+- default: SmolLM2-135M-Instruct with LoRA r=16 on the attention and MLP projections;
+- hh-tiny, hh-default: the same two models on real, full-context HH conversations (the shared HH harmless dev
+  prompts, p50 91 / max 830 tokens), 16 rollouts x 48 tokens per step. TRL 1.12's PPOTrainer has no prompt
+  cap, and without one it was OOM-killed inside its first step here (24.9 GB, issue #12), so both trainers get
+  the same prompts, fitted beforehand with alignloop's `rl.budget.fit_prompt` to `--max-prompt-length`
+  (oldest turns dropped first). alignloop runs with its shipped memory settings (configs/rl/default.yaml:
+  token-budget micro-batches, value head on the policy).
 The reward model is the same in both trainers and applied the same way (prompt + response token ids, score at the
 last token before EOS; TRL's PPO requires a reward model that shares the policy's tokenizer): for the tiny
 setting a seeded random scalar head; for the default setting `--trained-reward DIR`, a reward model trained on
@@ -15,7 +21,11 @@ second LoRA adapter on the policy's base. Each trainer runs in its own process; 
 (wall clock of training / steps), peak resident memory of the process, mean reward over the first and last
 steps. Ratios (alignloop / TRL) printed last.
 
-    .venv/bin/python bench/ppo_vs_trl.py [--steps 10] [--settings tiny default]
+    .venv/bin/python bench/ppo_vs_trl.py [--steps 10] [--settings tiny default hh-tiny hh-default]
+                                         [--max-prompt-length 256]
+
+TRL 1.12's virtualenv takes torch, transformers and the rest from the project's (a .pth file), with only
+`trl==1.12.0` installed in it, so both trainers run the same torch and transformers.
 """
 
 import argparse
@@ -27,12 +37,17 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-QUESTIONS = ROOT.parent / "shared" / "data" / "vicuna_bench_questions.jsonl"
+DATA = Path(os.environ.get("ALIGNLOOP_SHARED_DATA", ROOT.parent / "shared" / "data"))
+QUESTIONS = DATA / "vicuna_bench_questions.jsonl"
 TRL_VENV = Path(tempfile.gettempdir()) / "alignloop-trl112"
 SETTINGS = {
     "tiny": dict(batch_size=8, mini_batch_size=4, ppo_epochs=2, max_new_tokens=24, learning_rate=1e-4),
     "default": dict(batch_size=8, mini_batch_size=4, ppo_epochs=2, max_new_tokens=24, learning_rate=3e-5),
+    "hh-tiny": dict(batch_size=16, mini_batch_size=8, ppo_epochs=2, max_new_tokens=48, learning_rate=1e-4),
+    "hh-default": dict(batch_size=16, mini_batch_size=8, ppo_epochs=2, max_new_tokens=48, learning_rate=3e-5),
 }
+MODEL = {"tiny": "tiny", "default": "default", "hh-tiny": "tiny", "hh-default": "default"}
+HH = DATA / "hh_harmless_dev.jsonl"
 COMMON = dict(temperature=0.7, kl_coef=0.05, lora_r=16, lora_alpha=32,
               target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])  # fmt: skip
 
@@ -65,8 +80,7 @@ print("RESULT " + json.dumps({"tiny": str(out / "tiny"), "default": str(default)
 PROMPTS = """
 import json, sys
 def prompts(path, n):
-    rows = [json.loads(l) for l in open(path)]
-    return [[{"role": "user", "content": r.get("text") or r["turns"][0]}] for r in rows][:n]
+    return json.load(open(path))[:n]
 """
 
 OURS = (
@@ -88,15 +102,18 @@ scorer = RewardModel(model=rm, tokenizer=tok, max_length=1024)
 from alignloop.core.sampling import render
 # Scored as TRL scores: the policy's own token ids (prompt + response), read at the last token before EOS.
 reward = lambda p, c: scorer.score_ids([render(tok, q) + x.token_ids for q, x in zip(p, c)])
-config = load_config(None, steps=steps, missing_eos_penalty=0.0, save_every=0, method="full" if setting == "tiny" else "lora",
-                     value_model="shared" if setting == "tiny" else "adapter", **kw)
+ours = kw.pop("ours", {})
+config = load_config(None, steps=steps, missing_eos_penalty=0.0, save_every=0, method="full" if setting.endswith("tiny") else "lora",
+                     **({"value_model": "shared" if setting == "tiny" else "adapter"} | ours | kw))
 trainer = PPOTrainer(config, model, tok, prompts(questions, 64), reward)
 start = time.perf_counter()
 history = trainer.train(progress=False)
 seconds = time.perf_counter() - start
 k = max(1, steps // 4)
+parts = {p: sum(h[p] for h in history) / steps for p in ("generate_s", "score_s", "forward_s", "update_s")}
 print("RESULT " + json.dumps({"s_per_step": seconds / steps, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-      "reward_first": sum(h["raw_score"] for h in history[:k]) / k, "reward_last": sum(h["raw_score"] for h in history[-k:]) / k}))
+      "reward_first": sum(h["raw_score"] for h in history[:k]) / k, "reward_last": sum(h["raw_score"] for h in history[-k:]) / k,
+      "cpu_s_per_step": sum(resource.getrusage(resource.RUSAGE_SELF)[:2]) / steps, **parts}))
 """
 )
 
@@ -121,7 +138,7 @@ value = AutoModelForSequenceClassification.from_pretrained(policy_path, num_labe
 value.config.pad_token_id = tok.pad_token_id
 rm = AutoModelForSequenceClassification.from_pretrained(rm_path)
 peft_config = None
-if setting != "tiny":
+if not setting.endswith("tiny"):
     from peft import LoraConfig
     peft_config = LoraConfig(r=kw["lora_r"], lora_alpha=kw["lora_alpha"], target_modules=kw["target_modules"], task_type="CAUSAL_LM")
 args = PPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=kw["batch_size"],
@@ -141,7 +158,8 @@ trainer.train()
 seconds = time.perf_counter() - start
 k = max(1, len(scores) // 4)
 print("RESULT " + json.dumps({"s_per_step": seconds / steps, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-      "reward_first": sum(scores[:k]) / k, "reward_last": sum(scores[-k:]) / k}))
+      "reward_first": sum(scores[:k]) / k, "reward_last": sum(scores[-k:]) / k,
+      "cpu_s_per_step": sum(resource.getrusage(resource.RUSAGE_SELF)[:2]) / steps}))
 """
 )
 
@@ -160,10 +178,39 @@ def trl_python() -> str:
     if not python.exists():
         print(f"creating {TRL_VENV} with trl==1.12.0 (once) ...", flush=True)
         subprocess.run([sys.executable, "-m", "venv", str(TRL_VENV)], check=True)
-        pip = [str(python), "-m", "pip", "install", "-q"]
-        subprocess.run([*pip, "torch==2.13.0"], check=True)
-        subprocess.run([*pip, "trl==1.12.0", "peft", "datasets", "accelerate"], check=True)
+        # Everything but TRL from the project's environment (same torch and transformers, no second download).
+        site = subprocess.run([str(python), "-c", "import site; print(site.getsitepackages()[0])"],
+                              capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+        ours = subprocess.run([sys.executable, "-c", "import site; print(site.getsitepackages()[0])"],
+                              capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+        Path(site, "zz_project.pth").write_text(ours + "\n")
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "trl==1.12.0"], check=True)
     return str(python)
+
+
+def write_prompts(setting: str, path: Path, tokenizer_dir: str, max_prompt_length: int) -> dict:
+    """The setting's prompts as a JSON list of conversations (both trainers read the same file)."""
+    if setting.startswith("hh"):
+        from transformers import AutoTokenizer
+
+        from reward.data import file_pairs
+        from rl.budget import fit_prompts
+
+        seen, conversations = set(), []
+        for pair in file_pairs(HH)[0]:
+            if pair.key not in seen:
+                seen.add(pair.key)
+                conversations.append(pair.prompt)
+        conversations = conversations[:64]
+        conversations, report = fit_prompts(AutoTokenizer.from_pretrained(tokenizer_dir), conversations,
+                                            max_prompt_length)  # fmt: skip
+        info = report.as_dict()
+    else:
+        rows = [json.loads(line) for line in open(QUESTIONS)]
+        conversations = [[{"role": "user", "content": r.get("text") or r["turns"][0]}] for r in rows][:64]
+        info = {"prompts": len(conversations)}
+    path.write_text(json.dumps(conversations))
+    return info
 
 
 def main() -> None:
@@ -178,21 +225,33 @@ def main() -> None:
         help="a trained reward model on the default model's base "
         "(e.g. from bench/reward_hh.py: <workspace>/runs/run<ID>/model) for the default setting",
     )
+    parser.add_argument("--max-prompt-length", type=int, default=256, help="prompt cap for the hh settings")
     args = parser.parse_args()
     trl = trl_python()
     work = Path(tempfile.mkdtemp(prefix="ppo-bench-"))
     paths = run(sys.executable, PREPARE, work)
+    from rl.ppo import load_config
+
+    shipped = load_config(ROOT / "configs" / "rl" / "default.yaml")
     results = {}
     for setting in args.settings:
-        kw = json.dumps({**COMMON, **SETTINGS[setting]})
+        model = MODEL[setting]
+        ours = {}
+        if setting.startswith("hh"):
+            ours = {"max_prompt_length": args.max_prompt_length, "micro_batch_tokens": shipped.micro_batch_tokens,
+                    "value_model": shipped.value_model if model == "default" else "shared",
+                    "gradient_checkpointing": shipped.gradient_checkpointing}  # fmt: skip
+        kw = json.dumps({**COMMON, **SETTINGS[setting], "ours": ours})
+        prompts = work / f"prompts-{setting}.json"
+        print(
+            setting,
+            "prompts:",
+            json.dumps(write_prompts(setting, prompts, paths[model], args.max_prompt_length)),
+        )
         for name, python, script in (("trl 1.12", trl, TRL), ("alignloop", sys.executable, OURS)):
-            rm = (
-                args.trained_reward
-                if setting == "default" and args.trained_reward
-                else work / f"rm-{setting}"
-            )
-            results[(setting, name)] = run(python, script, paths[setting], rm, setting, args.steps,
-                                           QUESTIONS, kw)  # fmt: skip
+            rm = args.trained_reward if model == "default" and args.trained_reward else work / f"rm-{model}"
+            results[(setting, name)] = run(python, script, paths[model], rm, setting, args.steps,
+                                           prompts, kw)  # fmt: skip
             print(setting, name, json.dumps(results[(setting, name)]), flush=True)
     print("\n| setting | trainer | s/step | peak RSS MB | reward first steps | reward last steps | gain |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
@@ -201,6 +260,12 @@ def main() -> None:
         print(
             f"| {setting} | {name} | {r['s_per_step']:.2f} | {r['peak_rss_mb']:.0f} | {r['reward_first']:.3f} | "
             f"{r['reward_last']:.3f} | {gain:+.3f} |"
+        )
+    if any(s.startswith("hh") for s in args.settings):
+        print(
+            f"hh settings: prompts capped at {args.max_prompt_length} tokens for both. Uncapped (max 830 tokens), "
+            "TRL 1.12 was OOM-killed in its first step on this 24 GB machine (24.9 GB, issue #12); alignloop's "
+            "shipped config caps prompts itself (max_prompt_length) and bounds every forward pass by micro_batch_tokens."
         )
     for setting in args.settings:
         ours, theirs = results[(setting, "alignloop")], results[(setting, "trl 1.12")]

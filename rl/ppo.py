@@ -19,6 +19,16 @@ step (its update half as long) at the same peak memory, and both learn the test 
 the default anyway: it keeps value regression from pulling on the policy's weights, the failure the PPO
 literature warns about with shared trunks, for about a quarter more time per step.
 
+Memory and speed (issue #12: on full-context HH prompts the first version reached 20.7 GB and was OOM-killed):
+prompts are capped at `max_prompt_length` tokens once, up front (oldest turns first, cuts counted: see
+`rl/budget.py`); every forward pass (rollout log-probs, reference, values, update) runs on micro-batches of at
+most `micro_batch_tokens` padded tokens, gradients accumulated with each micro-batch's token sums divided by
+the whole minibatch's token count, so the update equals one pass over the minibatch (a test checks the
+gradients); optional activation checkpointing; bf16 autocast where the chip multiplies in bf16 natively;
+rollouts generate with the policy adapter merged into fresh weight tensors (swapped back afterwards, so the
+reference never drifts); every step logs the time split (generate / score / forward / update) and the
+process's peak and current RSS.
+
 Implementation details follow "The N Implementation Details of RLHF with PPO" (Huang et al., 2024) and
 "Secrets of RLHF in LLMs Part I" (Zheng et al., 2023): logits divided by the sampling temperature before
 log-probs; left-padded queries and right-padded responses with explicit position ids; values and rewards
@@ -51,6 +61,7 @@ from torch import nn
 from alignloop.core import AlignloopError
 from alignloop.core.config import read_run_config
 from alignloop.core.sampling import Completion, SamplingParams, generate, render
+from rl.budget import fit_prompts, padded_tokens, peak_rss_mb, plan_micro_batches, row_lengths, rss_mb
 
 log = logging.getLogger(__name__)
 RewardFn = Callable[[Sequence[list[dict]], Sequence[Completion]], list[float]]
@@ -78,6 +89,10 @@ class PPOConfig:
         default="workspace", metadata={"help": "'workspace' (train split) or a prompt file."}
     )
     max_prompts: int | None = field(default=None, metadata={"help": "Use at most this many prompts."})
+    max_prompt_length: int | None = field(
+        default=512,
+        metadata={"help": "Prompts longer than this (tokens) lose their oldest turns (None: no cap)."},
+    )
     # --- rollouts ---
     steps: int = field(default=100, metadata={"help": "PPO steps (each: rollouts, then updates)."})
     batch_size: int = field(default=16, metadata={"help": "Rollouts per step (over all processes)."})
@@ -88,6 +103,21 @@ class PPOConfig:
         default=1.0, metadata={"help": "Sampling temperature (also scales log-probs)."}
     )
     missing_eos_penalty: float = field(default=1.0, metadata={"help": "Subtracted from scores without EOS."})
+    # --- memory and speed (see rl/budget.py) ---
+    micro_batch_tokens: int | None = field(
+        default=4096,
+        metadata={"help": "Padded tokens per forward pass; gradients accumulate (None: no cap)."},
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "Recompute activations in the backward pass (less memory, ~30% slower)."},
+    )
+    bf16: bool | None = field(
+        default=None, metadata={"help": "bf16 autocast (default: where the chip does bf16 natively)."}
+    )
+    merge_for_rollout: bool = field(
+        default=True, metadata={"help": "Generate with the policy adapter merged into the base weights."}
+    )
     # --- objective ---
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate."})
     kl_coef: float = field(default=0.05, metadata={"help": "Initial per-token KL penalty."})
@@ -119,6 +149,16 @@ def load_config(path: str | Path | None, **overrides) -> PPOConfig:
         raise AlignloopError("steps, batch_size, mini_batch_size and ppo_epochs must be at least 1")
     if config.temperature <= 0:
         raise AlignloopError("PPO samples from the policy: temperature must be > 0")
+    if config.max_prompt_length is not None and config.max_prompt_length < 8:
+        raise AlignloopError("max_prompt_length must be at least 8 tokens (or null for no cap)")
+    if config.micro_batch_tokens is not None:
+        if config.max_prompt_length is None:
+            raise AlignloopError("micro_batch_tokens bounds memory only with max_prompt_length set: set both")
+        if config.max_prompt_length + config.max_new_tokens > config.micro_batch_tokens:
+            raise AlignloopError(
+                f"micro_batch_tokens ({config.micro_batch_tokens}) must hold one full row: max_prompt_length + "
+                f"max_new_tokens = {config.max_prompt_length + config.max_new_tokens}"
+            )
     return config
 
 
@@ -162,6 +202,20 @@ class Rollouts:
             **{f.name: pick(getattr(self, f.name)) for f in fields(self) if f.name not in ("prompts", "completions")},
         )  # fmt: skip
 
+    def trimmed(self) -> Rollouts:
+        """The same rows without the padding columns none of them needs (left of the queries, right of the
+        responses): a micro-batch of short rows is processed at its own width, not the step's widest."""
+        q_keep = int(self.query_mask.sum(1).max())
+        r_keep = max(1, int(self.response_mask.sum(1).max()))
+        P = self.queries.shape[1]
+        out = Rollouts(prompts=self.prompts, completions=self.completions, queries=self.queries[:, P - q_keep :],
+                       query_mask=self.query_mask[:, P - q_keep :], responses=self.responses[:, :r_keep],
+                       response_mask=self.response_mask[:, :r_keep], scores=self.scores)  # fmt: skip
+        for name in ("logprobs", "ref_logprobs", "values", "advantages", "returns"):
+            value = getattr(self, name)
+            setattr(out, name, None if value is None else value[:, :r_keep])
+        return out
+
 
 def pad_batch(prompts, completions, tokenizer, pad_id: int, device=None) -> Rollouts:
     queries = [render(tokenizer, p) for p in prompts]
@@ -178,6 +232,14 @@ def pad_batch(prompts, completions, tokenizer, pad_id: int, device=None) -> Roll
 
 
 # --- the models ----------------------------------------------------------------------------------------------
+
+
+def native_bf16() -> bool:
+    """The rule of `reward.train.native_bf16` (not imported: that module pulls in TRL): bf16 where the hardware
+    multiplies in bf16 natively (recent GPUs; CPUs with AVX512-BF16 or AMX); elsewhere it is emulated, slower."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
 
 
 class ValueHead(nn.Module):
@@ -220,6 +282,45 @@ class ActorCritic(nn.Module):
         self.model = model
         self.value_head = ValueHead(model.config.hidden_size)
         self.keeps_logits = "logits_to_keep" in inspect.signature(self.causal_lm.forward).parameters
+        if config.gradient_checkpointing:  # non-reentrant: works with frozen embeddings (LoRA) as they are
+            lm, kwargs = self.causal_lm, {"use_reentrant": False}
+            if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.2's name for it
+                lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        self.bf16 = False  # set by the trainer once the device is known
+
+    def autocast(self):
+        device = next(self.model.parameters()).device.type
+        return torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=self.bf16)
+
+    @contextmanager
+    def merged_policy(self):
+        """The policy adapter folded into the base weights for generation, so the decoding loop runs plain
+        linear layers (an unmerged adapter adds two small matrix products per layer and token). The merged
+        weights are new tensors swapped in and swapped out again, never `W += BA` then `W -= BA`: the base (the
+        reference) stays bit for bit what it was, so a resumed run still replays the one it continues. Costs
+        one transient copy of the adapted layers' weights while generating, when no activations are held."""
+        merge = self.config.method == "lora" and self.config.merge_for_rollout
+        swapped = []
+        if merge:
+            from peft.tuners.lora import LoraLayer
+
+            with torch.no_grad():
+                for module in self.model.modules():
+                    if isinstance(module, LoraLayer) and "default" in module.lora_A and not module.merged:
+                        base = module.get_base_layer()
+                        original = base.weight.data
+                        delta = module.get_delta_weight("default").to(original.dtype)
+                        base.weight.data = original + delta
+                        module.merged_adapters.append("default")  # peft's forward then skips the adapter
+                        swapped.append((module, base, original))
+        try:
+            yield
+        finally:
+            for module, base, original in swapped:
+                base.weight.data = original
+                module.merged_adapters.remove("default")
 
     @property
     def causal_lm(self):
@@ -266,7 +367,7 @@ class ActorCritic(nn.Module):
         P, R = batch.queries.shape[1], batch.responses.shape[1]
         # Only the positions that predict response tokens need the (vocabulary-sized) output layer.
         keep = {"logits_to_keep": R + 1} if self.keeps_logits else {}
-        with ctx:
+        with ctx, self.autocast():
             out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                         output_hidden_states=want_hidden, use_cache=False, **keep)  # fmt: skip
         logits = out.logits[:, -(R + 1) : -1].float() / self.config.temperature
@@ -281,7 +382,7 @@ class ActorCritic(nn.Module):
         """V(s_t) for each response position (B, R), from the value adapter's last hidden state."""
         input_ids, attention_mask, position_ids = self._inputs(batch)
         decoder = getattr(self.causal_lm, self.causal_lm.base_model_prefix)
-        with self.adapter("value"):
+        with self.adapter("value"), self.autocast():
             hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              use_cache=False).last_hidden_state  # fmt: skip
         P, R = batch.queries.shape[1], batch.responses.shape[1]
@@ -343,7 +444,12 @@ class PPOTrainer:
 
         if not prompts:
             raise AlignloopError("PPO needs prompts: import some, or give a prompt file")
-        self.config, self.tokenizer, self.prompts, self.reward_fn = config, tokenizer, prompts, reward_fn
+        self.config, self.tokenizer, self.reward_fn = config, tokenizer, reward_fn
+        # Capped once, up front: every rollout, forward pass and reward score sees the same (fitted) prompt.
+        self.prompts, self.prompt_report = fit_prompts(tokenizer, prompts, config.max_prompt_length)
+        if self.prompt_report.truncated:
+            log.info("prompts cut to max_prompt_length=%s: %s", config.max_prompt_length,
+                     self.prompt_report.as_dict())  # fmt: skip
         from alignloop.core import distributed
 
         distributed.state()  # the process group, on the CPU when there is no GPU
@@ -351,9 +457,13 @@ class PPOTrainer:
         self.run_dir, self.on_step = run_dir, on_step
         torch.manual_seed(config.seed)  # the same adapter and head initialisation on every process
         self.ac = ActorCritic(model, config).to(self.accelerator.device)
+        self.ac.bf16 = native_bf16() if config.bf16 is None else config.bf16
         self.optimizer = torch.optim.AdamW(self.ac.trainable_parameters(), lr=config.learning_rate, eps=1e-5)
         self.kl = AdaptiveKL(config.kl_coef, config.target_kl, config.kl_horizon)
         self.step, self.history = 0, []
+        self.largest_micro_batch = (
+            0  # padded tokens of the widest forward pass so far (the memory bound's witness)
+        )
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         world = self.accelerator.num_processes
         if config.batch_size % world:
@@ -374,8 +484,9 @@ class PPOTrainer:
         params = SamplingParams(max_new_tokens=self.config.max_new_tokens, temperature=self.config.temperature,
                                 top_p=1.0, seed=self.config.seed * 1_000_033 + step * 97 + self.accelerator.process_index)  # fmt: skip
         self.ac.eval()
-        completions = [c[0] for c in generate(self.ac.model, self.tokenizer, prompts, params=params,
-                                              batch_size=self.local_batch, progress=False)]  # fmt: skip
+        with self.ac.merged_policy(), self.ac.autocast():
+            completions = [c[0] for c in generate(self.ac.model, self.tokenizer, prompts, params=params,
+                                                  batch_size=self.local_batch, progress=False)]  # fmt: skip
         timings["generate_s"] = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -385,15 +496,11 @@ class PPOTrainer:
         scores = scores - self.config.missing_eos_penalty * (~finished).float()
         timings["score_s"] = time.perf_counter() - start
 
+        start = time.perf_counter()
         batch = pad_batch(prompts, completions, self.tokenizer, self.pad_id, device)
         batch.scores = scores
-        batch.logprobs, _, hidden = self.ac.policy_forward(
-            batch, want_hidden=self.config.value_model == "shared"
-        )
-        batch.ref_logprobs, _, _ = self.ac.policy_forward(batch, reference=True)
-        batch.values = (
-            self.ac.value_head(hidden.float()) if hidden is not None else self.ac.value_forward(batch)
-        )
+        batch.logprobs, batch.ref_logprobs, batch.values = self.rollout_forwards(batch)
+        timings["forward_s"] = time.perf_counter() - start
         mask = batch.response_mask.float()
         rewards, kl = compute_rewards(scores, batch.logprobs, batch.ref_logprobs, mask, self.kl.value)
         if self.config.whiten_rewards:
@@ -405,39 +512,74 @@ class PPOTrainer:
                  "response_length": mask.sum(1).mean().item(), "eos_rate": finished.float().mean().item()}  # fmt: skip
         return batch, {**stats, **timings}
 
+    def micro_batches(self, batch: Rollouts) -> list[tuple[torch.Tensor, Rollouts]]:
+        """(row indices, trimmed rows) per micro-batch: at most `micro_batch_tokens` padded tokens each."""
+        groups = plan_micro_batches(row_lengths(batch.query_mask, batch.response_mask),
+                                    self.config.micro_batch_tokens)  # fmt: skip
+        out = []
+        for group in groups:
+            index = torch.tensor(group, device=batch.queries.device)
+            mb = batch.rows(index).trimmed()
+            self.largest_micro_batch = max(
+                self.largest_micro_batch, padded_tokens(mb.query_mask, mb.response_mask)
+            )
+            out.append((index, mb))
+        return out
+
+    @torch.no_grad()
+    def rollout_forwards(self, batch: Rollouts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Old log-probs, reference log-probs and values (B, R), micro-batch by micro-batch."""
+        B, R = batch.responses.shape
+        device = batch.responses.device
+        logprobs, ref_logprobs, values = (torch.zeros(B, R, device=device) for _ in range(3))
+        shared = self.config.value_model == "shared"
+        for index, mb in self.micro_batches(batch):
+            width = mb.responses.shape[1]
+            lp, _, hidden = self.ac.policy_forward(mb, want_hidden=shared)
+            logprobs[index, :width] = lp
+            ref_logprobs[index, :width] = self.ac.policy_forward(mb, reference=True)[0]
+            values[index, :width] = (
+                self.ac.value_head(hidden.float()) if shared else self.ac.value_forward(mb)
+            )
+        mask = batch.response_mask.float()
+        return logprobs * mask, ref_logprobs * mask, values * mask
+
     # 2. updates
-    def losses(self, mb: Rollouts) -> dict:
+    def losses(self, mb: Rollouts, tokens: float) -> dict:
+        """Backward pass for one micro-batch. Token sums are divided by the whole minibatch's `tokens`, so the
+        gradients accumulated over its micro-batches equal one pass over the minibatch (masked means)."""
         mask = mb.response_mask.float()
         shared = self.config.value_model == "shared"
+        total = lambda x: (x * mask).sum() / tokens  # noqa: E731  (this micro-batch's share of a masked mean)
         logprobs, entropy, hidden = self.ac.policy_forward(mb, want_hidden=shared)
         vpred = self.ac.value_head(hidden.float()) if shared else None
         ratio = torch.exp(logprobs - mb.logprobs)
         pg_losses = torch.max(-mb.advantages * ratio,
                               -mb.advantages * ratio.clamp(1 - self.config.cliprange, 1 + self.config.cliprange))  # fmt: skip
-        pg_loss = masked_mean(pg_losses, mask)
+        pg_loss = total(pg_losses)
         if shared:
-            vf_loss, vf_clip = self._value_loss(vpred, mb, mask)
+            vf_loss, vf_clip = self._value_loss(vpred, mb, total)
             (pg_loss + self.config.vf_coef * vf_loss).backward()
         else:
             pg_loss.backward()
             vpred = self.ac.value_forward(mb)
-            vf_loss, vf_clip = self._value_loss(vpred, mb, mask)
+            vf_loss, vf_clip = self._value_loss(vpred, mb, total)
             (self.config.vf_coef * vf_loss).backward()
         with torch.no_grad():
             return {
                 "policy_loss": pg_loss.item(), "value_loss": vf_loss.item(), "value_clipfrac": vf_clip,
-                "clipfrac": masked_mean((torch.abs(ratio - 1) > self.config.cliprange).float(), mask).item(),
-                "approx_kl": masked_mean(0.5 * (logprobs - mb.logprobs) ** 2, mask).item(),
-                "entropy": masked_mean(entropy, mask).item(),
+                "clipfrac": total((torch.abs(ratio - 1) > self.config.cliprange).float()).item(),
+                "approx_kl": total(0.5 * (logprobs - mb.logprobs) ** 2).item(),
+                "entropy": total(entropy).item(),
             }  # fmt: skip
 
-    def _value_loss(self, vpred, mb: Rollouts, mask) -> tuple[torch.Tensor, float]:
+    def _value_loss(self, vpred, mb: Rollouts, total) -> tuple[torch.Tensor, float]:
         clipped = mb.values + (vpred - mb.values).clamp(
             -self.config.cliprange_value, self.config.cliprange_value
         )
         losses = torch.max((vpred - mb.returns) ** 2, (clipped - mb.returns) ** 2)
-        frac = masked_mean(((clipped - mb.returns) ** 2 > (vpred - mb.returns) ** 2).float(), mask).item()
-        return 0.5 * masked_mean(losses, mask), frac
+        frac = total(((clipped - mb.returns) ** 2 > (vpred - mb.returns) ** 2).float()).item()
+        return 0.5 * total(losses), frac
 
     def _sync_and_clip(self) -> None:
         params = [p for p in self.ac.trainable_parameters()]
@@ -450,6 +592,12 @@ class PPOTrainer:
                 offset += p.numel()
         torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
 
+    def accumulate(self, minibatch: Rollouts) -> dict:
+        """One minibatch's gradients, accumulated over its micro-batches; its stats (masked means)."""
+        tokens = float(minibatch.response_mask.sum().clamp(min=1))
+        parts = [self.losses(mb, tokens) for _, mb in self.micro_batches(minibatch)]
+        return {k: sum(p[k] for p in parts) for k in parts[0]}  # each part is its share of the mean
+
     def update(self, batch: Rollouts, step: int) -> dict:
         self.ac.train()
         generator = torch.Generator().manual_seed(self.config.seed * 31 + step)
@@ -459,7 +607,7 @@ class PPOTrainer:
             order = torch.randperm(n, generator=generator).to(batch.queries.device)
             for start in range(0, n, self.config.mini_batch_size):
                 self.optimizer.zero_grad(set_to_none=True)
-                stats.append(self.losses(batch.rows(order[start : start + self.config.mini_batch_size])))
+                stats.append(self.accumulate(batch.rows(order[start : start + self.config.mini_batch_size])))
                 self._sync_and_clip()
                 self.optimizer.step()
         return {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
@@ -472,11 +620,14 @@ class PPOTrainer:
                    not self.accelerator.is_main_process)  # fmt: skip
         while self.step < self.config.steps:
             step_start = time.perf_counter()
+            self.largest_micro_batch = 0
             batch, rollout_stats = self.rollout(self.step)
             start = time.perf_counter()
             update_stats = self.update(batch, self.step)
             update_s = time.perf_counter() - start
-            stats = {**rollout_stats, **update_stats, "update_s": update_s, "kl_coef": self.kl.value}
+            stats = {**rollout_stats, **update_stats, "update_s": update_s, "kl_coef": self.kl.value,
+                     "peak_rss_mb": peak_rss_mb(), "rss_mb": rss_mb(),
+                     "largest_micro_batch_tokens": self.largest_micro_batch}  # fmt: skip
             stats = {k: self._mean_over_processes(v) for k, v in stats.items()}
             if self.config.adaptive_kl:
                 self.kl.update(stats["kl"], self.config.batch_size)

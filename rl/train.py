@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from sqlmodel import Session, col, select
 
-from alignloop.core import AlignloopError, crud, devices, distributed, registry
+from alignloop.core import AlignloopError, crud, devices, distributed, registry, runguard
 from alignloop.core.config import Settings, read_config_file, read_run_config
 from alignloop.core.db import session_scope
 from alignloop.core.models import ChatFeedback, Run
@@ -142,7 +142,7 @@ def _open_run(engine, algo: str, config: RLConfig, resume: int | None, extra: di
             if resume is not None:
                 run = session.get(Run, resume)
                 run.status, run.error = "running", None
-                session.add(run)
+                runguard.claim(session, run)  # this process owns it now
                 run_id = run.id
             else:
                 run_config = {"algo": algo, **asdict(config), **(extra or {})}
@@ -264,6 +264,8 @@ def _ppo(engine, settings, config, prompts, run_id, run_dir, resume, progress):
         "processes": trainer.accelerator.num_processes,
         "replicas_in_sync": trainer.replicas_in_sync,
         "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "prompt_truncation": trainer.prompt_report.as_dict(),
+        "peak_rss_mb": max((h.get("peak_rss_mb", 0) for h in history), default=None),
     }
     return out, metrics, licence
 

@@ -20,7 +20,7 @@ from sqlalchemy import and_, bindparam, case, exists, func, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, SQLModel, col, select
 
-from alignloop.core import AlignloopError
+from alignloop.core import AlignloopError, runguard
 from alignloop.core.limits import MAX_RESPONSES
 from alignloop.core.models import (
     CHOICES,
@@ -305,6 +305,7 @@ def create_run(session: Session, *, kind: str, config: dict, log_path: str | Non
     run = Run(kind=kind, config=config, status="running", started_at=utcnow(), log_path=log_path)
     session.add(run)
     session.flush()
+    runguard.claim(session, run)  # pid + host: a run whose process dies is marked failed later
     return run
 
 

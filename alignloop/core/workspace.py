@@ -10,7 +10,7 @@ import secrets
 import shutil
 from pathlib import Path
 
-from alignloop.core import AlignloopError, crud
+from alignloop.core import AlignloopError, crud, runguard
 from alignloop.core.config import Settings, load_settings, new_settings, write_settings
 from alignloop.core.db import create_schema, make_engine, session_scope
 from alignloop.core.files import make_private, private_dir, private_umask
@@ -74,4 +74,5 @@ def open_workspace(workspace: str | Path | None) -> tuple[Settings, object]:
         )
     engine = make_engine(url)
     create_schema(engine)
+    runguard.recover(engine)  # runs left `running` by a process that died (SIGKILL, OOM) are marked failed
     return settings, engine

@@ -1,0 +1,196 @@
+"""The RLHF recipe end to end on real preference data, graded by a judge that never saw the training data.
+
+    .venv/bin/python bench/rlhf_recipe.py [--config configs/rl/default.yaml] [--steps N] [--eval-prompts 64]
+
+Protocol (issue #12), so nobody grades their own homework:
+1. the HH harmless dev pairs (`../shared/data/hh_harmless_dev.jsonl`) are grouped by prompt; a seeded hash of
+   the prompt puts `--eval-prompts` prompts aside for evaluation and splits the rest into two disjoint halves;
+2. the training reward model (configs/reward/default.yaml: MiniLM, fully fine-tuned) learns from half A only;
+3. PPO (the given config, from the embedded default model) trains on half A's prompts, full context (the
+   config's `max_prompt_length` caps them), against that reward model;
+4. the judge reward model (same recipe) learns from half B only;
+5. `rl eval` answers the evaluation prompts (in neither half) with the new policy and the base, and the judge
+   scores both: win rate with its standard error, KL(policy_T || base_T) with its standard error (rl eval's
+   estimator), response lengths and EOS rates.
+Time per phase is CPU time (user + system, this process and its children, `resource.getrusage`), reported in
+CPU-minutes, because the machine is shared: wall time depends on the neighbours, CPU time much less. The
+budget that matters, "reward model + RL", is phases 2 and 3 (the judge and the evaluation are grading). Peak
+resident memory of the whole process is printed too, and the PPO run logs its own per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+HH = Path(os.environ.get("ALIGNLOOP_SHARED_DATA", ROOT.parent / "shared" / "data")) / "hh_harmless_dev.jsonl"
+
+
+def cpu_seconds() -> float:
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+class Phases:
+    def __init__(self):
+        self.rows = []
+
+    def run(self, name: str, fn):
+        cpu, wall = cpu_seconds(), time.perf_counter()
+        print(f"--- {name} ...", flush=True)
+        out = fn()
+        self.rows.append((name, (cpu_seconds() - cpu) / 60, (time.perf_counter() - wall) / 60))
+        print(f"--- {name}: {self.rows[-1][1]:.1f} CPU-min, {self.rows[-1][2]:.1f} wall-min", flush=True)
+        return out
+
+
+def split_pairs(eval_prompts: int, seed: int):
+    from reward.data import file_pairs
+
+    pairs = file_pairs(HH)[0]
+    keys = sorted({p.key for p in pairs}, key=lambda k: hashlib.sha256(f"{seed}:{k}".encode()).hexdigest())
+    held = set(keys[:eval_prompts])
+    rest = keys[eval_prompts:]
+    half_a, half_b = set(rest[0::2]), set(rest[1::2])
+    pick = lambda ks: [p for p in pairs if p.key in ks]  # noqa: E731
+    return pick(half_a), pick(half_b), pick(held)
+
+
+def write_pairs(pairs, path: Path) -> Path:
+    with path.open("w") as f:
+        for p in pairs:
+            f.write(json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}) + "\n")
+    return path
+
+
+def write_prompts(pairs, path: Path) -> Path:
+    seen = {}
+    for p in pairs:
+        seen.setdefault(p.key, p.prompt)
+    with path.open("w") as f:
+        for messages in seen.values():
+            f.write(json.dumps({"messages": messages}) + "\n")
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", default=str(ROOT / "configs" / "rl" / "default.yaml"))
+    parser.add_argument("--reward-config", default=str(ROOT / "configs" / "reward" / "default.yaml"))
+    parser.add_argument("--steps", type=int, default=None, help="PPO steps (default: the config's)")
+    parser.add_argument(
+        "--reward-epochs", type=float, default=None, help="reward training epochs (default: config's)"
+    )
+    parser.add_argument(
+        "--max-pairs", type=int, default=None, help="reward training pairs per model (default: all)"
+    )
+    parser.add_argument("--eval-prompts", type=int, default=64)
+    parser.add_argument(
+        "--eval-tokens", type=int, default=None, help="response cap at evaluation (default: PPO's)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--workspace", default=None, help="keep the workspace here (default: a temporary one)"
+    )
+    args = parser.parse_args()
+
+    from alignloop.core.config import load_settings
+    from alignloop.core.db import make_engine, session_scope
+    from alignloop.core.prompts import parse_prompt_file
+    from alignloop.core.workspace import init_workspace
+    from reward import train as reward_train
+    from rl import train as rl_train
+    from rl.evaluate import evaluate_policy
+
+    work = Path(args.workspace or tempfile.mkdtemp(prefix="rlhf-recipe-"))
+    init_workspace(work / "ws")
+    settings = load_settings(work / "ws")
+    engine = make_engine(settings.db_url)
+    phases = Phases()
+
+    half_a, half_b, held = split_pairs(args.eval_prompts, args.seed)
+    keys = lambda ps: {p.key for p in ps}  # noqa: E731
+    assert not (keys(half_a) & keys(half_b)) and not ((keys(half_a) | keys(half_b)) & keys(held))
+    print(f"pairs: half A {len(half_a)} ({len(keys(half_a))} prompts), half B {len(half_b)} "
+          f"({len(keys(half_b))} prompts), evaluation prompts {len(keys(held))} (in neither half)")  # fmt: skip
+    file_a, file_b = write_pairs(half_a, work / "half_a.jsonl"), write_pairs(half_b, work / "half_b.jsonl")
+    with session_scope(engine) as session:
+        from alignloop.core import crud
+
+        for path, split in ((write_prompts(half_a, work / "train_prompts.jsonl"), "train"),
+                            (write_prompts(held, work / "eval_prompts.jsonl"), "eval")):  # fmt: skip
+            prompts = parse_prompt_file(path)
+            for p in prompts:
+                p.split = split
+            crud.add_prompts(session, prompts=prompts, source=path.name)
+
+    rm_over = {"from_workspace": False}
+    if args.max_pairs:
+        rm_over["max_pairs"] = args.max_pairs
+    if args.reward_epochs is not None:
+        rm_over["num_train_epochs"] = args.reward_epochs
+    rm = phases.run("reward model (half A)", lambda: reward_train.train(engine, settings, reward_train.load_config(
+        args.reward_config, data=[str(file_a)], name="rm-train", **rm_over), progress=False))  # fmt: skip
+    print(f"training reward model: held-out accuracy {rm.get('accuracy')}")
+
+    over = {"reward_model": "rm-train", "name": "policy"}
+    if args.steps:
+        over["steps"] = args.steps
+    config = rl_train.load_config("ppo", args.config, **over)
+    result = phases.run("PPO", lambda: rl_train.train(engine, settings, "ppo", config, progress=False))
+    from sqlmodel import Session
+
+    from alignloop.core.models import Run
+
+    with Session(engine) as session:
+        history = session.get(Run, result["run_id"]).metrics["history"]
+    peak = max(h["peak_rss_mb"] for h in history)
+    print(f"PPO: {len(history)} steps, reward {result['reward_start']:.3f} -> {result['reward_end']:.3f}, "
+          f"KL {result['kl_end']:.2f}, peak RSS {peak:.0f} MB (per step: "
+          f"{[round(h['peak_rss_mb']) for h in history]})")  # fmt: skip
+    split = {k: sum(h.get(k, 0) for h in history) / len(history) for k in ("generate_s", "score_s", "forward_s",
+                                                                           "update_s", "step_s")}  # fmt: skip
+    print("PPO seconds per step (wall):", json.dumps({k: round(v, 1) for k, v in split.items()}))
+
+    judge = phases.run("judge reward model (half B)", lambda: reward_train.train(
+        engine, settings, reward_train.load_config(args.reward_config, data=[str(file_b)], name="rm-judge",
+                                                   **rm_over), progress=False))  # fmt: skip
+    print(f"judge reward model: held-out accuracy {judge.get('accuracy')}")
+
+    ev = phases.run("evaluation", lambda: evaluate_policy(
+        engine, settings, policy="policy", baseline=config.policy, reward_model="rm-train", judge="rm-judge",
+        num_prompts=args.eval_prompts, max_new_tokens=args.eval_tokens or config.max_new_tokens, seed=args.seed))  # fmt: skip
+    s = ev["summary"]
+    print("\n| phase | CPU-min | wall-min |\n| --- | --- | --- |")
+    for name, cpu, wall in phases.rows:
+        print(f"| {name} | {cpu:.1f} | {wall:.1f} |")
+    budget = sum(cpu for name, cpu, _ in phases.rows[:2])
+    print(f"\nreward model + RL: {budget:.1f} CPU-minutes (target <= 30)")
+    print(
+        f"win rate vs base, judged by the half-B reward model on {s['prompts']} held-out prompts: "
+        f"{s['win_rate_by_judge']:.3f} +- {s['win_rate_se']:.3f} (target >= 0.60)"
+    )
+    kl_se = s["kl_to_baseline_se"]
+    print(f"KL(policy_T || base_T), T={s['temperature']}: {s['kl_to_baseline']:.3f} +- {kl_se or 0:.3f}")
+    print(f"training reward: policy {s['reward']:.3f} vs base {s['baseline_reward']:.3f}")
+    print(f"length (tokens): policy {s['length']:.1f} vs base {s['baseline_length']:.1f}; EOS rate "
+          f"{s['eos_rate']:.2f} vs {s['baseline_eos_rate']:.2f}")  # fmt: skip
+    print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    print("RESULT " + json.dumps({"summary": s, "phases": phases.rows, "reward_plus_rl_cpu_min": budget,
+                                  "ppo_peak_rss_mb": peak, "ppo_step_split_s": split}))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""PPO's memory bounds on the tiny model: prompts capped (latest turns kept, cuts counted), every forward pass
+with a graph within the token budget whatever the prompt lengths, and micro-batching that changes nothing but
+memory (the accumulated gradients equal one pass over the minibatch)."""
+
+import copy
+
+import pytest
+import torch
+from conftest import build_tiny_llama
+
+from alignloop.core import AlignloopError
+from alignloop.core.sampling import render
+from rl.budget import fit_prompt, fit_prompts, plan_micro_batches
+from rl.ppo import PPOTrainer, load_config
+
+
+def conversation(turns: int, words: int = 30) -> list[dict]:
+    roles = ["user", "assistant"]
+    return [{"role": roles[t % 2], "content": f"turn {t} " + " ".join(f"w{t}x{i}" for i in range(words))}
+            for t in range(turns - 1)] + [{"role": "user", "content": "And the last question?"}]  # fmt: skip
+
+
+def test_fit_prompt_keeps_the_latest_turns_and_counts_the_cuts(tiny_tokenizer):
+    long = conversation(9)
+    assert len(render(tiny_tokenizer, long)) > 120
+    fitted, dropped, cut, before = fit_prompt(tiny_tokenizer, long, 120)
+    assert len(render(tiny_tokenizer, fitted)) <= 120 and before > 120
+    assert dropped > 0 and not cut and fitted == long[dropped:]  # oldest turns went, the rest is unchanged
+    # One huge last turn: it keeps its latest tokens, in the chat format.
+    huge = [{"role": "user", "content": " ".join(f"word{i}" for i in range(400)) + " final words"}]
+    fitted, dropped, cut, _ = fit_prompt(tiny_tokenizer, huge, 64)
+    assert cut and dropped == 0 and fitted[0]["content"].endswith("final words")
+    assert 50 <= len(render(tiny_tokenizer, fitted)) <= 64
+    short = [{"role": "user", "content": "hi"}]
+    prompts, report = fit_prompts(tiny_tokenizer, [long, huge, short], 64)
+    assert prompts[2] == short and all(len(render(tiny_tokenizer, p)) <= 64 for p in prompts)
+    assert report.as_dict() | {"longest_before": 0} == {
+        "prompts": 3, "truncated": 2, "turns_dropped": report.turns_dropped, "turn_cut": 1,
+        "longest_before": 0, "longest_after": max(len(render(tiny_tokenizer, p)) for p in prompts),
+    }  # fmt: skip
+    with pytest.raises(AlignloopError, match="frame"):
+        fit_prompt(tiny_tokenizer, huge, 8)
+
+
+def test_micro_batch_plan_partitions_rows_within_the_budget():
+    lengths = [(500, 10), (20, 48), (300, 5), (7, 1), (90, 48), (250, 30)] * 3
+    groups = plan_micro_batches(lengths, 600)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        width = max(lengths[i][0] for i in g) + max(lengths[i][1] for i in g)
+        assert len(g) * width <= 600
+    assert plan_micro_batches(lengths, None) == [sorted(range(len(lengths)), key=lambda i: -sum(lengths[i]))]
+
+
+def ppo(tokenizer, model, **overrides):
+    base = dict(batch_size=8, mini_batch_size=8, ppo_epochs=1, max_new_tokens=8, learning_rate=1e-2,
+                kl_coef=0.05, missing_eos_penalty=0.0, lora_r=4, lora_alpha=8, save_every=0,
+                target_modules=["q_proj", "v_proj", "down_proj"], temperature=1.0)  # fmt: skip
+    reward = lambda prompts, completions: [len(c.token_ids) / 8 for c in completions]  # noqa: E731
+    prompts = [conversation(1 + (i % 3) * 6, words=5 + 8 * (i % 4)) for i in range(8)]
+    return PPOTrainer(load_config(None, **(base | overrides)), model, tokenizer, prompts, reward)
+
+
+def test_the_token_budget_bounds_every_forward_pass_whatever_the_prompt_lengths(tiny_tokenizer):
+    """Prompts from 20 to ~1,500 tokens, capped at 96, budget 160 padded tokens: every forward pass outside
+    generation (rollout log-probs, reference, values, update with its graph) sees at most 160 token positions,
+    so the activations it keeps (per layer: positions x hidden) are bounded by the budget, not by the data."""
+    budget = 160
+    trainer = ppo(tiny_tokenizer, build_tiny_llama(tiny_tokenizer, initializer_range=0.1),
+                  max_prompt_length=96, micro_batch_tokens=budget)  # fmt: skip
+    assert trainer.prompt_report.longest_before > 1000 and trainer.prompt_report.truncated >= 4
+    seen, hidden = [], []
+    lm = trainer.ac.causal_lm
+
+    def count(module, args, kwargs):
+        if not kwargs.get("use_cache"):  # generation decodes with the cache; every other pass is bounded
+            seen.append(kwargs["input_ids"].numel())
+
+    def activations(module, args, output):
+        if not torch.is_inference_mode_enabled():
+            hidden.append((output[0] if isinstance(output, tuple) else output).numel())
+
+    handles = [lm.model.register_forward_pre_hook(count, with_kwargs=True),
+               lm.model.layers[0].register_forward_hook(activations)]  # fmt: skip
+    batch, _ = trainer.rollout(0)
+    trainer.update(batch, 0)
+    for h in handles:
+        h.remove()
+    assert seen and max(seen) <= budget, seen
+    assert max(hidden) <= budget * lm.config.hidden_size
+    assert 0 < trainer.largest_micro_batch <= budget
+    # Without the budget the same step's widest pass is far larger: the bound is doing the work.
+    loose = ppo(tiny_tokenizer, build_tiny_llama(tiny_tokenizer, initializer_range=0.1),
+                max_prompt_length=8192, micro_batch_tokens=100_000)  # fmt: skip
+    batch, _ = loose.rollout(0)
+    loose.update(batch, 0)
+    assert loose.largest_micro_batch > 8 * budget
+
+
+def test_micro_batches_and_checkpointing_leave_the_gradients_unchanged(tiny_tokenizer):
+    model = build_tiny_llama(tiny_tokenizer, initializer_range=0.1)
+    whole = ppo(tiny_tokenizer, copy.deepcopy(model), max_prompt_length=96, micro_batch_tokens=100_000)
+    split = ppo(tiny_tokenizer, copy.deepcopy(model), max_prompt_length=96, micro_batch_tokens=110,
+                gradient_checkpointing=True)  # fmt: skip
+    batch, _ = whole.rollout(0)
+    grads = []
+    for trainer in (whole, split):
+        trainer.ac.train()
+        trainer.optimizer.zero_grad(set_to_none=True)
+        stats = trainer.accumulate(batch)
+        named = [(n, p) for n, p in trainer.ac.named_parameters() if p.requires_grad or "lora_" in n]
+        grads.append(({n: p.grad for n, p in named}, stats))
+    assert len(split.micro_batches(batch)) > 2  # really split
+    assert grads[0][0].keys() == grads[1][0].keys()
+    assert sum(g is not None for g in grads[0][0].values()) > 6  # both adapters and the head learn
+    for name, a in grads[0][0].items():
+        b = grads[1][0][name]
+        assert (a is None and b is None) or torch.allclose(a, b, atol=1e-6, rtol=1e-4), name
+    assert grads[0][1]["policy_loss"] == pytest.approx(grads[1][1]["policy_loss"], abs=1e-6)
+
+
+def test_budget_settings_are_checked(tmp_path):
+    with pytest.raises(AlignloopError, match="must hold one full row"):
+        load_config(None, max_prompt_length=512, max_new_tokens=48, micro_batch_tokens=256)
+    config = tmp_path / "ppo.yaml"
+    config.write_text("max_prompt_length: null\nmicro_batch_tokens: 1024\n")
+    with pytest.raises(AlignloopError, match="set both"):
+        load_config(config)
