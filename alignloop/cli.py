@@ -223,9 +223,11 @@ def cmd_judge_run(args) -> int:
         if not args.openai_model:
             raise AlignloopError("--openai-model is required with --openai-base-url")
         judge = OpenAIJudge(
-            base_url=args.openai_base_url, model=args.openai_model, api_key=os.environ.get(args.api_key_env),
+            base_url=args.openai_base_url,
+            model=args.openai_model,
+            api_key=os.environ.get(args.api_key_env),
             instructions=instructions,
-        )  # fmt: skip
+        )
     else:
         from sqlmodel import Session
 
@@ -238,9 +240,17 @@ def cmd_judge_run(args) -> int:
             placement = registry.placement_for(source, settings)
         loaded = registry.load_causal_lm(source, placement=placement, settings=settings)
         judge = LocalJudge(loaded.model, loaded.tokenizer, instructions=instructions)
-    counts = run_judge(engine, judge=judge, user_name=args.user, max_items=args.max_items,
-                       gold_share=args.gold_share, round=args.round, critique=args.critique, revise=args.revise,
-                       constitution=constitution)  # fmt: skip
+    counts = run_judge(
+        engine,
+        judge=judge,
+        user_name=args.user,
+        max_items=args.max_items,
+        gold_share=args.gold_share,
+        round=args.round,
+        critique=args.critique,
+        revise=args.revise,
+        constitution=constitution,
+    )
     print(
         f"judge {args.user}: {counts['votes']} votes (a {counts['a']}, b {counts['b']}, tie {counts['tie']}, "
         f"ranked {counts['ranked']}; {counts['lost']} taken by others meanwhile)"
@@ -298,8 +308,11 @@ def cmd_reward_train(args) -> int:
     if "model" not in summary:
         return 0  # a non-main process of a multi-process launch
     enc = summary["encoding"]
-    accuracy = "no held-out pairs" if summary["accuracy"] is None else (
-        f"held-out accuracy {summary['accuracy']:.3f}, ECE {summary['ece']:.3f}")  # fmt: skip
+    accuracy = (
+        "no held-out pairs"
+        if summary["accuracy"] is None
+        else (f"held-out accuracy {summary['accuracy']:.3f}, ECE {summary['ece']:.3f}")
+    )
     print(
         f"registered {summary['model']} (run {summary['run_id']}): {summary['train_pairs']} pairs, "
         f"{summary['steps']} steps in {summary['train_seconds']:.0f} s; {accuracy}; "
@@ -379,9 +392,16 @@ def cmd_rl_eval(args) -> int:
 
     settings, engine = open_workspace(args)
     result = evaluate_policy(
-        engine, settings, policy=args.policy, baseline=args.baseline, reward_model=args.reward_model,
-        judge=args.judge, num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens, preset=args.preset,
-    )  # fmt: skip
+        engine,
+        settings,
+        policy=args.policy,
+        baseline=args.baseline,
+        reward_model=args.reward_model,
+        judge=args.judge,
+        num_prompts=args.num_prompts,
+        max_new_tokens=args.max_new_tokens,
+        preset=args.preset,
+    )
     print(json.dumps(result["summary"], indent=2))
     return 0
 
@@ -390,9 +410,18 @@ def cmd_report_levels(args) -> int:
     from serve.levels import build_report, markdown_table
 
     settings, engine = open_workspace(args)
-    report = build_report(engine, settings, judge=args.judge, base=args.base, num_prompts=args.prompts,
-                          max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
-                          models=args.models, out=args.out)  # fmt: skip
+    report = build_report(
+        engine,
+        settings,
+        judge=args.judge,
+        base=args.base,
+        num_prompts=args.prompts,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+        models=args.models,
+        out=args.out,
+    )
     print(markdown_table(report), end="")
     print(
         f"stored as run {report['run_id']} (/admin/levels)" + (f"; files in {args.out}" if args.out else "")
@@ -404,8 +433,9 @@ def cmd_round_next(args) -> int:
     from alignloop.rounds import RoundPlan, next_round
 
     settings, engine = open_workspace(args)
-    plan = RoundPlan(reward_config=args.reward_config, rl_config=args.rl_config, algo=args.algo,
-                     num_prompts=args.prompts)  # fmt: skip
+    plan = RoundPlan(
+        reward_config=args.reward_config, rl_config=args.rl_config, algo=args.algo, num_prompts=args.prompts
+    )
     result = next_round(engine, settings, plan)
     print(
         f"closed round {result['round']}: reward model {result['reward_model'] or '- (dpo)'}, new policy "
@@ -486,14 +516,23 @@ def cmd_presets(args) -> int:
     with session_scope(engine) as session:
         if args.presets_command == "save":
             examples = _read_examples(args.examples) if args.examples else []
-            preset = save_preset(session, name=args.name, system_prompt=args.system or "", examples=examples,
-                                 chain_of_thought=args.cot, num_shots=args.num_shots, shot_order=args.shot_order,
-                                 answer_delimiter=args.delimiter)  # fmt: skip
+            preset = save_preset(
+                session,
+                name=args.name,
+                system_prompt=args.system or "",
+                examples=examples,
+                chain_of_thought=args.cot,
+                num_shots=args.num_shots,
+                shot_order=args.shot_order,
+                answer_delimiter=args.delimiter,
+            )
             print(f"saved preset {preset.name}@{preset.version}")
         else:
             for p in list_presets(session):
-                print(f"{p.name}@{p.version}\t{len(p.examples)} examples\t{'cot' if p.chain_of_thought else ''}"
-                      f"\t{p.system_prompt[:60]!r}")  # fmt: skip
+                print(
+                    f"{p.name}@{p.version}\t{len(p.examples)} examples\t{'cot' if p.chain_of_thought else ''}"
+                    f"\t{p.system_prompt[:60]!r}"
+                )
     return 0
 
 

@@ -74,9 +74,15 @@ class JobStatusOut(BaseModel):
 
 
 def _job_dict(run: Run, session) -> dict:
-    return {"id": run.id, "kind": run.config.get("job_kind"), "argv": run.config.get("argv"), "status": run.status,
-            "error": run.error, "exit_code": run.metrics.get("exit_code"),
-            "runs": [{"id": r.id, "kind": r.kind, "status": r.status} for r in jobs.child_runs(session, run.id)]}  # fmt: skip
+    return {
+        "id": run.id,
+        "kind": run.config.get("job_kind"),
+        "argv": run.config.get("argv"),
+        "status": run.status,
+        "error": run.error,
+        "exit_code": run.metrics.get("exit_code"),
+        "runs": [{"id": r.id, "kind": r.kind, "status": r.status} for r in jobs.child_runs(session, run.id)],
+    }
 
 
 @router.get("/api/jobs", response_model=list[JobOut])
@@ -91,8 +97,13 @@ def create_job(body: JobRequest, request: Request, user: AdminDep, session: Sess
     """Start a job (validated like the CLI: bad arguments start nothing, 400)."""
     session.commit()
     try:
-        run = jobs.start_job(request.app.state.engine, request.app.state.settings, kind=body.kind,
-                             arguments=body.arguments, user=user.name)  # fmt: skip
+        run = jobs.start_job(
+            request.app.state.engine,
+            request.app.state.settings,
+            kind=body.kind,
+            arguments=body.arguments,
+            user=user.name,
+        )
     except jobs.TooManyJobs as exc:
         raise HTTPException(status_code=429, detail=str(exc)) from None
     except AlignloopError as exc:
@@ -124,17 +135,36 @@ def jobs_page(request: Request, user: AdminDep, session: SessionDep):
 
 
 def _jobs_page(request: Request, user, session, error: str | None = None, status_code: int = 200):
-    return render(templates, request, "jobs.html", title="Jobs", user=user, error=error, status_code=status_code,
-                  kinds=jobs.JOB_KINDS, jobs=list_jobs(user, session))  # fmt: skip
+    return render(
+        templates,
+        request,
+        "jobs.html",
+        title="Jobs",
+        user=user,
+        error=error,
+        status_code=status_code,
+        kinds=jobs.JOB_KINDS,
+        jobs=list_jobs(user, session),
+    )
 
 
 @router.post("/admin/jobs", include_in_schema=False)
-def start_from_form(request: Request, user: AdminDep, session: SessionDep, kind: Annotated[str, Form(max_length=16)],
-                    arguments: Annotated[str, Form(max_length=2000)] = ""):  # fmt: skip
+def start_from_form(
+    request: Request,
+    user: AdminDep,
+    session: SessionDep,
+    kind: Annotated[str, Form(max_length=16)],
+    arguments: Annotated[str, Form(max_length=2000)] = "",
+):
     session.commit()
     try:
-        run = jobs.start_job(request.app.state.engine, request.app.state.settings, kind=kind, arguments=arguments,
-                             user=user.name)  # fmt: skip
+        run = jobs.start_job(
+            request.app.state.engine,
+            request.app.state.settings,
+            kind=kind,
+            arguments=arguments,
+            user=user.name,
+        )
     except AlignloopError as exc:
         return _jobs_page(request, user, session, error=str(exc), status_code=400)
     return RedirectResponse(f"/admin/jobs/{run.id}", status_code=303)
@@ -143,8 +173,15 @@ def start_from_form(request: Request, user: AdminDep, session: SessionDep, kind:
 @router.get("/admin/jobs/{job_id}", response_class=HTMLResponse, include_in_schema=False)
 def job_page(job_id: DbId, request: Request, user: AdminDep, session: SessionDep):
     job = get_job(job_id, user, session)
-    return render(templates, request, "job.html", title=f"Job {job_id}", user=user, job=job,
-                  refresh=3 if job["status"] == "running" else None)  # fmt: skip
+    return render(
+        templates,
+        request,
+        "job.html",
+        title=f"Job {job_id}",
+        user=user,
+        job=job,
+        refresh=3 if job["status"] == "running" else None,
+    )
 
 
 @router.post("/admin/jobs/{job_id}/cancel", include_in_schema=False)
@@ -161,16 +198,38 @@ def users_page(request: Request, user: AdminDep, session: SessionDep):
     return _users_page(request, user, session)
 
 
-def _users_page(request: Request, user, session, *, notice: str | None = None, secret: str | None = None,
-                status_code: int = 200):  # fmt: skip
+def _users_page(
+    request: Request,
+    user,
+    session,
+    *,
+    notice: str | None = None,
+    secret: str | None = None,
+    status_code: int = 200,
+):
     users = session.exec(select(User).order_by(User.id)).all()
-    return render(templates, request, "users.html", title="Users", user=user, users=users, roles=ROLES,
-                  notice=notice, secret=secret, status_code=status_code)  # fmt: skip
+    return render(
+        templates,
+        request,
+        "users.html",
+        title="Users",
+        user=user,
+        users=users,
+        roles=ROLES,
+        notice=notice,
+        secret=secret,
+        status_code=status_code,
+    )
 
 
 @router.post("/admin/users", response_class=HTMLResponse, include_in_schema=False)
-def add_user(request: Request, user: AdminDep, session: SessionDep, name: Annotated[str, Form(max_length=64)],
-             role: Annotated[str, Form(max_length=16)]):  # fmt: skip
+def add_user(
+    request: Request,
+    user: AdminDep,
+    session: SessionDep,
+    name: Annotated[str, Form(max_length=64)],
+    role: Annotated[str, Form(max_length=16)],
+):
     password = secrets.token_urlsafe(12)
     try:
         crud.create_user(session, name=name, role=role, password=password)
@@ -210,8 +269,9 @@ def reset_password(user_id: DbId, request: Request, user: AdminDep, session: Ses
     crud.set_password(session, user=target, password=password)
     session.commit()
     websec.end_all_logins(session, target.id)
-    return _users_page(request, user, session, notice=f"New password for {target.name} (shown once):",
-                       secret=password)  # fmt: skip
+    return _users_page(
+        request, user, session, notice=f"New password for {target.name} (shown once):", secret=password
+    )
 
 
 @router.post("/admin/users/{user_id}/logout", include_in_schema=False)
@@ -231,17 +291,39 @@ def keys_page(request: Request, user: AdminDep, session: SessionDep):
     return _keys_page(request, user, session)
 
 
-def _keys_page(request: Request, user, session, *, notice: str | None = None, secret: str | None = None,
-               status_code: int = 200):  # fmt: skip
+def _keys_page(
+    request: Request,
+    user,
+    session,
+    *,
+    notice: str | None = None,
+    secret: str | None = None,
+    status_code: int = 200,
+):
     names = {u.id: u.name for u in session.exec(select(User)).all()}
-    return render(templates, request, "keys.html", title="API keys", user=user, names=names,
-                  user_names=sorted(names.values()), keys=crud.list_api_keys(session), notice=notice,
-                  secret=secret, status_code=status_code)  # fmt: skip
+    return render(
+        templates,
+        request,
+        "keys.html",
+        title="API keys",
+        user=user,
+        names=names,
+        user_names=sorted(names.values()),
+        keys=crud.list_api_keys(session),
+        notice=notice,
+        secret=secret,
+        status_code=status_code,
+    )
 
 
 @router.post("/admin/keys", response_class=HTMLResponse, include_in_schema=False)
-def create_key(request: Request, user: AdminDep, session: SessionDep, name: Annotated[str, Form(max_length=64)],
-               user_name: Annotated[str, Form(alias="user", max_length=64)]):  # fmt: skip
+def create_key(
+    request: Request,
+    user: AdminDep,
+    session: SessionDep,
+    name: Annotated[str, Form(max_length=64)],
+    user_name: Annotated[str, Form(alias="user", max_length=64)],
+):
     owner = crud.get_user(session, name=user_name)
     if owner is None:
         raise HTTPException(status_code=400, detail="no such user")

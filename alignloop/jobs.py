@@ -106,12 +106,21 @@ def start_job(engine, settings: Settings, *, kind: str, arguments: str = "", use
         )
     log_path = settings.runs_dir / f"run{run.id}" / "job.log"
     private_dir(log_path.parent)  # logs hold prompts and model output: the owner's only
-    env = {**os.environ, "ALIGNLOOP_JOB": str(run.id), "ALIGNLOOP_HOME": str(settings.workspace),
-           "PYTHONUNBUFFERED": "1"}  # fmt: skip
+    env = {
+        **os.environ,
+        "ALIGNLOOP_JOB": str(run.id),
+        "ALIGNLOOP_HOME": str(settings.workspace),
+        "PYTHONUNBUFFERED": "1",
+    }
     with open(log_path, "ab", opener=private_opener) as log:
-        process = subprocess.Popen([sys.executable, "-m", "alignloop.cli", *argv, "--workspace", str(settings.workspace)],
-                                   stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                   start_new_session=True)  # fmt: skip
+        process = subprocess.Popen(
+            [sys.executable, "-m", "alignloop.cli", *argv, "--workspace", str(settings.workspace)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
     with session_scope(engine) as session:
         row = session.get(Run, run.id)
         row.log_path, row.metrics = str(log_path), {"pid": process.pid}
@@ -131,8 +140,13 @@ def _finish(engine, run_id: int, code: int | None, error: str | None = None) -> 
         if run.status != "running":
             return  # cancelled meanwhile
         status = "succeeded" if code == 0 else "failed"
-        crud.finish_run(session, run=run, status=status, metrics={"exit_code": code},
-                        error=error or (None if code == 0 else f"exited with code {code}"))  # fmt: skip
+        crud.finish_run(
+            session,
+            run=run,
+            status=status,
+            metrics={"exit_code": code},
+            error=error or (None if code == 0 else f"exited with code {code}"),
+        )
 
 
 def cancel_job(engine, run_id: int) -> Run:
@@ -218,5 +232,8 @@ def log_tail(run: Run, lines: int = 200) -> str:
 
 
 def child_runs(session: Session, job_id: int) -> list[Run]:
-    return [r for r in session.exec(select(Run).where(Run.kind != "job").order_by(Run.id)).all()
-            if r.config.get("job") == job_id]  # fmt: skip
+    return [
+        r
+        for r in session.exec(select(Run).where(Run.kind != "job").order_by(Run.id)).all()
+        if r.config.get("job") == job_id
+    ]

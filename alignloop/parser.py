@@ -197,9 +197,11 @@ def make_parser() -> argparse.ArgumentParser:
         "--device", default=None, help="auto | cpu | cuda | cuda:N (default: config.yaml's device)"
     )
     placed.add_argument(
-        "--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
+        "--dtype",
+        default=None,
+        choices=["auto", "float32", "bfloat16", "float16"],
         help="model precision (default: config.yaml's; auto = bf16 where the device does it natively)",
-    )  # fmt: skip
+    )
     parser = Parser(
         prog="alignloop", description="Self-hosted human feedback and RLHF: annotate, reward, align, serve."
     )
@@ -310,8 +312,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--critique", action="store_true", help="store a written critique as each vote's rationale"
     )
-    p.add_argument("--revise", action="store_true",
-                   help="critique and revise: store an improved reply as SFT data (sft train --from-chat-edits)")  # fmt: skip
+    p.add_argument(
+        "--revise",
+        action="store_true",
+        help="critique and revise: store an improved reply as SFT data (sft train --from-chat-edits)",
+    )
     p.add_argument("--round", type=count("round"), default=None, help="only this round's comparisons")
     p.set_defaults(handler="cmd_judge_run")
 
@@ -449,8 +454,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--examples", default=None, help='JSON file: [{"user": ..., "assistant": ...}, ...]')
     p.add_argument("--cot", default=None, help="chain-of-thought instruction appended to the user's turn")
-    p.add_argument("--num-shots", type=int, default=None,
-                   help="show the K examples most similar to each prompt (the examples become a pool)")  # fmt: skip
+    p.add_argument(
+        "--num-shots",
+        type=int,
+        default=None,
+        help="show the K examples most similar to each prompt (the examples become a pool)",
+    )
     p.add_argument("--shot-order", default="similar_last", choices=["similar_last", "similar_first"])
     p.add_argument("--delimiter", default=None, help="users see only the answer after this text (hides CoT)")
     p.set_defaults(handler="cmd_presets")

@@ -98,8 +98,12 @@ def next_round(engine, settings: Settings, plan: RoundPlan) -> dict:
             with Session(engine) as session:
                 existing = crud.get_model_version(session, name=reward_name)
             if existing is None:
-                config = reward_config(plan.reward_config or ROOT / "configs/reward/default.yaml", name=reward_name,
-                                       round=number, from_workspace=True)  # fmt: skip
+                config = reward_config(
+                    plan.reward_config or ROOT / "configs/reward/default.yaml",
+                    name=reward_name,
+                    round=number,
+                    from_workspace=True,
+                )
                 done["reward_run"] = train_reward(engine, settings, config, progress=plan.progress)["run_id"]
                 _record(engine, run_id, reward_run=done["reward_run"])
             with session_scope(engine) as session:
@@ -113,13 +117,32 @@ def next_round(engine, settings: Settings, plan: RoundPlan) -> dict:
             interrupted = session.get(Run, done["rl_run"]) if "rl_run" in done else None
         if new_policy is None:
             if interrupted is not None and interrupted.status != "succeeded" and plan.algo == "ppo":
-                result = train_rl(engine, settings, "ppo", None, resume=interrupted.id, round=number + 1,
-                                  progress=plan.progress)  # fmt: skip
+                result = train_rl(
+                    engine,
+                    settings,
+                    "ppo",
+                    None,
+                    resume=interrupted.id,
+                    round=number + 1,
+                    progress=plan.progress,
+                )
             else:
-                config = rl_config(plan.algo, plan.rl_config or ROOT / "configs/rl/default.yaml", policy=policy,
-                                   reward_model=reward_name, name=policy_name)  # fmt: skip
-                result = train_rl(engine, settings, plan.algo, config, round=number + 1, progress=plan.progress,
-                                  on_run=lambda rid: _record(engine, run_id, rl_run=rid))  # fmt: skip
+                config = rl_config(
+                    plan.algo,
+                    plan.rl_config or ROOT / "configs/rl/default.yaml",
+                    policy=policy,
+                    reward_model=reward_name,
+                    name=policy_name,
+                )
+                result = train_rl(
+                    engine,
+                    settings,
+                    plan.algo,
+                    config,
+                    round=number + 1,
+                    progress=plan.progress,
+                    on_run=lambda rid: _record(engine, run_id, rl_run=rid),
+                )
             done["rl_run"] = result["run_id"]
             _record(engine, run_id, rl_run=done["rl_run"])
         # 4. queue the next round: the new policy against this round's
@@ -128,13 +151,21 @@ def next_round(engine, settings: Settings, plan: RoundPlan) -> dict:
         with session_scope(engine) as session:
             new_id = crud.get_model_version(session, name=policy_name).id
             crud.get_or_create_round(
-                session, number=number + 1, target_votes=round_.target_votes, policy_id=new_id,
+                session,
+                number=number + 1,
+                target_votes=round_.target_votes,
+                policy_id=new_id,
                 ai_votes=round_.ai_votes,
-            )  # fmt: skip
+            )
         summary = queue_comparisons(
-            engine, settings=settings, model_ref=policy_name, versus=policy, num_prompts=plan.num_prompts,
-            round=number + 1, progress=plan.progress,
-        )  # fmt: skip
+            engine,
+            settings=settings,
+            model_ref=policy_name,
+            versus=policy,
+            num_prompts=plan.num_prompts,
+            round=number + 1,
+            progress=plan.progress,
+        )
         if reward_name:  # the new items the reward model is least sure about go to the annotators first
             from reward.score import score_queue
 
@@ -142,14 +173,24 @@ def next_round(engine, settings: Settings, plan: RoundPlan) -> dict:
         with session_scope(engine) as session:
             session.get(Round, round_.id).status = "closed"
             run = session.get(Run, run_id)
-            crud.finish_run(session, run=run, status="succeeded",
-                            metrics={**done, "queued": summary["comparisons"], "next_round": number + 1})  # fmt: skip
+            crud.finish_run(
+                session,
+                run=run,
+                status="succeeded",
+                metrics={**done, "queued": summary["comparisons"], "next_round": number + 1},
+            )
     except BaseException as exc:
         with session_scope(engine) as session:
             crud.finish_run(session, run=session.get(Run, run_id), status="failed", error=str(exc)[:2000])
         raise
-    return {"round": number, "reward_model": reward_name, "policy": policy_name, "next_round": number + 1,
-            "queued": summary["comparisons"], "run_id": run_id}  # fmt: skip
+    return {
+        "round": number,
+        "reward_model": reward_name,
+        "policy": policy_name,
+        "next_round": number + 1,
+        "queued": summary["comparisons"],
+        "run_id": run_id,
+    }
 
 
 def set_ai_votes(session: Session, *, round: int, ai_votes: int) -> int:

@@ -136,8 +136,9 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
         https_only=settings.secure_cookies,
     )
     # Outermost: oversized bodies and cross-origin writes are refused before anything else runs.
-    app.add_middleware(websec.GuardMiddleware, gradio_paths=tuple(sorted(UI_PATHS)),
-                       secure=settings.secure_cookies)  # fmt: skip
+    app.add_middleware(
+        websec.GuardMiddleware, gradio_paths=tuple(sorted(UI_PATHS)), secure=settings.secure_cookies
+    )
     return app
 
 
@@ -211,10 +212,12 @@ def _mount_stages(app: FastAPI) -> None:
     )
     reviewers = annotate_app.username_of(engine, roles=("reviewer", "admin"))
     pool = app.state.model_pool
-    gr.mount_gradio_app(app, chat.build_ui(engine, settings, pool), path="/chat", auth_dependency=reviewers,
-                        **ui_options)  # fmt: skip
-    gr.mount_gradio_app(app, arena.build_ui(engine, settings, pool), path="/arena", auth_dependency=reviewers,
-                        **ui_options)  # fmt: skip
+    gr.mount_gradio_app(
+        app, chat.build_ui(engine, settings, pool), path="/chat", auth_dependency=reviewers, **ui_options
+    )
+    gr.mount_gradio_app(
+        app, arena.build_ui(engine, settings, pool), path="/arena", auth_dependency=reviewers, **ui_options
+    )
 
 
 async def _login_required(request: Request, exc: LoginRequired):
@@ -232,9 +235,15 @@ def comparison_card(session: Session, comparison: Comparison) -> dict:
     """What queue.html shows of one comparison (plain values; the template escapes them)."""
     prompt = session.get(Prompt, comparison.prompt_id)
     items = crud.comparison_generations(session, comparison_id=comparison.id)
-    return {"id": comparison.id, "round": comparison.round, "num_votes": comparison.num_votes,
-            "target_votes": comparison.target_votes, "status": comparison.status, "messages": prompt.messages,
-            "responses": [g.text for g in items]}  # fmt: skip
+    return {
+        "id": comparison.id,
+        "round": comparison.round,
+        "num_votes": comparison.num_votes,
+        "target_votes": comparison.target_votes,
+        "status": comparison.status,
+        "messages": prompt.messages,
+        "responses": [g.text for g in items],
+    }
 
 
 def _leased_to(user: User) -> int | None:
@@ -269,9 +278,16 @@ def _register_routes(app: FastAPI) -> None:
         keys = logins.keys_for(username, address, state.settings.login_attempts)
         wait = logins.reserve(state.engine, keys)  # counted before the hash: parallel guesses queue here
         if wait:
-            return render(templates, request, "message.html", title="Log in", status_code=429,
-                          headers={"Retry-After": retry_after(wait)}, heading="Too many failed attempts",
-                          message="Wait a few minutes and try again.")  # fmt: skip
+            return render(
+                templates,
+                request,
+                "message.html",
+                title="Log in",
+                status_code=429,
+                headers={"Retry-After": retry_after(wait)},
+                heading="Too many failed attempts",
+                message="Wait a few minutes and try again.",
+            )
         # A short session of its own rather than a request slot: the argon2 check below is slow on purpose,
         # and other requests should not queue behind it.
         with Session(request.app.state.engine, expire_on_commit=False) as session:
@@ -320,8 +336,17 @@ def _register_routes(app: FastAPI) -> None:
         )
         cards = [comparison_card(session, c) for c in comparisons]
         pages = (total + PAGE_SIZE - 1) // PAGE_SIZE
-        return render(templates, request, "queue.html", title="Queue", user=user, total=total, cards=cards,
-                      page_number=page_number, pages=pages)  # fmt: skip
+        return render(
+            templates,
+            request,
+            "queue.html",
+            title="Queue",
+            user=user,
+            total=total,
+            cards=cards,
+            page_number=page_number,
+            pages=pages,
+        )
 
     @app.get("/api/comparisons", tags=["comparisons"], response_model=list[ComparisonOut])
     def api_comparisons(

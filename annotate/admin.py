@@ -59,9 +59,16 @@ def admin_page(
     round: Annotated[int | None, Query(ge=0, le=MAX_INT)] = None,
 ):
     report = quality_report(session, round=round)
-    return render(templates, request, "admin_quality.html", title="Admin", user=user, report=report,
-                  scope=f"round {round}" if round is not None else "all rounds",
-                  annotators=sorted(report.annotators, key=lambda a: (not a.flags, a.name)))  # fmt: skip
+    return render(
+        templates,
+        request,
+        "admin_quality.html",
+        title="Admin",
+        user=user,
+        report=report,
+        scope=f"round {round}" if round is not None else "all rounds",
+        annotators=sorted(report.annotators, key=lambda a: (not a.flags, a.name)),
+    )
 
 
 @router.post("/admin/users/{user_id}/{action}", include_in_schema=False)
@@ -100,25 +107,46 @@ def rounds_json(user: AdminDep, session: SessionDep) -> list[dict]:
     evidence = {r.round: r for r in round_over_round(session)}
     out = []
     for r in session.exec(select(Round).order_by(Round.number)).all():
-        counts = dict(session.exec(select(Comparison.status, func.count()).where(Comparison.round == r.number)
-                                   .group_by(Comparison.status)).all())  # fmt: skip
+        counts = dict(
+            session.exec(
+                select(Comparison.status, func.count())
+                .where(Comparison.round == r.number)
+                .group_by(Comparison.status)
+            ).all()
+        )
         prompts = session.exec(
             select(func.count(func.distinct(Comparison.prompt_id))).where(Comparison.round == r.number)
         ).one()
-        votes = session.exec(select(Vote.user_id, func.count()).join(Comparison, Comparison.id == Vote.comparison_id)
-                             .where(Comparison.round == r.number).group_by(Vote.user_id)).all()  # fmt: skip
+        votes = session.exec(
+            select(Vote.user_id, func.count())
+            .join(Comparison, Comparison.id == Vote.comparison_id)
+            .where(Comparison.round == r.number)
+            .group_by(Vote.user_id)
+        ).all()
         models = session.exec(select(ModelVersion).where(ModelVersion.round == r.number)).all()
         policy = session.get(ModelVersion, r.policy_id) if r.policy_id else None
-        out.append({
-            "round": r.number, "status": r.status, "prompts": prompts, "queued": counts.get("queued", 0),
-            "done": counts.get("done", 0), "votes_per_annotator": {names.get(u, u): n for u, n in votes},
-            "krippendorff_alpha": quality_report(session, round=r.number).krippendorff_alpha,
-            "policy": policy.name if policy else None,
-            "reward_model": session.get(ModelVersion, r.reward_id).name if r.reward_id else None,
-            "vs_predecessor": asdict(evidence[r.number]) if r.number in evidence else None,
-            "models": [{"name": m.name, "kind": m.kind,
-                        "lineage": [x.name for x in crud.model_lineage(session, model_id=m.id)]} for m in models],
-        })  # fmt: skip
+        out.append(
+            {
+                "round": r.number,
+                "status": r.status,
+                "prompts": prompts,
+                "queued": counts.get("queued", 0),
+                "done": counts.get("done", 0),
+                "votes_per_annotator": {names.get(u, u): n for u, n in votes},
+                "krippendorff_alpha": quality_report(session, round=r.number).krippendorff_alpha,
+                "policy": policy.name if policy else None,
+                "reward_model": session.get(ModelVersion, r.reward_id).name if r.reward_id else None,
+                "vs_predecessor": asdict(evidence[r.number]) if r.number in evidence else None,
+                "models": [
+                    {
+                        "name": m.name,
+                        "kind": m.kind,
+                        "lineage": [x.name for x in crud.model_lineage(session, model_id=m.id)],
+                    }
+                    for m in models
+                ],
+            }
+        )
     return out
 
 
@@ -130,5 +158,12 @@ def rounds_page(request: Request, user: AdminDep, session: SessionDep):
 
     # The chart is SVG drawn by annotate.evidence from numbers, escaping every name it writes.
     chart = Markup(svg_chart(round_over_round(session)))
-    return render(templates, request, "admin_rounds.html", title="Rounds", user=user, chart=chart,
-                  rounds=rounds_json(user, session))  # fmt: skip
+    return render(
+        templates,
+        request,
+        "admin_rounds.html",
+        title="Rounds",
+        user=user,
+        chart=chart,
+        rounds=rounds_json(user, session),
+    )

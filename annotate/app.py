@@ -218,14 +218,25 @@ def build_ui(engine, settings: Settings, vote_limiter=None) -> gr.Blocks:
             guidelines_md = gr.Markdown(guidelines, elem_id="guidelines")
         status_md = gr.Markdown(elem_id="status")
         # Prompts are untrusted imported text: no Markdown, so no live links (README "Security").
-        chat = gr.Chatbot(label="Conversation", height=260, sanitize_html=True, render_markdown=False,
-                          elem_id="conversation")  # fmt: skip
+        chat = gr.Chatbot(
+            label="Conversation",
+            height=260,
+            sanitize_html=True,
+            render_markdown=False,
+            elem_id="conversation",
+        )
         with gr.Row():
             boxes = [
-                gr.Textbox(label=f"Response {queue.LABELS[i]}", lines=8, max_lines=30, interactive=False,
-                           visible=i < 2, elem_id=f"response-{queue.LABELS[i].lower()}")
+                gr.Textbox(
+                    label=f"Response {queue.LABELS[i]}",
+                    lines=8,
+                    max_lines=30,
+                    interactive=False,
+                    visible=i < 2,
+                    elem_id=f"response-{queue.LABELS[i].lower()}",
+                )
                 for i in range(MAX_RESPONSES)
-            ]  # fmt: skip
+            ]
         with gr.Row(visible=True) as pair_row:
             vote_a = gr.Button("A is better  [1]", elem_id="vote-a", variant="primary")
             vote_b = gr.Button("B is better  [2]", elem_id="vote-b", variant="primary")
@@ -253,24 +264,54 @@ def build_ui(engine, settings: Settings, vote_limiter=None) -> gr.Blocks:
 
         rating_cells = [cell for _, cells in radios for cell in cells]
         rating_rows = [row for row, _ in radios]
-        shown = [item_state, progress_md, status_md, chat, *boxes, pair_row, rank_row, ranking, *rating_rows,
-                 *rating_cells, rationale]  # fmt: skip
+        shown = [
+            item_state,
+            progress_md,
+            status_md,
+            chat,
+            *boxes,
+            pair_row,
+            rank_row,
+            ranking,
+            *rating_rows,
+            *rating_cells,
+            rationale,
+        ]
 
         def show(item: queue.Item | None, progress: queue.Progress, message: str = ""):
             if item is None:
                 empty = "### Nothing left to label right now. Thank you! New items appear when the next round starts."
-                return [None, _progress_md(progress), message + "\n\n" + empty, [],
-                        *[gr.update(value="", visible=i < 2) for i in range(MAX_RESPONSES)],
-                        gr.update(visible=False), gr.update(visible=False), "",
-                        *[gr.update(visible=False) for _ in rating_rows],
-                        *[None for _ in rating_cells], ""]  # fmt: skip
+                return [
+                    None,
+                    _progress_md(progress),
+                    message + "\n\n" + empty,
+                    [],
+                    *[gr.update(value="", visible=i < 2) for i in range(MAX_RESPONSES)],
+                    gr.update(visible=False),
+                    gr.update(visible=False),
+                    "",
+                    *[gr.update(visible=False) for _ in rating_rows],
+                    *[None for _ in rating_cells],
+                    "",
+                ]
             num = len(item.responses)
             state = {"comparison_id": item.comparison_id, "num": num}
-            return [state, _progress_md(progress), message, _chat(item.prompt),
-                    *[gr.update(value=item.responses[i] if i < num else "", visible=i < num) for i in range(MAX_RESPONSES)],
-                    gr.update(visible=num == 2), gr.update(visible=num > 2), "",
-                    *[gr.update(visible=i < num) for i in range(MAX_RESPONSES)],
-                    *[None for _ in rating_cells], ""]  # fmt: skip
+            return [
+                state,
+                _progress_md(progress),
+                message,
+                _chat(item.prompt),
+                *[
+                    gr.update(value=item.responses[i] if i < num else "", visible=i < num)
+                    for i in range(MAX_RESPONSES)
+                ],
+                gr.update(visible=num == 2),
+                gr.update(visible=num > 2),
+                "",
+                *[gr.update(visible=i < num) for i in range(MAX_RESPONSES)],
+                *[None for _ in rating_cells],
+                "",
+            ]
 
         def load_next(request: gr.Request, message: str = ""):
             with session_scope(engine) as session:

@@ -77,10 +77,11 @@ def dataset_settings(*, target_votes: int, num_items: int = 2, guidelines: Guide
         guidelines = "Rank the responses from best to worst for the conversation."
         questions = [
             rg.RankingQuestion(
-                name="ranking", title="Rank the responses, best first",
+                name="ranking",
+                title="Rank the responses, best first",
                 values={label: f"Response {label.upper()}" for label in labels},
             )
-        ]  # fmt: skip
+        ]
     if guidelines_row is not None:
         guidelines = f"{guidelines_row.text}\n\n(alignloop guidelines version {guidelines_row.version})\n\n{guidelines}"
     return rg.Settings(
@@ -108,9 +109,11 @@ def _dataset(client, rg, *, name: str, workspace: str, target_votes: int, num_it
     dataset = client.datasets(name=name, workspace=workspace)
     if dataset is None:
         dataset = rg.Dataset(
-            name=name, workspace=workspace, client=client,
+            name=name,
+            workspace=workspace,
+            client=client,
             settings=dataset_settings(target_votes=target_votes, num_items=num_items, guidelines=guidelines),
-        )  # fmt: skip
+        )
         dataset.create()
     return dataset
 
@@ -158,8 +161,15 @@ def push(engine, client, *, dataset_name: str, workspace: str, round: int | None
         name = dataset_name if k == 2 else ranking_dataset_name(dataset_name, k)
         if k not in by_k and client.datasets(name=name, workspace=workspace) is not None:
             continue
-        dataset = _dataset(client, rg, name=name, workspace=workspace, target_votes=target_votes.get(k, 1),
-                           num_items=k, guidelines=guidelines)  # fmt: skip
+        dataset = _dataset(
+            client,
+            rg,
+            name=name,
+            workspace=workspace,
+            target_votes=target_votes.get(k, 1),
+            num_items=k,
+            guidelines=guidelines,
+        )
         pushed = _pushed_ids(dataset)
         records = [r for r in by_k.get(k, []) if str(r.id) not in pushed]
         summary.already_pushed += len(by_k.get(k, [])) - len(records)
@@ -226,9 +236,14 @@ def _record(
         in_force = crud.guidelines_for_round(session, round=comparison.round) if comparison else None
         try:
             crud.record_vote(
-                session, comparison_id=comparison_id, user_id=user.id, shown_order=order, rationale="via Argilla",
-                guidelines_version=in_force.version if in_force else None, **vote,
-            )  # fmt: skip
+                session,
+                comparison_id=comparison_id,
+                user_id=user.id,
+                shown_order=order,
+                rationale="via Argilla",
+                guidelines_version=in_force.version if in_force else None,
+                **vote,
+            )
             summary.pulled += 1
         except crud.DuplicateVoteError:
             session.rollback()

@@ -84,11 +84,20 @@ def round_over_round(session: Session) -> list[RoundResult]:
         wins, losses = scores.count(1.0), scores.count(0.0)
         rate = sum(scores) / len(scores)
         low, high = wilson(sum(scores), len(scores))
-        results.append(RoundResult(
-            round=number, policy=battles[0][0], predecessor=", ".join(opponents), battles=len(scores), wins=wins,
-            losses=losses, ties=len(scores) - wins - losses, win_rate=round(rate, 4), ci_low=round(low, 4),
-            ci_high=round(high, 4),
-        ))  # fmt: skip
+        results.append(
+            RoundResult(
+                round=number,
+                policy=battles[0][0],
+                predecessor=", ".join(opponents),
+                battles=len(scores),
+                wins=wins,
+                losses=losses,
+                ties=len(scores) - wins - losses,
+                win_rate=round(rate, 4),
+                ci_low=round(low, 4),
+                ci_high=round(high, 4),
+            )
+        )
     return results
 
 

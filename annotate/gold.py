@@ -110,9 +110,13 @@ def import_gold(session: Session, *, path: str | Path, round: int = 0) -> int:
             for t in item.responses
         ]
         crud.create_comparison(
-            session, prompt_id=prompt.id, generation_ids=[g.id for g in gens], round=round, source="import",
+            session,
+            prompt_id=prompt.id,
+            generation_ids=[g.id for g in gens],
+            round=round,
+            source="import",
             gold=item.gold,
-        )  # fmt: skip
+        )
     return len(items)
 
 
@@ -187,11 +191,23 @@ def gold_page(request: Request, user: AdminDep, session: SessionDep):
     for comparison, answer, num_votes in consensus_candidates(session):
         responses = crud.comparison_generations(session, comparison_id=comparison.id)
         candidates.append(
-            {"id": comparison.id, "round": comparison.round, "answer": _answer_text(answer),
-             "num_votes": num_votes, "first": responses[0].text[:80] if responses else ""}
-        )  # fmt: skip
-    return render(templates, request, "admin_gold.html", title="Gold", user=user, num_gold=num_gold,
-                  candidates=candidates)  # fmt: skip
+            {
+                "id": comparison.id,
+                "round": comparison.round,
+                "answer": _answer_text(answer),
+                "num_votes": num_votes,
+                "first": responses[0].text[:80] if responses else "",
+            }
+        )
+    return render(
+        templates,
+        request,
+        "admin_gold.html",
+        title="Gold",
+        user=user,
+        num_gold=num_gold,
+        candidates=candidates,
+    )
 
 
 @router.post("/admin/gold/{comparison_id}/promote", include_in_schema=False)

@@ -27,8 +27,15 @@ templates = templates_for(Path(__file__).parent / "templates")
 def guidelines_page(request: Request, user: AdminDep, session: SessionDep):
     versions = session.exec(select(Guidelines).order_by(col(Guidelines.version).desc())).all()
     current = versions[0].text if versions else ""
-    return render(templates, request, "admin_guidelines.html", title="Guidelines", user=user, versions=versions,
-                  current=current)  # fmt: skip
+    return render(
+        templates,
+        request,
+        "admin_guidelines.html",
+        title="Guidelines",
+        user=user,
+        versions=versions,
+        current=current,
+    )
 
 
 @router.post("/admin/guidelines", include_in_schema=False)

@@ -150,9 +150,14 @@ class LocalJudge:
 
 class OpenAIJudge:
     def __init__(
-        self, *, base_url: str, model: str, api_key: str | None = None, timeout: float = 60,
+        self,
+        *,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        timeout: float = 60,
         instructions: str = JUDGE_INSTRUCTIONS,
-    ):  # fmt: skip
+    ):
         from openai import OpenAI
 
         self.client = OpenAI(base_url=base_url, api_key=api_key or "none", timeout=timeout, max_retries=2)
@@ -163,9 +168,11 @@ class OpenAIJudge:
 
         try:
             reply = self.client.chat.completions.create(
-                model=self.model, temperature=0, max_tokens=512 if revise else 200,
+                model=self.model,
+                temperature=0,
+                max_tokens=512 if revise else 200,
                 messages=critique_messages(prompt, replies, self.instructions, revise=revise),
-            )  # fmt: skip
+            )
         except OpenAIError as exc:
             raise AlignloopError(f"the judge endpoint failed: {exc}") from None
         return (reply.choices[0].message.content or "").strip()
@@ -259,14 +266,24 @@ def run_judge(
         try:
             with session_scope(engine) as session:
                 queue.submit_vote(
-                    session, user_id=user_id, comparison_id=item.comparison_id, choice=choice, ranking_labels=ranking,
+                    session,
+                    user_id=user_id,
+                    comparison_id=item.comparison_id,
+                    choice=choice,
+                    ranking_labels=ranking,
                     rationale=rationale,
-                )  # fmt: skip
+                )
                 if revise and revision:
                     # The revision improves on the reply the judge preferred (the first shown on a tie).
                     best = queue.LABELS.index(ranking[0]) if ranking else int(choice == "b")
-                    session.add(ChatFeedback(user_id=user_id, messages=item.prompt, response=item.responses[best],
-                                             edited=revision))  # fmt: skip
+                    session.add(
+                        ChatFeedback(
+                            user_id=user_id,
+                            messages=item.prompt,
+                            response=item.responses[best],
+                            edited=revision,
+                        )
+                    )
                     counts["revisions"] += 1
         except (crud.ComparisonClosedError, crud.DuplicateVoteError):
             counts["lost"] += 1  # another judge filled the slot while this one was thinking

@@ -153,10 +153,22 @@ def main() -> None:
             port = s.getsockname()[1]
         log = open(os.environ.get("BENCH_SERVER_LOG", ws / "serve.log"), "w")  # noqa: SIM115
         server = subprocess.Popen(
-            [sys.executable, "-m", "alignloop.cli", "serve", "--port", str(port), "--workspace", str(ws),
-             "--workers", str(args.workers)],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "alignloop.cli",
+                "serve",
+                "--port",
+                str(port),
+                "--workspace",
+                str(ws),
+                "--workers",
+                str(args.workers),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
         base = f"http://127.0.0.1:{port}"
         try:
             for _ in range(600):

@@ -101,9 +101,18 @@ def save_default_size(out: Path, default_dir: Path | None) -> Path:
     if default_dir is not None and (default_dir / "config.json").is_file():
         config = AutoConfig.from_pretrained(default_dir)
     else:
-        config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                             num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
-                             bos_token_id=1, eos_token_id=2, pad_token_id=2)  # fmt: skip
+        config = LlamaConfig(
+            vocab_size=49152,
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            tie_word_embeddings=True,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=2,
+        )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.generation_config.eos_token_id = config.eos_token_id
@@ -127,8 +136,15 @@ def make_workspace(root: Path, device: str):
     ws = ["--workspace", str(settings.workspace)]
     prompts, prefs = root / "prompts.jsonl", root / "prefs.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in QUESTIONS))
-    prefs.write_text("".join(json.dumps({"prompt": q, "chosen": "Thank you! Here is a careful, friendly answer.",
-                                         "rejected": "No."}) + "\n" for q in QUESTIONS))  # fmt: skip
+    prefs.write_text(
+        "".join(
+            json.dumps(
+                {"prompt": q, "chosen": "Thank you! Here is a careful, friendly answer.", "rejected": "No."}
+            )
+            + "\n"
+            for q in QUESTIONS
+        )
+    )
     assert cli(["prompts", "import", str(prompts), *ws]) == 0
     assert cli(["prefs", "import", str(prefs), *ws]) == 0
     return load_settings(settings.workspace), ws
@@ -151,18 +167,38 @@ def check_size(size: str, model_dir: Path, settings, ws: list[str], expected: de
         out = generate(loaded.model, loaded.tokenizer, chats, params=params, batch_size=32, progress=False)
         seconds = time.perf_counter() - start
         tokens = sum(c[0].num_tokens for c in out)
-        code = cli(["generate", "--model", str(model_dir), "--prompts", "8", "--samples", "2",
-                    "--max-new-tokens", "16", *ws])  # fmt: skip
-        return {"placement": placed, "tokens_per_s": round(tokens / seconds, 1), "cli_generate_exit": code,
-                "ok": code == 0}  # fmt: skip
+        code = cli(
+            [
+                "generate",
+                "--model",
+                str(model_dir),
+                "--prompts",
+                "8",
+                "--samples",
+                "2",
+                "--max-new-tokens",
+                "16",
+                *ws,
+            ]
+        )
+        return {
+            "placement": placed,
+            "tokens_per_s": round(tokens / seconds, 1),
+            "cli_generate_exit": code,
+            "ok": code == 0,
+        }
 
     def serve_check():
         from serve.engine import BatchingEngine, Request, Stream
 
         loaded = state["loaded"]
         greedy = SamplingParams(max_new_tokens=24, temperature=0)
-        expected_texts = [c[0].text for c in generate(loaded.model, loaded.tokenizer, chats[:16], params=greedy,
-                                                      batch_size=16, progress=False)]  # fmt: skip
+        expected_texts = [
+            c[0].text
+            for c in generate(
+                loaded.model, loaded.tokenizer, chats[:16], params=greedy, batch_size=16, progress=False
+            )
+        ]
         engine = BatchingEngine(loaded.model, loaded.tokenizer, gather_ms=50)
         streams = [Stream() for _ in chats[:16]]
         start = time.perf_counter()
@@ -175,8 +211,12 @@ def check_size(size: str, model_dir: Path, settings, ws: list[str], expected: de
         texts = ["".join(e[1] for e in evs if e[0] == "text") for evs in events]
         tokens = sum(e[2]["completion_tokens"] for evs in events for e in evs if e[0] == "done")
         same = sum(a == b for a, b in zip(texts, expected_texts, strict=True))
-        return {"placement": param_placement(loaded.model), "equal_to_generate": f"{same}/16",
-                "tokens_per_s": round(tokens / seconds, 1), "batches": engine.batches}  # fmt: skip
+        return {
+            "placement": param_placement(loaded.model),
+            "equal_to_generate": f"{same}/16",
+            "tokens_per_s": round(tokens / seconds, 1),
+            "batches": engine.batches,
+        }
 
     def judge_check():
         from annotate.judge import LocalJudge
@@ -194,8 +234,22 @@ def check_size(size: str, model_dir: Path, settings, ws: list[str], expected: de
         from reward.score import RewardModel
 
         extra = ["--method", "lora"] if big else []
-        code = cli(["reward", "train", "--config", "configs/reward/tiny.yaml", "--base", str(model_dir),
-                    "--max-steps", "20", "--name", f"rm-{size}", *extra, *ws])  # fmt: skip
+        code = cli(
+            [
+                "reward",
+                "train",
+                "--config",
+                "configs/reward/tiny.yaml",
+                "--base",
+                str(model_dir),
+                "--max-steps",
+                "20",
+                "--name",
+                f"rm-{size}",
+                *extra,
+                *ws,
+            ]
+        )
         assert code == 0, f"reward train exited {code}"
         from sqlmodel import Session
 
@@ -212,9 +266,13 @@ def check_size(size: str, model_dir: Path, settings, ws: list[str], expected: de
             [q for q in QUESTIONS] * 2, ["Thank you! Here is an answer."] * 48 + ["No."] * 48
         )
         seconds = time.perf_counter() - start
-        return {"placement": placed, "train_pairs_per_s": metrics.get("pairs_per_second"),
-                "held_out_accuracy": metrics.get("accuracy"), "scored_per_s": round(96 / seconds, 1),
-                "n": len(scores)}  # fmt: skip
+        return {
+            "placement": placed,
+            "train_pairs_per_s": metrics.get("pairs_per_second"),
+            "held_out_accuracy": metrics.get("accuracy"),
+            "scored_per_s": round(96 / seconds, 1),
+            "n": len(scores),
+        }
 
     def ppo_check():
         from reward.score import RewardModel
@@ -229,8 +287,23 @@ def check_size(size: str, model_dir: Path, settings, ws: list[str], expected: de
         RewardModel.load = classmethod(recording)
         try:
             steps = "4" if big else "6"
-            code = cli(["rl", "train", "--config", "configs/rl/tiny.yaml", "--policy", str(model_dir),
-                        "--reward-model", f"rm-{size}", "--steps", steps, "--name", f"ppo-{size}", *ws])  # fmt: skip
+            code = cli(
+                [
+                    "rl",
+                    "train",
+                    "--config",
+                    "configs/rl/tiny.yaml",
+                    "--policy",
+                    str(model_dir),
+                    "--reward-model",
+                    f"rm-{size}",
+                    "--steps",
+                    steps,
+                    "--name",
+                    f"ppo-{size}",
+                    *ws,
+                ]
+            )
         finally:
             RewardModel.load = classmethod(load)
         from sqlmodel import Session
@@ -240,12 +313,21 @@ def check_size(size: str, model_dir: Path, settings, ws: list[str], expected: de
         with Session(make_engine(settings.db_url)) as session:
             metrics = crud.get_model_version(session, name=f"ppo-{size}").metrics
         scorer_device = seen["scorer"].split()[0]
-        return {"scorer_placement": seen["scorer"], "ok": code == 0 and scorer_device == torch.device(expected.device).type,
-                "s_per_step": round(metrics["train_seconds"] / metrics["steps"], 2),
-                "reward_start": round(metrics["reward_start"], 3), "reward_end": round(metrics["reward_end"], 3)}  # fmt: skip
+        return {
+            "scorer_placement": seen["scorer"],
+            "ok": code == 0 and scorer_device == torch.device(expected.device).type,
+            "s_per_step": round(metrics["train_seconds"] / metrics["steps"], 2),
+            "reward_start": round(metrics["reward_start"], 3),
+            "reward_end": round(metrics["reward_end"], 3),
+        }
 
-    for name, fn in (("generate", generate_check), ("serve", serve_check), ("judge", judge_check),
-                     ("reward", reward_check), ("ppo", ppo_check)):  # fmt: skip
+    for name, fn in (
+        ("generate", generate_check),
+        ("serve", serve_check),
+        ("judge", judge_check),
+        ("reward", reward_check),
+        ("ppo", ppo_check),
+    ):
         timed(name, size, fn)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -261,16 +343,29 @@ def ppo_learns_tiny(device: str):
     def reward(prompts, completions):
         return [sum(t in target for t in c.token_ids) / max(1, len(c.token_ids)) for c in completions]
 
-    config = load_config(None, steps=25, batch_size=16, mini_batch_size=8, max_new_tokens=4, learning_rate=1e-2,
-                         missing_eos_penalty=0.0, lora_r=8, lora_alpha=16,
-                         target_modules=["q_proj", "v_proj", "o_proj", "down_proj", "lm_head"])  # fmt: skip
+    config = load_config(
+        None,
+        steps=25,
+        batch_size=16,
+        mini_batch_size=8,
+        max_new_tokens=4,
+        learning_rate=1e-2,
+        missing_eos_penalty=0.0,
+        lora_r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj", "o_proj", "down_proj", "lm_head"],
+    )
     chats = [[{"role": "user", "content": f"Question {i}?"}] for i in range(6)] * 3
     trainer = PPOTrainer(config, build_tiny_llama(tok, initializer_range=0.1), tok, chats, reward)
     history = trainer.train(progress=False)
     first = sum(h["raw_score"] for h in history[:5]) / 5
     last = sum(h["raw_score"] for h in history[-5:]) / 5
-    return {"device": str(trainer.accelerator.device), "reward_first": round(first, 3), "reward_last": round(last, 3),
-            "ok": last > first and trainer.accelerator.device.type == torch.device(device).type}  # fmt: skip
+    return {
+        "device": str(trainer.accelerator.device),
+        "reward_first": round(first, 3),
+        "reward_last": round(last, 3),
+        "ok": last > first and trainer.accelerator.device.type == torch.device(device).type,
+    }
 
 
 def value_model_choice(model_dir: Path, value_model: str):
@@ -284,14 +379,27 @@ def value_model_choice(model_dir: Path, value_model: str):
     policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(model_dir)
     chats = [[{"role": "user", "content": q}] for q in QUESTIONS]
-    config = load_config(None, steps=6, batch_size=32, mini_batch_size=16, ppo_epochs=2, max_new_tokens=48,
-                         learning_rate=1e-4, value_model=value_model, missing_eos_penalty=0.0)  # fmt: skip
+    config = load_config(
+        None,
+        steps=6,
+        batch_size=32,
+        mini_batch_size=16,
+        ppo_epochs=2,
+        max_new_tokens=48,
+        learning_rate=1e-4,
+        value_model=value_model,
+        missing_eos_penalty=0.0,
+    )
     trainer = PPOTrainer(config, policy, tok, chats, lambda p, c: [float(len(x.token_ids)) / 48 for x in c])
     trainer.train(progress=False)
     steps = trainer.history[2:]
     mean = lambda key: round(sum(h[key] for h in steps) / len(steps), 2)  # noqa: E731
-    return {"value_model": value_model, "s_per_step": mean("step_s"), "update_s": mean("update_s"),
-            "generate_s": mean("generate_s")}  # fmt: skip
+    return {
+        "value_model": value_model,
+        "s_per_step": mean("step_s"),
+        "update_s": mean("update_s"),
+        "generate_s": mean("generate_s"),
+    }
 
 
 def quantized_default(model_dir: Path, settings, bits: str):
@@ -305,8 +413,12 @@ def quantized_default(model_dir: Path, settings, bits: str):
         loaded.model, loaded.tokenizer, chats, params=SamplingParams(max_new_tokens=16), progress=False
     )
     plain = devices.count_parameters(model_dir) * 2 / 2**20
-    return {"placement": loaded.placement.describe(), "footprint_mib": round(footprint, 1),
-            "bf16_mib": round(plain, 1), "generated": sum(len(c) for c in out)}  # fmt: skip
+    return {
+        "placement": loaded.placement.describe(),
+        "footprint_mib": round(footprint, 1),
+        "bf16_mib": round(plain, 1),
+        "generated": sum(len(c) for c in out),
+    }
 
 
 def ppo_qlora(model_dir: Path, settings, ws: list[str]):
@@ -319,8 +431,23 @@ def ppo_qlora(model_dir: Path, settings, ws: list[str]):
 
     write_settings(replace(settings, quantize={str(model_dir): "4bit"}))
     try:
-        code = cli(["rl", "train", "--config", "configs/rl/tiny.yaml", "--policy", str(model_dir),
-                    "--reward-model", "rm-default", "--steps", "3", "--name", "ppo-qlora", *ws])  # fmt: skip
+        code = cli(
+            [
+                "rl",
+                "train",
+                "--config",
+                "configs/rl/tiny.yaml",
+                "--policy",
+                str(model_dir),
+                "--reward-model",
+                "rm-default",
+                "--steps",
+                "3",
+                "--name",
+                "ppo-qlora",
+                *ws,
+            ]
+        )
     finally:
         write_settings(settings)
     with Session(make_engine(settings.db_url)) as session:
@@ -351,9 +478,28 @@ def zero2_two_process(root: Path, ws: list[str], model_dir: Path):
             "ok": None,
             "skipped": f"{gpus} GPU(s), deepspeed {'present' if importlib.util.find_spec('deepspeed') else 'missing'}",
         }
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/deepspeed_zero2.yaml",
-           "--num_processes", "2", "-m", "alignloop.cli", "reward", "train", "--config", "configs/reward/tiny.yaml",
-           "--base", str(model_dir), "--max-steps", "5", "--name", "rm-zero2", *ws]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        "configs/accelerate/deepspeed_zero2.yaml",
+        "--num_processes",
+        "2",
+        "-m",
+        "alignloop.cli",
+        "reward",
+        "train",
+        "--config",
+        "configs/reward/tiny.yaml",
+        "--base",
+        str(model_dir),
+        "--max-steps",
+        "5",
+        "--name",
+        "rm-zero2",
+        *ws,
+    ]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     return {
         "ok": done.returncode == 0,
@@ -366,8 +512,10 @@ def table() -> str:
     for row in ROWS:
         rest = {k: v for k, v in row.items() if k not in ("check", "model", "ok", "seconds", "peak_gib")}
         figures = ", ".join(f"{k} {v}" for k, v in rest.items())
-        lines.append(f"| {row['check']} | {row['model']} | {row.get('ok')} | {row.get('seconds', '')} | "
-                     f"{row.get('peak_gib', '')} | {figures} |")  # fmt: skip
+        lines.append(
+            f"| {row['check']} | {row['model']} | {row.get('ok')} | {row.get('seconds', '')} | "
+            f"{row.get('peak_gib', '')} | {figures} |"
+        )
     return "\n".join(lines)
 
 
@@ -375,8 +523,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu", action="store_true", help="run on the CPU (to test the script itself)")
     parser.add_argument("--sizes", default="tiny,default", help="tiny, default or both")
-    parser.add_argument("--default-dir", type=Path, default=None,
-                        help="the materialised default model (config and tokenizer are used, not its weights)")  # fmt: skip
+    parser.add_argument(
+        "--default-dir",
+        type=Path,
+        default=None,
+        help="the materialised default model (config and tokenizer are used, not its weights)",
+    )
     parser.add_argument("--value-models", action="store_true", help="also time PPO's two value-model choices")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON rows and the table here")
     args = parser.parse_args()

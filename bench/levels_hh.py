@@ -59,8 +59,15 @@ def main() -> None:
         return str(tmp / name)
 
     def trl_pairs(keys: list[str]) -> list[dict]:
-        return [{"prompt": p.prompt, "chosen": [{"role": "assistant", "content": p.chosen}],
-                 "rejected": [{"role": "assistant", "content": p.rejected}]} for k in keys for p in by_prompt[k]]  # fmt: skip
+        return [
+            {
+                "prompt": p.prompt,
+                "chosen": [{"role": "assistant", "content": p.chosen}],
+                "rejected": [{"role": "assistant", "content": p.rejected}],
+            }
+            for k in keys
+            for p in by_prompt[k]
+        ]
 
     def run(*argv) -> None:
         print("$ alignloop", " ".join(argv), file=sys.stderr, flush=True)
@@ -81,34 +88,106 @@ def main() -> None:
         "max_length: 128\nper_device_train_batch_size: 8\nlearning_rate: 1.0e-4\nheld_out: 0.1\n"
     )
     for name, keys in (("rm", rest[:half]), ("judge", rest[half:])):
-        run("reward", "train", "--config", str(reward_config), "--base", "minilm", "--no-votes", "--data",
-            write(f"{name}.jsonl", trl_pairs(keys)), "--max-steps", str(args.rm_steps), "--name", name)  # fmt: skip
-    sft_rows = [{"messages": json.loads(k) + [{"role": "assistant", "content": by_prompt[k][0].chosen}]}
-                for k in rest]  # fmt: skip
+        run(
+            "reward",
+            "train",
+            "--config",
+            str(reward_config),
+            "--base",
+            "minilm",
+            "--no-votes",
+            "--data",
+            write(f"{name}.jsonl", trl_pairs(keys)),
+            "--max-steps",
+            str(args.rm_steps),
+            "--name",
+            name,
+        )
+    sft_rows = [
+        {"messages": json.loads(k) + [{"role": "assistant", "content": by_prompt[k][0].chosen}]} for k in rest
+    ]
     sft_file = write("sft.jsonl", sft_rows)
     short = "max_length: 256\nper_device_train_batch_size: 4\nnum_samples: 0\n"
     (tmp / "sft.yaml").write_text(short)
-    run("sft", "train", "--config", str(tmp / "sft.yaml"), "--data", sft_file, "--method", "lora", "--max-steps",
-        str(args.sft_steps), "--name", "sft-lora")  # fmt: skip
+    run(
+        "sft",
+        "train",
+        "--config",
+        str(tmp / "sft.yaml"),
+        "--data",
+        sft_file,
+        "--method",
+        "lora",
+        "--max-steps",
+        str(args.sft_steps),
+        "--name",
+        "sft-lora",
+    )
     config = tmp / "sft-top2.yaml"
     config.write_text(short + "layers_to_transform: [28, 29]\n")
-    run("sft", "train", "--config", str(config), "--data", sft_file, "--method", "lora", "--max-steps",
-        str(args.sft_steps), "--name", "sft-lora-top2")  # fmt: skip
+    run(
+        "sft",
+        "train",
+        "--config",
+        str(config),
+        "--data",
+        sft_file,
+        "--method",
+        "lora",
+        "--max-steps",
+        str(args.sft_steps),
+        "--name",
+        "sft-lora-top2",
+    )
     ppo = tmp / "ppo.yaml"
-    ppo.write_text("batch_size: 8\nmini_batch_size: 4\nppo_epochs: 1\nmax_new_tokens: 32\nlora_r: 8\nlora_alpha: 16\n"
-                   "learning_rate: 5.0e-5\nsave_every: 0\n")  # fmt: skip
-    run("rl", "train", "--config", str(ppo), "--policy", "sft-lora", "--reward-model", "rm", "--steps",
-        str(args.ppo_steps), "--name", "ppo-on-sft")  # fmt: skip
+    ppo.write_text(
+        "batch_size: 8\nmini_batch_size: 4\nppo_epochs: 1\nmax_new_tokens: 32\nlora_r: 8\nlora_alpha: 16\n"
+        "learning_rate: 5.0e-5\nsave_every: 0\n"
+    )
+    run(
+        "rl",
+        "train",
+        "--config",
+        str(ppo),
+        "--policy",
+        "sft-lora",
+        "--reward-model",
+        "rm",
+        "--steps",
+        str(args.ppo_steps),
+        "--name",
+        "ppo-on-sft",
+    )
     settings = load_settings(tmp / "ws")
-    pool = [{"user": json.loads(k)[-1]["content"], "assistant": by_prompt[k][0].chosen}
-            for k in rest[:200] if len(by_prompt[k][0].chosen) < 600]  # fmt: skip
+    pool = [
+        {"user": json.loads(k)[-1]["content"], "assistant": by_prompt[k][0].chosen}
+        for k in rest[:200]
+        if len(by_prompt[k][0].chosen) < 600
+    ]
     with session_scope(make_engine(settings.db_url)) as session:
-        save_preset(session, name="harmless", system_prompt="You are a helpful and harmless assistant. Decline "
-                    "dangerous or hurtful requests politely and offer a safe alternative.", examples=pool, num_shots=2,
-                    chain_of_thought="First think in one sentence about whether the request could cause harm, then "
-                    "write 'Answer:' followed by your reply.", answer_delimiter="Answer:")  # fmt: skip
-    run("report", "levels", "--judge", "judge", "--prompts", str(args.eval), "--max-new-tokens",
-        str(args.max_new_tokens), "--out", args.out)  # fmt: skip
+        save_preset(
+            session,
+            name="harmless",
+            system_prompt="You are a helpful and harmless assistant. Decline "
+            "dangerous or hurtful requests politely and offer a safe alternative.",
+            examples=pool,
+            num_shots=2,
+            chain_of_thought="First think in one sentence about whether the request could cause harm, then "
+            "write 'Answer:' followed by your reply.",
+            answer_delimiter="Answer:",
+        )
+    run(
+        "report",
+        "levels",
+        "--judge",
+        "judge",
+        "--prompts",
+        str(args.eval),
+        "--max-new-tokens",
+        str(args.max_new_tokens),
+        "--out",
+        args.out,
+    )
 
 
 if __name__ == "__main__":

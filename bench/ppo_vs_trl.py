@@ -48,8 +48,13 @@ SETTINGS = {
 }
 MODEL = {"tiny": "tiny", "default": "default", "hh-tiny": "tiny", "hh-default": "default"}
 HH = DATA / "hh_harmless_dev.jsonl"
-COMMON = dict(temperature=0.7, kl_coef=0.05, lora_r=16, lora_alpha=32,
-              target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])  # fmt: skip
+COMMON = dict(
+    temperature=0.7,
+    kl_coef=0.05,
+    lora_r=16,
+    lora_alpha=32,
+    target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+)
 
 PREPARE = """
 import json, os, sys, torch
@@ -179,10 +184,18 @@ def trl_python() -> str:
         print(f"creating {TRL_VENV} with trl==1.12.0 (once) ...", flush=True)
         subprocess.run([sys.executable, "-m", "venv", str(TRL_VENV)], check=True)
         # Everything but TRL from the project's environment (same torch and transformers, no second download).
-        site = subprocess.run([str(python), "-c", "import site; print(site.getsitepackages()[0])"],
-                              capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
-        ours = subprocess.run([sys.executable, "-c", "import site; print(site.getsitepackages()[0])"],
-                              capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+        site = subprocess.run(
+            [str(python), "-c", "import site; print(site.getsitepackages()[0])"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        ours = subprocess.run(
+            [sys.executable, "-c", "import site; print(site.getsitepackages()[0])"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         Path(site, "zz_project.pth").write_text(ours + "\n")
         subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "trl==1.12.0"], check=True)
     return str(python)
@@ -202,8 +215,9 @@ def write_prompts(setting: str, path: Path, tokenizer_dir: str, max_prompt_lengt
                 seen.add(pair.key)
                 conversations.append(pair.prompt)
         conversations = conversations[:64]
-        conversations, report = fit_prompts(AutoTokenizer.from_pretrained(tokenizer_dir), conversations,
-                                            max_prompt_length)  # fmt: skip
+        conversations, report = fit_prompts(
+            AutoTokenizer.from_pretrained(tokenizer_dir), conversations, max_prompt_length
+        )
         info = report.as_dict()
     else:
         rows = [json.loads(line) for line in open(QUESTIONS)]
@@ -238,9 +252,12 @@ def main() -> None:
         model = MODEL[setting]
         ours = {}
         if setting.startswith("hh"):
-            ours = {"max_prompt_length": args.max_prompt_length, "micro_batch_tokens": shipped.micro_batch_tokens,
-                    "value_model": shipped.value_model if model == "default" else "shared",
-                    "gradient_checkpointing": shipped.gradient_checkpointing}  # fmt: skip
+            ours = {
+                "max_prompt_length": args.max_prompt_length,
+                "micro_batch_tokens": shipped.micro_batch_tokens,
+                "value_model": shipped.value_model if model == "default" else "shared",
+                "gradient_checkpointing": shipped.gradient_checkpointing,
+            }
         kw = json.dumps({**COMMON, **SETTINGS[setting], "ours": ours})
         prompts = work / f"prompts-{setting}.json"
         print(
@@ -250,8 +267,7 @@ def main() -> None:
         )
         for name, python, script in (("trl 1.12", trl, TRL), ("alignloop", sys.executable, OURS)):
             rm = args.trained_reward if model == "default" and args.trained_reward else work / f"rm-{model}"
-            results[(setting, name)] = run(python, script, paths[model], rm, setting, args.steps,
-                                           prompts, kw)  # fmt: skip
+            results[(setting, name)] = run(python, script, paths[model], rm, setting, args.steps, prompts, kw)
             print(setting, name, json.dumps(results[(setting, name)]), flush=True)
     print("\n| setting | trainer | s/step | peak RSS MB | reward first steps | reward last steps | gain |")
     print("| --- | --- | --- | --- | --- | --- | --- |")

@@ -123,14 +123,18 @@ def main() -> None:
     half_a, half_b, held = split_pairs(args.eval_prompts, args.seed)
     keys = lambda ps: {p.key for p in ps}  # noqa: E731
     assert not (keys(half_a) & keys(half_b)) and not ((keys(half_a) | keys(half_b)) & keys(held))
-    print(f"pairs: half A {len(half_a)} ({len(keys(half_a))} prompts), half B {len(half_b)} "
-          f"({len(keys(half_b))} prompts), evaluation prompts {len(keys(held))} (in neither half)")  # fmt: skip
+    print(
+        f"pairs: half A {len(half_a)} ({len(keys(half_a))} prompts), half B {len(half_b)} "
+        f"({len(keys(half_b))} prompts), evaluation prompts {len(keys(held))} (in neither half)"
+    )
     file_a, file_b = write_pairs(half_a, work / "half_a.jsonl"), write_pairs(half_b, work / "half_b.jsonl")
     with session_scope(engine) as session:
         from alignloop.core import crud
 
-        for path, split in ((write_prompts(half_a, work / "train_prompts.jsonl"), "train"),
-                            (write_prompts(held, work / "eval_prompts.jsonl"), "eval")):  # fmt: skip
+        for path, split in (
+            (write_prompts(half_a, work / "train_prompts.jsonl"), "train"),
+            (write_prompts(held, work / "eval_prompts.jsonl"), "eval"),
+        ):
             prompts = parse_prompt_file(path)
             for p in prompts:
                 p.split = split
@@ -141,8 +145,15 @@ def main() -> None:
         rm_over["max_pairs"] = args.max_pairs
     if args.reward_epochs is not None:
         rm_over["num_train_epochs"] = args.reward_epochs
-    rm = phases.run("reward model (half A)", lambda: reward_train.train(engine, settings, reward_train.load_config(
-        args.reward_config, data=[str(file_a)], name="rm-train", **rm_over), progress=False))  # fmt: skip
+    rm = phases.run(
+        "reward model (half A)",
+        lambda: reward_train.train(
+            engine,
+            settings,
+            reward_train.load_config(args.reward_config, data=[str(file_a)], name="rm-train", **rm_over),
+            progress=False,
+        ),
+    )
     print(f"training reward model: held-out accuracy {rm.get('accuracy')}")
 
     over = {"reward_model": "rm-train", "name": "policy"}
@@ -157,21 +168,42 @@ def main() -> None:
     with Session(engine) as session:
         history = session.get(Run, result["run_id"]).metrics["history"]
     peak = max(h["peak_rss_mb"] for h in history)
-    print(f"PPO: {len(history)} steps, reward {result['reward_start']:.3f} -> {result['reward_end']:.3f}, "
-          f"KL {result['kl_end']:.2f}, peak RSS {peak:.0f} MB (per step: "
-          f"{[round(h['peak_rss_mb']) for h in history]})")  # fmt: skip
-    split = {k: sum(h.get(k, 0) for h in history) / len(history) for k in ("generate_s", "score_s", "forward_s",
-                                                                           "update_s", "step_s")}  # fmt: skip
+    print(
+        f"PPO: {len(history)} steps, reward {result['reward_start']:.3f} -> {result['reward_end']:.3f}, "
+        f"KL {result['kl_end']:.2f}, peak RSS {peak:.0f} MB (per step: "
+        f"{[round(h['peak_rss_mb']) for h in history]})"
+    )
+    split = {
+        k: sum(h.get(k, 0) for h in history) / len(history)
+        for k in ("generate_s", "score_s", "forward_s", "update_s", "step_s")
+    }
     print("PPO seconds per step (wall):", json.dumps({k: round(v, 1) for k, v in split.items()}))
 
-    judge = phases.run("judge reward model (half B)", lambda: reward_train.train(
-        engine, settings, reward_train.load_config(args.reward_config, data=[str(file_b)], name="rm-judge",
-                                                   **rm_over), progress=False))  # fmt: skip
+    judge = phases.run(
+        "judge reward model (half B)",
+        lambda: reward_train.train(
+            engine,
+            settings,
+            reward_train.load_config(args.reward_config, data=[str(file_b)], name="rm-judge", **rm_over),
+            progress=False,
+        ),
+    )
     print(f"judge reward model: held-out accuracy {judge.get('accuracy')}")
 
-    ev = phases.run("evaluation", lambda: evaluate_policy(
-        engine, settings, policy="policy", baseline=config.policy, reward_model="rm-train", judge="rm-judge",
-        num_prompts=args.eval_prompts, max_new_tokens=args.eval_tokens or config.max_new_tokens, seed=args.seed))  # fmt: skip
+    ev = phases.run(
+        "evaluation",
+        lambda: evaluate_policy(
+            engine,
+            settings,
+            policy="policy",
+            baseline=config.policy,
+            reward_model="rm-train",
+            judge="rm-judge",
+            num_prompts=args.eval_prompts,
+            max_new_tokens=args.eval_tokens or config.max_new_tokens,
+            seed=args.seed,
+        ),
+    )
     s = ev["summary"]
     print("\n| phase | CPU-min | wall-min |\n| --- | --- | --- |")
     for name, cpu, wall in phases.rows:
@@ -185,11 +217,23 @@ def main() -> None:
     kl_se = s["kl_to_baseline_se"]
     print(f"KL(policy_T || base_T), T={s['temperature']}: {s['kl_to_baseline']:.3f} +- {kl_se or 0:.3f}")
     print(f"training reward: policy {s['reward']:.3f} vs base {s['baseline_reward']:.3f}")
-    print(f"length (tokens): policy {s['length']:.1f} vs base {s['baseline_length']:.1f}; EOS rate "
-          f"{s['eos_rate']:.2f} vs {s['baseline_eos_rate']:.2f}")  # fmt: skip
+    print(
+        f"length (tokens): policy {s['length']:.1f} vs base {s['baseline_length']:.1f}; EOS rate "
+        f"{s['eos_rate']:.2f} vs {s['baseline_eos_rate']:.2f}"
+    )
     print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
-    print("RESULT " + json.dumps({"summary": s, "phases": phases.rows, "reward_plus_rl_cpu_min": budget,
-                                  "ppo_peak_rss_mb": peak, "ppo_step_split_s": split}))  # fmt: skip
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "summary": s,
+                "phases": phases.rows,
+                "reward_plus_rl_cpu_min": budget,
+                "ppo_peak_rss_mb": peak,
+                "ppo_step_split_s": split,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -44,9 +44,14 @@ def percentile(values: list[float], q: float) -> float:
 def one_request(client, prompt: str, max_tokens: int) -> dict:
     start = time.perf_counter()
     first, tokens = None, 0
-    stream = client.chat.completions.create(model="default", messages=[{"role": "user", "content": prompt}],
-                                            max_tokens=max_tokens, temperature=0.7, stream=True,
-                                            stream_options={"include_usage": True})  # fmt: skip
+    stream = client.chat.completions.create(
+        model="default",
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=max_tokens,
+        temperature=0.7,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content and first is None:
             first = time.perf_counter() - start
@@ -76,9 +81,15 @@ def run_load(client, prompts: list[str], clients: int, max_tokens: int) -> dict:
         t.join()
     wall = time.perf_counter() - start
     ttft = [r["ttft"] for r in results]
-    return {"clients": clients, "requests": len(results), "wall_s": wall, "requests_per_s": len(results) / wall,
-            "tokens_per_s": sum(r["tokens"] for r in results) / wall, "ttft_p50": percentile(ttft, 0.5),
-            "ttft_p99": percentile(ttft, 0.99)}  # fmt: skip
+    return {
+        "clients": clients,
+        "requests": len(results),
+        "wall_s": wall,
+        "requests_per_s": len(results) / wall,
+        "tokens_per_s": sum(r["tokens"] for r in results) / wall,
+        "ttft_p50": percentile(ttft, 0.5),
+        "ttft_p99": percentile(ttft, 0.99),
+    }
 
 
 def main() -> None:
@@ -94,13 +105,21 @@ def main() -> None:
     workspace = Path(tempfile.mkdtemp(prefix="serve-bench-")) / "ws"
     alignloop = shutil.which("alignloop", path=str(Path(sys.executable).parent)) or "alignloop"
     subprocess.run([alignloop, "init", "--workspace", str(workspace)], check=True, capture_output=True)
-    out = subprocess.run([alignloop, "keys", "create", "bench", "--workspace", str(workspace)], check=True,
-                         capture_output=True, text=True).stdout  # fmt: skip
+    out = subprocess.run(
+        [alignloop, "keys", "create", "bench", "--workspace", str(workspace)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     key = out.strip().splitlines()[-1]
     port = free_port()
     log = open(workspace / "serve.log", "w")  # noqa: SIM115
-    server = subprocess.Popen([alignloop, "serve", "--port", str(port), "--workspace", str(workspace)], stdout=log,
-                              stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": str(os.cpu_count())})  # fmt: skip
+    server = subprocess.Popen(
+        [alignloop, "serve", "--port", str(port), "--workspace", str(workspace)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "OMP_NUM_THREADS": str(os.cpu_count())},
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(600):
@@ -126,8 +145,10 @@ def main() -> None:
         ("1 client (sequential)", sequential),
         (f"{args.clients} concurrent clients", concurrent),
     ):
-        print(f"| {name} | {r['requests']} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.1f} | "
-              f"{1000 * r['ttft_p50']:.0f} | {1000 * r['ttft_p99']:.0f} |")  # fmt: skip
+        print(
+            f"| {name} | {r['requests']} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.1f} | "
+            f"{1000 * r['ttft_p50']:.0f} | {1000 * r['ttft_p99']:.0f} |"
+        )
     ratio = concurrent["tokens_per_s"] / sequential["tokens_per_s"]
     print(f"{args.clients} concurrent clients: {ratio:.2f}x the tokens/s of sequential requests")
 

@@ -20,11 +20,14 @@ from pathlib import Path
 HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh_harmless_dev.jsonl"
 # label -> (method, extra config): the layer-selective rows tune only the last two of SmolLM2-135M's 30 layers.
 METHODS = {
-    "full": ("full", {}), "lora": ("lora", {}), "prefix": ("prefix", {}), "ia3": ("ia3", {}),
+    "full": ("full", {}),
+    "lora": ("lora", {}),
+    "prefix": ("prefix", {}),
+    "ia3": ("ia3", {}),
     "full, layers 28-29": ("full", {"layers_to_transform": [28, 29]}),
     "lora, layers 28-29": ("lora", {"layers_to_transform": [28, 29]}),
     "ia3, layers 28-29": ("ia3", {"layers_to_transform": [28, 29]}),
-}  # fmt: skip
+}
 
 CHILD = """
 import json, os, resource, sys
@@ -86,10 +89,21 @@ def main() -> None:
             if args.only and label not in args.only and label != "full":
                 continue
             proc = subprocess.run(
-                [sys.executable, "-c", CHILD, tmp, method, str(data), str(args.steps), str(args.max_length),
-                 f"ws{index}", json.dumps(extra)],
-                capture_output=True, text=True,
-            )  # fmt: skip
+                [
+                    sys.executable,
+                    "-c",
+                    CHILD,
+                    tmp,
+                    method,
+                    str(data),
+                    str(args.steps),
+                    str(args.max_length),
+                    f"ws{index}",
+                    json.dumps(extra),
+                ],
+                capture_output=True,
+                text=True,
+            )
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:
                 sys.exit(f"{label} failed:\n{proc.stderr[-3000:]}")

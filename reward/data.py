@@ -65,7 +65,7 @@ def workspace_pairs(
             agreement=r["agreement"],
             weight=weights.get(r["comparison_id"], 1.0),
             margin=margin_scale * max(0.0, 2 * r["agreement"] - 1),
-        )  # fmt: skip
+        )
         for r in rows
     ]
 
@@ -121,10 +121,13 @@ class EncodeReport:
 
     def as_dict(self) -> dict:
         return {
-            "pairs": self.pairs, "prompt_truncated": self.prompt_truncated,
-            "response_truncated": self.response_truncated, "dropped": 0,
-            "identical_after_truncation": self.identical_after_truncation, "by_source": dict(self.by_source),
-        }  # fmt: skip
+            "pairs": self.pairs,
+            "prompt_truncated": self.prompt_truncated,
+            "response_truncated": self.response_truncated,
+            "dropped": 0,
+            "identical_after_truncation": self.identical_after_truncation,
+            "by_source": dict(self.by_source),
+        }
 
 
 class RewardFormat:
@@ -142,8 +145,11 @@ class RewardFormat:
 
     def prompt_ids(self, prompt: list[dict]) -> list[int]:
         if self.chat:
-            return list(self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
-                                                           return_dict=False))  # fmt: skip
+            return list(
+                self.tokenizer.apply_chat_template(
+                    prompt, add_generation_prompt=True, tokenize=True, return_dict=False
+                )
+            )
         text = "\n".join(f"{m['role']}: {m['content']}" for m in prompt) + "\nassistant:"
         return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
@@ -199,6 +205,13 @@ class RewardFormat:
             report.prompt_truncated += c_prompt_cut or r_prompt_cut
             report.response_truncated += c_resp_cut or r_resp_cut
             report.identical_after_truncation += chosen == rejected
-            rows.append({"chosen_ids": chosen, "rejected_ids": rejected, "length": max(len(chosen), len(rejected)),
-                         "margin": pair.margin, "weight": pair.weight})  # fmt: skip
+            rows.append(
+                {
+                    "chosen_ids": chosen,
+                    "rejected_ids": rejected,
+                    "length": max(len(chosen), len(rejected)),
+                    "margin": pair.margin,
+                    "weight": pair.weight,
+                }
+            )
         return rows, report

@@ -25,8 +25,9 @@ NUM_BINS = 10
 
 def pair_scores(reward_model, pairs: list[Pair], *, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
     prompts = [p.prompt for p in pairs]
-    scores = reward_model.score(prompts + prompts, [p.chosen for p in pairs] + [p.rejected for p in pairs],
-                                batch_size=batch_size)  # fmt: skip
+    scores = reward_model.score(
+        prompts + prompts, [p.chosen for p in pairs] + [p.rejected for p in pairs], batch_size=batch_size
+    )
     return np.array(scores[: len(pairs)]), np.array(scores[len(pairs) :])
 
 
@@ -79,11 +80,11 @@ def evaluate_scores(pairs: list[Pair], chosen: np.ndarray, rejected: np.ndarray)
         "by_source": {
             k: {"pairs": len(v), "accuracy": _accuracy(chosen[v], rejected[v])}
             for k, v in sorted(groups["source"].items())
-        },  # fmt: skip
+        },
         "by_round": {
             k: {"pairs": len(v), "accuracy": _accuracy(chosen[v], rejected[v])}
             for k, v in sorted(groups["round"].items())
-        },  # fmt: skip
+        },
         "reward_histogram": _histogram(chosen, rejected),
     }
 

@@ -42,12 +42,26 @@ def mean_pool_classifier_class():
     from transformers.modeling_outputs import SequenceClassifierOutput
 
     class MeanPoolClassifier(BertForSequenceClassification):
-        def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                    inputs_embeds=None, labels=None, **kwargs):  # fmt: skip
+        def forward(
+            self,
+            input_ids=None,
+            attention_mask=None,
+            token_type_ids=None,
+            position_ids=None,
+            inputs_embeds=None,
+            labels=None,
+            **kwargs,
+        ):
             kwargs.pop("use_cache", None)
-            hidden = self.bert(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                               position_ids=position_ids, inputs_embeds=inputs_embeds, return_dict=True,
-                               **kwargs).last_hidden_state  # fmt: skip
+            hidden = self.bert(
+                input_ids,
+                attention_mask=attention_mask,
+                token_type_ids=token_type_ids,
+                position_ids=position_ids,
+                inputs_embeds=inputs_embeds,
+                return_dict=True,
+                **kwargs,
+            ).last_hidden_state
             if attention_mask is None:
                 attention_mask = torch.ones(hidden.shape[:2], device=hidden.device)
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
@@ -63,8 +77,13 @@ def default_pooling(weights) -> str:
     return "mean" if AutoConfig.from_pretrained(weights).model_type == "bert" else "last"
 
 
-def load_sequence_classifier(source: registry.ModelSource, *, pooling: str = "auto",
-                             placement: devices.Placement | None = None, settings: Settings | None = None):  # fmt: skip
+def load_sequence_classifier(
+    source: registry.ModelSource,
+    *,
+    pooling: str = "auto",
+    placement: devices.Placement | None = None,
+    settings: Settings | None = None,
+):
     """A model with a scalar head on top of `source` (a full model, or a base plus a PEFT adapter, merged).
     `pooling`: "last" (the model's own: last token for decoders, [CLS] for encoders), "mean" (BERT-type
     encoders), or "auto" (mean for BERT-type encoders, else last). `placement` defaults to float32 on the
@@ -99,8 +118,15 @@ class RewardModel:
     ref: str = ""
 
     @classmethod
-    def load(cls, ref: str, *, settings: Settings, session=None, device: str | None = None,
-             dtype: str | None = None) -> RewardModel:  # fmt: skip
+    def load(
+        cls,
+        ref: str,
+        *,
+        settings: Settings,
+        session=None,
+        device: str | None = None,
+        dtype: str | None = None,
+    ) -> RewardModel:
         """A registered reward model, placed by the device policy; `device` (PPO passes the policy's) and
         `dtype` override config.yaml's."""
         source = registry.locate(ref, settings=settings, session=session)
@@ -109,8 +135,9 @@ class RewardModel:
         if not meta_file.is_file():
             raise AlignloopError(f"{ref!r} is not a reward model ({META_FILE} missing in {source.path})")
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
-        model, tokenizer = load_sequence_classifier(source, pooling=meta.get("pooling", "last"),
-                                                    placement=placement, settings=settings)  # fmt: skip
+        model, tokenizer = load_sequence_classifier(
+            source, pooling=meta.get("pooling", "last"), placement=placement, settings=settings
+        )
         model.eval()
         return cls(model=model, tokenizer=tokenizer, max_length=meta["max_length"], ref=ref)
 

@@ -125,8 +125,12 @@ def collect_pairs(engine, config: RewardRunConfig) -> tuple[list[Pair], dict]:
         skipped[Path(path).name] = len(file_skipped)
     if config.from_workspace:
         with Session(engine) as session:
-            pairs += workspace_pairs(session, rounds=config.rounds, gold_weights=config.gold_weights,
-                                     margin_scale=config.margin_scale)  # fmt: skip
+            pairs += workspace_pairs(
+                session,
+                rounds=config.rounds,
+                gold_weights=config.gold_weights,
+                margin_scale=config.margin_scale,
+            )
     if len({p.key for p in pairs}) < 2:
         raise AlignloopError(
             f"not enough preference data: {len(pairs)} pairs (need pairs on at least 2 prompts); "
@@ -141,9 +145,14 @@ def peft_config(config: RewardRunConfig, model):
     from peft import LoraConfig, TaskType
 
     head = "classifier" if hasattr(model, "classifier") else "score"
-    return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=config.target_modules, task_type=TaskType.SEQ_CLS,
-                      modules_to_save=[head])  # fmt: skip
+    return LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.target_modules,
+        task_type=TaskType.SEQ_CLS,
+        modules_to_save=[head],
+    )
 
 
 def native_bf16() -> bool:
@@ -210,8 +219,19 @@ def train(engine, settings: Settings, config: RewardRunConfig, *, progress: bool
     run_dir = settings.runs_dir / f"run{run_id}"
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        return _fit(engine, config, run_id, run_dir, source, base_version, train_pairs, held_out, eval_sets,
-                    skipped, progress)  # fmt: skip
+        return _fit(
+            engine,
+            config,
+            run_id,
+            run_dir,
+            source,
+            base_version,
+            train_pairs,
+            held_out,
+            eval_sets,
+            skipped,
+            progress,
+        )
     except BaseException as exc:
         if distributed.is_main():
             with session_scope(engine) as session:
@@ -219,8 +239,9 @@ def train(engine, settings: Settings, config: RewardRunConfig, *, progress: bool
         raise
 
 
-def _fit(engine, config, run_id, run_dir, source, base_version, train_pairs, held_out, eval_sets, skipped,
-         progress) -> dict:  # fmt: skip
+def _fit(
+    engine, config, run_id, run_dir, source, base_version, train_pairs, held_out, eval_sets, skipped, progress
+) -> dict:
     torch.manual_seed(config.seed)
     # 2. The base with a scalar head; pairs encoded for its tokenizer.
     pooling = (
@@ -273,7 +294,7 @@ def _fit(engine, config, run_id, run_dir, source, base_version, train_pairs, hel
             trainer_callback(
                 StepLog(engine, run_id, run_dir / "metrics.jsonl") if distributed.is_main() else None,
                 max_seconds=config.max_seconds,
-            )  # fmt: skip
+            )
         ],
     )
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
@@ -292,8 +313,9 @@ def _fit(engine, config, run_id, run_dir, source, base_version, train_pairs, hel
     # Evaluate the saved files, loaded back (float32 on the CPU, no training-time autocast): the figures then
     # describe exactly the weights that get registered, the same on every machine. Scoring elsewhere follows
     # the device policy (bf16 on a GPU), which moves scores by rounding only.
-    saved = registry.ModelSource(ref=str(out), path=out, licence=source.licence,
-                                 base=source if config.method == "lora" else None)  # fmt: skip
+    saved = registry.ModelSource(
+        ref=str(out), path=out, licence=source.licence, base=source if config.method == "lora" else None
+    )
     model, _ = load_sequence_classifier(saved, pooling=pooling)
     scorer = RewardModel(model=model.eval(), tokenizer=tokenizer, max_length=config.max_length, ref=str(out))
     evaluation = {}
@@ -311,34 +333,70 @@ def _fit(engine, config, run_id, run_dir, source, base_version, train_pairs, hel
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     rounds = sorted({p.round for p in train_pairs if p.round is not None})
     metrics = {
-        "base": config.base, "method": config.method, "device": "cuda" if torch.cuda.is_available() else "cpu", "train_pairs": len(train_pairs), "processes": trainer.accelerator.num_processes,
-        "held_out_pairs": len(held_out), "trainable_params": trainable, "total_params": total, "steps": steps,
-        "train_seconds": round(train_seconds, 2), "train_tokens": int(getattr(trainer, "_total_train_tokens", 0)), "pairs_per_second": round(steps * args.train_batch_size
-        * config.gradient_accumulation_steps / train_seconds, 3) if steps else None,
-        "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
-        "encoding": encode_report.as_dict(), "skipped_in_files": skipped, "rounds": rounds,
-        "accuracy": evaluation.get("held_out", {}).get("accuracy"), "ece": evaluation.get("held_out", {}).get("ece"),
+        "base": config.base,
+        "method": config.method,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "train_pairs": len(train_pairs),
+        "processes": trainer.accelerator.num_processes,
+        "held_out_pairs": len(held_out),
+        "trainable_params": trainable,
+        "total_params": total,
+        "steps": steps,
+        "train_seconds": round(train_seconds, 2),
+        "train_tokens": int(getattr(trainer, "_total_train_tokens", 0)),
+        "pairs_per_second": round(
+            steps * args.train_batch_size * config.gradient_accumulation_steps / train_seconds, 3
+        )
+        if steps
+        else None,
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "encoding": encode_report.as_dict(),
+        "skipped_in_files": skipped,
+        "rounds": rounds,
+        "accuracy": evaluation.get("held_out", {}).get("accuracy"),
+        "ece": evaluation.get("held_out", {}).get("ece"),
         "evaluation": _compact(evaluation),
-    }  # fmt: skip
+    }
     (run_dir / "evaluation.json").write_text(json.dumps(evaluation, indent=2), encoding="utf-8")
     with session_scope(engine) as session:
         name = config.name or f"reward-{config.base.replace('/', '-')}-run{run_id}"
         version = crud.register_model(
-            session, name=name, kind="reward", base=config.base, path=str(out),
-            parent_id=base_version.id if base_version else None, run_id=run_id, licence=source.licence,
+            session,
+            name=name,
+            kind="reward",
+            base=config.base,
+            path=str(out),
+            parent_id=base_version.id if base_version else None,
+            run_id=run_id,
+            licence=source.licence,
             round=config.round if config.round is not None else (rounds[-1] if rounds else None),
             metrics=metrics,
-        )  # fmt: skip
+        )
         run = session.get(Run, run_id)
         crud.finish_run(session, run=run, status="succeeded", metrics=metrics)
         run.log_path = str(run_dir / "metrics.jsonl")
         session.add(run)
-    return {"run_id": run_id, "model": name, "model_version_id": version.id, "path": str(out),
-            "report": str(run_dir / "report.png") if held_out else None, **metrics}  # fmt: skip
+    return {
+        "run_id": run_id,
+        "model": name,
+        "model_version_id": version.id,
+        "path": str(out),
+        "report": str(run_dir / "report.png") if held_out else None,
+        **metrics,
+    }
 
 
 def _compact(evaluation: dict) -> dict:
     """Evaluation figures for the database row, without the curves and histograms."""
-    keep = ("pairs", "accuracy", "ece", "length_correlation", "prefers_longer", "humans_prefer_longer",
-            "by_source", "by_round")  # fmt: skip
+    keep = (
+        "pairs",
+        "accuracy",
+        "ece",
+        "length_correlation",
+        "prefers_longer",
+        "humans_prefer_longer",
+        "by_source",
+        "by_round",
+    )
     return {name: {k: v for k, v in m.items() if k in keep} for name, m in evaluation.items()}

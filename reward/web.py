@@ -65,8 +65,12 @@ def report_png(version_id: DbId, user: AdminDep, session: SessionDep):
 @router.get("/admin/reward", response_class=HTMLResponse, include_in_schema=False)
 def reward_page(request: Request, user: AdminDep, session: SessionDep):
     sections = [
-        {"version": v, "metrics": v.metrics or {}, "has_report": _report_path(session, v) is not None,
-         "held": (v.metrics or {}).get("evaluation", {}).get("held_out", {})}
+        {
+            "version": v,
+            "metrics": v.metrics or {},
+            "has_report": _report_path(session, v) is not None,
+            "held": (v.metrics or {}).get("evaluation", {}).get("held_out", {}),
+        }
         for v in reversed(crud.list_model_versions(session, kind="reward"))
-    ]  # fmt: skip
+    ]
     return render(templates, request, "reward.html", title="Reward models", user=user, sections=sections)

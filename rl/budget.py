@@ -41,9 +41,14 @@ class PromptReport:
     lengths: list[int] = field(default_factory=list, repr=False)  # rendered tokens after truncation
 
     def as_dict(self) -> dict:
-        return {"prompts": self.prompts, "truncated": self.truncated, "turns_dropped": self.turns_dropped,
-                "turn_cut": self.turn_cut, "longest_before": self.longest_before,
-                "longest_after": max(self.lengths, default=0)}  # fmt: skip
+        return {
+            "prompts": self.prompts,
+            "truncated": self.truncated,
+            "turns_dropped": self.turns_dropped,
+            "turn_cut": self.turn_cut,
+            "longest_before": self.longest_before,
+            "longest_after": max(self.lengths, default=0),
+        }
 
 
 def fit_prompt(tokenizer, messages: Sequence[dict], max_length: int) -> tuple[list[dict], int, bool, int]:

@@ -30,15 +30,27 @@ from rl.train import load_policy
 
 
 @torch.no_grad()
-def response_logprobs(model, tokenizer, prompts: list[list[dict]], completions: list[Completion], *,
-                      temperature: float = 1.0, batch_size: int = 8) -> list[float]:  # fmt: skip
+def response_logprobs(
+    model,
+    tokenizer,
+    prompts: list[list[dict]],
+    completions: list[Completion],
+    *,
+    temperature: float = 1.0,
+    batch_size: int = 8,
+) -> list[float]:
     """log p_T(response | prompt) for each pair: the sum over the response's tokens of log softmax(logits / T)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(prompts), batch_size):
-        batch = pad_batch(prompts[start : start + batch_size], completions[start : start + batch_size],
-                          tokenizer, pad, device)  # fmt: skip
+        batch = pad_batch(
+            prompts[start : start + batch_size],
+            completions[start : start + batch_size],
+            tokenizer,
+            pad,
+            device,
+        )
         ids = torch.cat([batch.queries, batch.responses], 1)
         mask = torch.cat([batch.query_mask, batch.response_mask], 1)
         P = batch.queries.shape[1]
@@ -51,8 +63,15 @@ def response_logprobs(model, tokenizer, prompts: list[list[dict]], completions: 
     return out
 
 
-def kl_to_baseline(model, baseline, tokenizer, prompts: list[list[dict]], completions: list[Completion], *,
-                   temperature: float) -> tuple[float | None, float | None]:  # fmt: skip
+def kl_to_baseline(
+    model,
+    baseline,
+    tokenizer,
+    prompts: list[list[dict]],
+    completions: list[Completion],
+    *,
+    temperature: float,
+) -> tuple[float | None, float | None]:
     """(mean, standard error) of the k1 estimate of KL(model_T || baseline_T) from `completions`, which must
     be the model's own samples at `temperature` with top_p 1."""
     kept = [(p, c) for p, c in zip(prompts, completions, strict=True) if c.token_ids]
@@ -73,9 +92,20 @@ def mean_and_se(xs: list[float]) -> tuple[float | None, float | None]:
     return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
 
 
-def evaluate_policy(engine, settings, *, policy: str, baseline: str, reward_model: str, judge: str,
-                    num_prompts: int = 32, max_new_tokens: int = 64, seed: int = 0, preset: str | None = None,
-                    temperature: float = 0.7) -> dict:  # fmt: skip
+def evaluate_policy(
+    engine,
+    settings,
+    *,
+    policy: str,
+    baseline: str,
+    reward_model: str,
+    judge: str,
+    num_prompts: int = 32,
+    max_new_tokens: int = 64,
+    seed: int = 0,
+    preset: str | None = None,
+    temperature: float = 0.7,
+) -> dict:
     if judge == reward_model:
         raise AlignloopError("the judge must be a different reward model from the one used in training")
     with Session(engine) as session:
@@ -105,22 +135,39 @@ def evaluate_policy(engine, settings, *, policy: str, baseline: str, reward_mode
     reward_new, reward_old = trained_rm.score(prompts, new_texts), trained_rm.score(prompts, old_texts)
     judge_new, judge_old = judge_rm.score(prompts, new_texts), judge_rm.score(prompts, old_texts)
     same_vocab = tokenizer.get_vocab() == base_tokenizer.get_vocab()
-    kl, kl_se = (kl_to_baseline(new_model, base_model, tokenizer, prompts_for_models, new, temperature=temperature)
-                 if same_vocab else (None, None))  # fmt: skip
+    kl, kl_se = (
+        kl_to_baseline(new_model, base_model, tokenizer, prompts_for_models, new, temperature=temperature)
+        if same_vocab
+        else (None, None)
+    )
     wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(judge_new, judge_old, strict=True)]
     win_rate, win_se = mean_and_se(wins)
     mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
     summary = {
-        "policy": policy, "baseline": baseline, "reward_model": reward_model, "judge": judge, "prompts": len(prompts),
-        "reward": mean(reward_new), "baseline_reward": mean(reward_old), "kl_to_baseline": kl,
-        "kl_to_baseline_se": kl_se, "temperature": temperature,
-        "length": mean([c.num_tokens for c in new]), "baseline_length": mean([c.num_tokens for c in old]),
-        "eos_rate": mean([float(c.finished) for c in new]), "baseline_eos_rate": mean([float(c.finished) for c in old]),
-        "win_rate_by_judge": win_rate, "win_rate_se": win_se, "preset": preset,
-    }  # fmt: skip
+        "policy": policy,
+        "baseline": baseline,
+        "reward_model": reward_model,
+        "judge": judge,
+        "prompts": len(prompts),
+        "reward": mean(reward_new),
+        "baseline_reward": mean(reward_old),
+        "kl_to_baseline": kl,
+        "kl_to_baseline_se": kl_se,
+        "temperature": temperature,
+        "length": mean([c.num_tokens for c in new]),
+        "baseline_length": mean([c.num_tokens for c in old]),
+        "eos_rate": mean([float(c.finished) for c in new]),
+        "baseline_eos_rate": mean([float(c.finished) for c in old]),
+        "win_rate_by_judge": win_rate,
+        "win_rate_se": win_se,
+        "preset": preset,
+    }
     with session_scope(engine) as session:
-        run = crud.create_run(session, kind="eval", config={"policy": policy, "baseline": baseline,
-                              "reward_model": reward_model, "judge": judge})  # fmt: skip
+        run = crud.create_run(
+            session,
+            kind="eval",
+            config={"policy": policy, "baseline": baseline, "reward_model": reward_model, "judge": judge},
+        )
         crud.finish_run(session, run=run, status="succeeded", metrics=summary)
     samples = [
         {"prompt": p, "policy": a, "baseline": b}

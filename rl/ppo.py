@@ -198,9 +198,14 @@ class Rollouts:
     def rows(self, index: torch.Tensor) -> Rollouts:
         pick = lambda t: None if t is None else t[index]  # noqa: E731
         return Rollouts(
-            prompts=[self.prompts[i] for i in index.tolist()], completions=[self.completions[i] for i in index.tolist()],
-            **{f.name: pick(getattr(self, f.name)) for f in fields(self) if f.name not in ("prompts", "completions")},
-        )  # fmt: skip
+            prompts=[self.prompts[i] for i in index.tolist()],
+            completions=[self.completions[i] for i in index.tolist()],
+            **{
+                f.name: pick(getattr(self, f.name))
+                for f in fields(self)
+                if f.name not in ("prompts", "completions")
+            },
+        )
 
     def trimmed(self) -> Rollouts:
         """The same rows without the padding columns none of them needs (left of the queries, right of the
@@ -208,9 +213,15 @@ class Rollouts:
         q_keep = int(self.query_mask.sum(1).max())
         r_keep = max(1, int(self.response_mask.sum(1).max()))
         P = self.queries.shape[1]
-        out = Rollouts(prompts=self.prompts, completions=self.completions, queries=self.queries[:, P - q_keep :],
-                       query_mask=self.query_mask[:, P - q_keep :], responses=self.responses[:, :r_keep],
-                       response_mask=self.response_mask[:, :r_keep], scores=self.scores)  # fmt: skip
+        out = Rollouts(
+            prompts=self.prompts,
+            completions=self.completions,
+            queries=self.queries[:, P - q_keep :],
+            query_mask=self.query_mask[:, P - q_keep :],
+            responses=self.responses[:, :r_keep],
+            response_mask=self.response_mask[:, :r_keep],
+            scores=self.scores,
+        )
         for name in ("logprobs", "ref_logprobs", "values", "advantages", "returns"):
             value = getattr(self, name)
             setattr(out, name, None if value is None else value[:, :r_keep])
@@ -227,8 +238,14 @@ def pad_batch(prompts, completions, tokenizer, pad_id: int, device=None) -> Roll
         q[i, P - len(ids) :], qm[i, P - len(ids) :] = torch.tensor(ids), 1
         r[i, : len(c.token_ids)], rm[i, : len(c.token_ids)] = torch.tensor(c.token_ids, dtype=torch.long), 1
     q, qm, r, rm = (t.to(device) for t in (q, qm, r, rm))
-    return Rollouts(prompts=list(prompts), queries=q, query_mask=qm, responses=r, response_mask=rm,
-                    completions=list(completions))  # fmt: skip
+    return Rollouts(
+        prompts=list(prompts),
+        queries=q,
+        query_mask=qm,
+        responses=r,
+        response_mask=rm,
+        completions=list(completions),
+    )
 
 
 # --- the models ----------------------------------------------------------------------------------------------
@@ -264,8 +281,13 @@ class ActorCritic(nn.Module):
 
             from sft.layers import lora_targets
 
-            lora = dict(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
-                        **lora_targets(model, config.target_modules, config.layers_to_transform))  # fmt: skip
+            lora = dict(
+                r=config.lora_r,
+                lora_alpha=config.lora_alpha,
+                lora_dropout=0.0,
+                task_type="CAUSAL_LM",
+                **lora_targets(model, config.target_modules, config.layers_to_transform),
+            )
             model = get_peft_model(model, LoraConfig(**lora))  # adapter "default": the policy
             if config.value_model == "adapter":
                 model.add_adapter("value", LoraConfig(**lora))
@@ -368,8 +390,14 @@ class ActorCritic(nn.Module):
         # Only the positions that predict response tokens need the (vocabulary-sized) output layer.
         keep = {"logits_to_keep": R + 1} if self.keeps_logits else {}
         with ctx, self.autocast():
-            out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                        output_hidden_states=want_hidden, use_cache=False, **keep)  # fmt: skip
+            out = model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                output_hidden_states=want_hidden,
+                use_cache=False,
+                **keep,
+            )
         logits = out.logits[:, -(R + 1) : -1].float() / self.config.temperature
         logp_all = F.log_softmax(logits, dim=-1)
         logprobs = logp_all.gather(-1, batch.responses.unsqueeze(-1)).squeeze(-1)
@@ -383,8 +411,9 @@ class ActorCritic(nn.Module):
         input_ids, attention_mask, position_ids = self._inputs(batch)
         decoder = getattr(self.causal_lm, self.causal_lm.base_model_prefix)
         with self.adapter("value"), self.autocast():
-            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             use_cache=False).last_hidden_state  # fmt: skip
+            hidden = decoder(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            ).last_hidden_state
         P, R = batch.queries.shape[1], batch.responses.shape[1]
         return self.value_head(hidden[:, P - 1 : P + R - 1].float())
 
@@ -438,8 +467,18 @@ class AdaptiveKL:
 
 
 class PPOTrainer:
-    def __init__(self, config: PPOConfig, model, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn,
-                 *, accelerator=None, run_dir: Path | None = None, on_step=None):  # fmt: skip
+    def __init__(
+        self,
+        config: PPOConfig,
+        model,
+        tokenizer,
+        prompts: list[list[dict]],
+        reward_fn: RewardFn,
+        *,
+        accelerator=None,
+        run_dir: Path | None = None,
+        on_step=None,
+    ):
         from accelerate import Accelerator
 
         if not prompts:
@@ -448,8 +487,11 @@ class PPOTrainer:
         # Capped once, up front: every rollout, forward pass and reward score sees the same (fitted) prompt.
         self.prompts, self.prompt_report = fit_prompts(tokenizer, prompts, config.max_prompt_length)
         if self.prompt_report.truncated:
-            log.info("prompts cut to max_prompt_length=%s: %s", config.max_prompt_length,
-                     self.prompt_report.as_dict())  # fmt: skip
+            log.info(
+                "prompts cut to max_prompt_length=%s: %s",
+                config.max_prompt_length,
+                self.prompt_report.as_dict(),
+            )
         from alignloop.core import distributed
 
         distributed.state()  # the process group, on the CPU when there is no GPU
@@ -481,12 +523,25 @@ class PPOTrainer:
     def rollout(self, step: int) -> tuple[Rollouts, dict]:
         timings, start = {}, time.perf_counter()
         prompts = self.step_prompts(step)
-        params = SamplingParams(max_new_tokens=self.config.max_new_tokens, temperature=self.config.temperature,
-                                top_p=1.0, seed=self.config.seed * 1_000_033 + step * 97 + self.accelerator.process_index)  # fmt: skip
+        params = SamplingParams(
+            max_new_tokens=self.config.max_new_tokens,
+            temperature=self.config.temperature,
+            top_p=1.0,
+            seed=self.config.seed * 1_000_033 + step * 97 + self.accelerator.process_index,
+        )
         self.ac.eval()
         with self.ac.merged_policy(), self.ac.autocast():
-            completions = [c[0] for c in generate(self.ac.model, self.tokenizer, prompts, params=params,
-                                                  batch_size=self.local_batch, progress=False)]  # fmt: skip
+            completions = [
+                c[0]
+                for c in generate(
+                    self.ac.model,
+                    self.tokenizer,
+                    prompts,
+                    params=params,
+                    batch_size=self.local_batch,
+                    progress=False,
+                )
+            ]
         timings["generate_s"] = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -507,15 +562,20 @@ class PPOTrainer:
             rewards = masked_whiten(rewards, mask, shift_mean=False)
         advantages, batch.returns = gae(rewards, batch.values, mask, self.config.gamma, self.config.lam)
         batch.advantages = masked_whiten(advantages, mask) * mask
-        stats = {"kl": kl.sum(1).mean().item(), "raw_score": (scores + self.config.missing_eos_penalty
-                 * (~finished).float()).mean().item(), "score": scores.mean().item(),
-                 "response_length": mask.sum(1).mean().item(), "eos_rate": finished.float().mean().item()}  # fmt: skip
+        stats = {
+            "kl": kl.sum(1).mean().item(),
+            "raw_score": (scores + self.config.missing_eos_penalty * (~finished).float()).mean().item(),
+            "score": scores.mean().item(),
+            "response_length": mask.sum(1).mean().item(),
+            "eos_rate": finished.float().mean().item(),
+        }
         return batch, {**stats, **timings}
 
     def micro_batches(self, batch: Rollouts) -> list[tuple[torch.Tensor, Rollouts]]:
         """(row indices, trimmed rows) per micro-batch: at most `micro_batch_tokens` padded tokens each."""
-        groups = plan_micro_batches(row_lengths(batch.query_mask, batch.response_mask),
-                                    self.config.micro_batch_tokens)  # fmt: skip
+        groups = plan_micro_batches(
+            row_lengths(batch.query_mask, batch.response_mask), self.config.micro_batch_tokens
+        )
         out = []
         for group in groups:
             index = torch.tensor(group, device=batch.queries.device)
@@ -554,8 +614,10 @@ class PPOTrainer:
         logprobs, entropy, hidden = self.ac.policy_forward(mb, want_hidden=shared)
         vpred = self.ac.value_head(hidden.float()) if shared else None
         ratio = torch.exp(logprobs - mb.logprobs)
-        pg_losses = torch.max(-mb.advantages * ratio,
-                              -mb.advantages * ratio.clamp(1 - self.config.cliprange, 1 + self.config.cliprange))  # fmt: skip
+        pg_losses = torch.max(
+            -mb.advantages * ratio,
+            -mb.advantages * ratio.clamp(1 - self.config.cliprange, 1 + self.config.cliprange),
+        )
         pg_loss = total(pg_losses)
         if shared:
             vf_loss, vf_clip = self._value_loss(vpred, mb, total)
@@ -567,11 +629,13 @@ class PPOTrainer:
             (self.config.vf_coef * vf_loss).backward()
         with torch.no_grad():
             return {
-                "policy_loss": pg_loss.item(), "value_loss": vf_loss.item(), "value_clipfrac": vf_clip,
+                "policy_loss": pg_loss.item(),
+                "value_loss": vf_loss.item(),
+                "value_clipfrac": vf_clip,
                 "clipfrac": total((torch.abs(ratio - 1) > self.config.cliprange).float()).item(),
                 "approx_kl": total(0.5 * (logprobs - mb.logprobs) ** 2).item(),
                 "entropy": total(entropy).item(),
-            }  # fmt: skip
+            }
 
     def _value_loss(self, vpred, mb: Rollouts, total) -> tuple[torch.Tensor, float]:
         clipped = mb.values + (vpred - mb.values).clamp(
@@ -616,8 +680,12 @@ class PPOTrainer:
     def train(self, *, progress: bool = True) -> list[dict]:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=self.config.steps, initial=self.step, desc="ppo", disable=not progress or
-                   not self.accelerator.is_main_process)  # fmt: skip
+        bar = tqdm(
+            total=self.config.steps,
+            initial=self.step,
+            desc="ppo",
+            disable=not progress or not self.accelerator.is_main_process,
+        )
         while self.step < self.config.steps:
             step_start = time.perf_counter()
             self.largest_micro_batch = 0
@@ -625,9 +693,15 @@ class PPOTrainer:
             start = time.perf_counter()
             update_stats = self.update(batch, self.step)
             update_s = time.perf_counter() - start
-            stats = {**rollout_stats, **update_stats, "update_s": update_s, "kl_coef": self.kl.value,
-                     "peak_rss_mb": peak_rss_mb(), "rss_mb": rss_mb(),
-                     "largest_micro_batch_tokens": self.largest_micro_batch}  # fmt: skip
+            stats = {
+                **rollout_stats,
+                **update_stats,
+                "update_s": update_s,
+                "kl_coef": self.kl.value,
+                "peak_rss_mb": peak_rss_mb(),
+                "rss_mb": rss_mb(),
+                "largest_micro_batch_tokens": self.largest_micro_batch,
+            }
             stats = {k: self._mean_over_processes(v) for k, v in stats.items()}
             if self.config.adaptive_kl:
                 self.kl.update(stats["kl"], self.config.batch_size)
@@ -675,8 +749,14 @@ class PPOTrainer:
             return None
         path = self.checkpoint_dir() / f"step-{self.step:06d}.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
-        state = {"step": self.step, "weights": self.ac.trainable_state(), "optimizer": self.optimizer.state_dict(),
-                 "kl_coef": self.kl.value, "history": self.history, "config": asdict(self.config)}  # fmt: skip
+        state = {
+            "step": self.step,
+            "weights": self.ac.trainable_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "kl_coef": self.kl.value,
+            "history": self.history,
+            "config": asdict(self.config),
+        }
         tmp = path.with_suffix(".tmp")
         torch.save(state, tmp)
         tmp.replace(path)  # a crash mid-write never leaves a half checkpoint behind

@@ -120,10 +120,14 @@ def kto_examples(session) -> list[dict]:
         select(ChatFeedback).where(col(ChatFeedback.rating).in_([1, -1])).order_by(ChatFeedback.id)
     )
     return [
-        {"prompt": r.context or r.messages, "completion": [{"role": "assistant", "content": r.response}],
-         "label": r.rating == 1, "feedback_id": r.id}
+        {
+            "prompt": r.context or r.messages,
+            "completion": [{"role": "assistant", "content": r.response}],
+            "label": r.rating == 1,
+            "feedback_id": r.id,
+        }
         for r in rows.all()
-    ]  # fmt: skip
+    ]
 
 
 def reward_function(settings: Settings, session, name: str, *, device: str | None = None):
@@ -150,8 +154,17 @@ def _open_run(engine, algo: str, config: RLConfig, resume: int | None, extra: di
     return distributed.broadcast(run_id)
 
 
-def train(engine, settings: Settings, algo: str, config: RLConfig | None, *, resume: int | None = None,
-          round: int | None = None, progress: bool = True, on_run=None) -> dict:  # fmt: skip
+def train(
+    engine,
+    settings: Settings,
+    algo: str,
+    config: RLConfig | None,
+    *,
+    resume: int | None = None,
+    round: int | None = None,
+    progress: bool = True,
+    on_run=None,
+) -> dict:
     if resume is not None:
         with Session(engine) as session:
             run = session.get(Run, resume)
@@ -229,10 +242,17 @@ def train(engine, settings: Settings, algo: str, config: RLConfig | None, *, res
     with session_scope(engine) as session:
         name = config.name or f"{algo}-run{run_id}"
         version = crud.register_model(
-            session, name=name, kind="policy", base=config.policy, path=str(out),
-            parent_id=start_version.id if start_version else None, run_id=run_id, round=round,
-            licence=licence, metrics={"algo": algo, **metrics},
-        )  # fmt: skip
+            session,
+            name=name,
+            kind="policy",
+            base=config.policy,
+            path=str(out),
+            parent_id=start_version.id if start_version else None,
+            run_id=run_id,
+            round=round,
+            licence=licence,
+            metrics={"algo": algo, **metrics},
+        )
         run = session.get(Run, run_id)
         crud.finish_run(session, run=run, status="succeeded", metrics={**run.metrics, **metrics})
         run.log_path = str(run_dir / "metrics.jsonl")
@@ -246,8 +266,15 @@ def _ppo(engine, settings, config, prompts, run_id, run_dir, resume, progress):
         # Scoring follows the policy: the device Accelerate gives this process (its GPU), not the CPU.
         policy_device = str(distributed.state().device)
         reward_fn = reward_function(settings, session, config.reward_model, device=policy_device)
-    trainer = PPOTrainer(config, model, tokenizer, prompts, reward_fn, run_dir=run_dir,
-                         on_step=StepLog(engine, run_id, run_dir / "metrics.jsonl"))  # fmt: skip
+    trainer = PPOTrainer(
+        config,
+        model,
+        tokenizer,
+        prompts,
+        reward_fn,
+        run_dir=run_dir,
+        on_step=StepLog(engine, run_id, run_dir / "metrics.jsonl"),
+    )
     if resume is not None:
         checkpoint = trainer.latest_checkpoint()
         if checkpoint is None:
@@ -288,10 +315,13 @@ def summarise(history: list[dict], seconds: float) -> dict:
     first, last = history[: max(1, len(history) // 5)], history[-max(1, len(history) // 5) :]
     mean = lambda rows, key: sum(r[key] for r in rows if key in r) / max(1, sum(key in r for r in rows))  # noqa: E731
     return {
-        "steps": len(history), "train_seconds": round(seconds, 2),
-        "reward_start": mean(first, "raw_score"), "reward_end": mean(last, "raw_score"),
-        "kl_end": mean(last, "kl"), "response_length_end": mean(last, "response_length"),
-    }  # fmt: skip
+        "steps": len(history),
+        "train_seconds": round(seconds, 2),
+        "reward_start": mean(first, "raw_score"),
+        "reward_end": mean(last, "raw_score"),
+        "kl_end": mean(last, "kl"),
+        "response_length_end": mean(last, "response_length"),
+    }
 
 
 # --- TRL algorithms ------------------------------------------------------------------------------------------
@@ -318,7 +348,7 @@ def _trl(engine, settings, algo, config: GRPOConfig | DPOConfig, prompts, pairs,
             lora_alpha=config.lora_alpha,
             task_type="CAUSAL_LM",
             **lora_targets(model, config.target_modules, config.layers_to_transform),
-        )  # fmt: skip
+        )
         if config.method == "lora"
         else None
     )
@@ -328,32 +358,48 @@ def _trl(engine, settings, algo, config: GRPOConfig | DPOConfig, prompts, pairs,
         freeze_outside(model, config.layers_to_transform)
     cuda = torch.cuda.is_available()
     common = dict(
-        output_dir=str(run_dir / "trainer"), max_steps=config.steps, learning_rate=config.learning_rate,
-        logging_steps=1, save_strategy="no", report_to=[], seed=config.seed, use_cpu=not cuda,
-        bf16=cuda and devices.native_bf16("cuda"), activation_checkpointing=False, disable_tqdm=not progress,
+        output_dir=str(run_dir / "trainer"),
+        max_steps=config.steps,
+        learning_rate=config.learning_rate,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=config.seed,
+        use_cpu=not cuda,
+        bf16=cuda and devices.native_bf16("cuda"),
+        activation_checkpointing=False,
+        disable_tqdm=not progress,
         max_grad_norm=config.max_grad_norm,
-    )  # fmt: skip
+    )
     start = time.perf_counter()
     if algo == "dpo":
         from trl import DPOConfig as TRLDPOConfig
         from trl import DPOTrainer
 
-        data = Dataset.from_list([{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]}
-                                  for p in pairs])  # fmt: skip
+        data = Dataset.from_list(
+            [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs]
+        )
         args = TRLDPOConfig(
             per_device_train_batch_size=min(config.mini_batch_size, len(pairs)),
             beta=config.beta,
             max_length=config.max_length,
             **common,
         )
-        trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
-                             peft_config=peft, callbacks=[logger])  # fmt: skip
+        trainer = DPOTrainer(
+            model=model,
+            args=args,
+            train_dataset=data,
+            processing_class=tokenizer,
+            peft_config=peft,
+            callbacks=[logger],
+        )
     elif algo == "kto":
         from trl import KTOConfig as TRLKTOConfig
         from trl import KTOTrainer
 
-        data = Dataset.from_list([{"prompt": p["prompt"], "completion": p["completion"], "label": p["label"]}
-                                  for p in pairs])  # fmt: skip
+        data = Dataset.from_list(
+            [{"prompt": p["prompt"], "completion": p["completion"], "label": p["label"]} for p in pairs]
+        )
         # KTO estimates its reference point from mismatched pairs within a batch: it needs two or more rows.
         args = TRLKTOConfig(
             per_device_train_batch_size=max(2, min(config.mini_batch_size, len(pairs))),
@@ -361,8 +407,14 @@ def _trl(engine, settings, algo, config: GRPOConfig | DPOConfig, prompts, pairs,
             max_length=config.max_length,
             **common,
         )
-        trainer = KTOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
-                             peft_config=peft, callbacks=[logger])  # fmt: skip
+        trainer = KTOTrainer(
+            model=model,
+            args=args,
+            train_dataset=data,
+            processing_class=tokenizer,
+            peft_config=peft,
+            callbacks=[logger],
+        )
     else:
 
         def reward_func(prompts, completions, **kwargs) -> list[float]:
@@ -382,11 +434,21 @@ def _trl(engine, settings, algo, config: GRPOConfig | DPOConfig, prompts, pairs,
         num_generations = config.num_generations
         args = Config(
             per_device_train_batch_size=num_generations * max(1, config.mini_batch_size // num_generations),
-            num_generations=num_generations, max_completion_length=config.max_new_tokens,
-            temperature=config.temperature, beta=config.kl_coef, **common,
-        )  # fmt: skip
-        trainer = Trainer(model=model, reward_funcs=reward_func, args=args, train_dataset=data,
-                          processing_class=tokenizer, peft_config=peft, callbacks=[logger])  # fmt: skip
+            num_generations=num_generations,
+            max_completion_length=config.max_new_tokens,
+            temperature=config.temperature,
+            beta=config.kl_coef,
+            **common,
+        )
+        trainer = Trainer(
+            model=model,
+            reward_funcs=reward_func,
+            args=args,
+            train_dataset=data,
+            processing_class=tokenizer,
+            peft_config=peft,
+            callbacks=[logger],
+        )
     trainer.train()
     seconds = time.perf_counter() - start
     out = run_dir / "model"
@@ -398,9 +460,14 @@ def _trl(engine, settings, algo, config: GRPOConfig | DPOConfig, prompts, pairs,
         )
     history = [h for h in trainer.state.log_history if "loss" in h or "reward" in h]
     losses = [h["loss"] for h in history if "loss" in h]
-    metrics = {"steps": trainer.state.global_step, "train_seconds": round(seconds, 2),
-               "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
-               "device": "cuda" if cuda else "cpu", "pairs": len(pairs)}  # fmt: skip
+    metrics = {
+        "steps": trainer.state.global_step,
+        "train_seconds": round(seconds, 2),
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "device": "cuda" if cuda else "cpu",
+        "pairs": len(pairs),
+    }
     rewards = [h["reward"] for h in history if "reward" in h]
     if rewards:
         metrics |= {"reward_start": rewards[0], "reward_end": rewards[-1]}

@@ -35,10 +35,15 @@ def rl_runs(user: AdminDep, session: SessionDep) -> list[dict]:
         select(Run).where(col(Run.kind).in_(["rl", "eval"])).order_by(col(Run.id).desc())
     ).all()
     return [
-        {"id": r.id, "kind": r.kind, "status": r.status, "config": r.config,
-         "metrics": {k: v for k, v in r.metrics.items() if k != "history"}}
+        {
+            "id": r.id,
+            "kind": r.kind,
+            "status": r.status,
+            "config": r.config,
+            "metrics": {k: v for k, v in r.metrics.items() if k != "history"},
+        }
         for r in runs
-    ]  # fmt: skip
+    ]
 
 
 @router.get("/admin/rl", response_class=HTMLResponse, include_in_schema=False)

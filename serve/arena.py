@@ -49,8 +49,12 @@ def leaderboard_json(user: ReviewerDep, session: SessionDep) -> dict:
     """Versions ranked by Bradley-Terry strength (Elo scale) with bootstrap 95% intervals and battle counts, from
     arena battles and the human votes on each round's policy against its predecessor."""
     arena, rounds = arena_battles(session), round_over_round_battles(session)
-    return {"battles": len(arena) + len(rounds), "arena_battles": len(arena), "round_battles": len(rounds),
-            "models": leaderboard(arena + rounds)}  # fmt: skip
+    return {
+        "battles": len(arena) + len(rounds),
+        "arena_battles": len(arena),
+        "round_battles": len(rounds),
+        "models": leaderboard(arena + rounds),
+    }
 
 
 def pick_pair(names: list[str], rng: random.Random) -> tuple[str, str]:
@@ -65,10 +69,16 @@ def board_markdown(engine) -> str:
     rows = leaderboard(battles)
     if not rows:
         return "No battles yet."
-    lines = [f"{len(battles)} battles\n", "| rank | model | rating | 95% CI | battles | win rate |",
-             "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
-    lines += [f"| {r['rank']} | {html.escape(r['model'])} | {r['rating']:.0f} | {r['ci_low']:.0f} – {r['ci_high']:.0f} "
-              f"| {r['battles']} | {r['win_rate']:.0%} |" for r in rows]  # fmt: skip
+    lines = [
+        f"{len(battles)} battles\n",
+        "| rank | model | rating | 95% CI | battles | win rate |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {r['rank']} | {html.escape(r['model'])} | {r['rating']:.0f} | {r['ci_low']:.0f} – {r['ci_high']:.0f} "
+        f"| {r['battles']} | {r['win_rate']:.0%} |"
+        for r in rows
+    ]
     return "\n".join(lines)
 
 
@@ -84,8 +94,10 @@ def build_ui(engine, settings: Settings, pool) -> gr.Blocks:
                 out_a = gr.Textbox(label="Model A", lines=8, interactive=False, elem_id="arena-a")
                 out_b = gr.Textbox(label="Model B", lines=8, interactive=False, elem_id="arena-b")
             with gr.Row():
-                buttons = {c: gr.Button(label, elem_id=f"arena-vote-{c}", interactive=False)
-                           for c, label in CHOICE_LABELS.items()}  # fmt: skip
+                buttons = {
+                    c: gr.Button(label, elem_id=f"arena-vote-{c}", interactive=False)
+                    for c, label in CHOICE_LABELS.items()
+                }
             reveal = gr.Markdown(elem_id="arena-reveal")
         with gr.Tab("Leaderboard"):
             board = gr.Markdown(elem_id="leaderboard")
@@ -122,8 +134,15 @@ def build_ui(engine, settings: Settings, pool) -> gr.Blocks:
                 with Session(engine) as session:
                     user = reviewer(session, request)
                 try:
-                    record_battle(engine, user, prompt=state["prompt"], models=tuple(state["models"]),
-                                  texts=tuple(state["texts"]), choice=choice, settings=settings)  # fmt: skip
+                    record_battle(
+                        engine,
+                        user,
+                        prompt=state["prompt"],
+                        models=tuple(state["models"]),
+                        texts=tuple(state["texts"]),
+                        choice=choice,
+                        settings=settings,
+                    )
                 except AlignloopError as exc:
                     raise gr.Error(str(exc)) from None
                 a, b = (html.escape(m) for m in state["models"])

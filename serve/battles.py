@@ -17,8 +17,16 @@ from alignloop.core.models import Round, User
 CHOICE_LABELS = {"a": "A is better", "b": "B is better", "tie": "Tie", "both_bad": "Both bad"}
 
 
-def record_battle(engine, user: User, *, prompt: str, models: tuple[str, str], texts: tuple[str, str],
-                  choice: str, settings: Settings) -> int:  # fmt: skip
+def record_battle(
+    engine,
+    user: User,
+    *,
+    prompt: str,
+    models: tuple[str, str],
+    texts: tuple[str, str],
+    choice: str,
+    settings: Settings,
+) -> int:
     """Store the battle as an arena comparison with the user's vote; returns the comparison id."""
     if choice not in CHOICE_LABELS:
         raise AlignloopError(f"choice must be one of {', '.join(CHOICE_LABELS)}")
@@ -31,8 +39,10 @@ def record_battle(engine, user: User, *, prompt: str, models: tuple[str, str], t
             (existing,), _ = crud.add_prompts(
                 session, prompts=[crud.PromptCreate(messages=messages)], source="arena"
             )
-        versions = [ensure_model_version(session, ref=settings.default_policy if m == "default" else m, licence=None)
-                    for m in models]  # fmt: skip
+        versions = [
+            ensure_model_version(session, ref=settings.default_policy if m == "default" else m, licence=None)
+            for m in models
+        ]
         generations = [
             crud.add_generation(
                 session, prompt_id=existing.id, model_version_id=v.id, text=t, params={"arena": True}
@@ -43,8 +53,14 @@ def record_battle(engine, user: User, *, prompt: str, models: tuple[str, str], t
         shown = sorted(range(2), key=lambda i: versions[i].id)
         stored = [generations[i] for i in shown]
         shown_order = [shown.index(0), shown.index(1)]
-        comparison = crud.create_comparison(session, prompt_id=existing.id, generation_ids=[g.id for g in stored],
-                                            round=current_round(session), source="arena", target_votes=1)  # fmt: skip
+        comparison = crud.create_comparison(
+            session,
+            prompt_id=existing.id,
+            generation_ids=[g.id for g in stored],
+            round=current_round(session),
+            source="arena",
+            target_votes=1,
+        )
         if choice in ("a", "b"):
             choice = "ab"[shown_order["ab".index(choice)]]
         crud.record_vote(

@@ -76,13 +76,27 @@ def model_ref(settings: Settings, name: str) -> str:
     return settings.default_policy if name == "default" else name
 
 
-def stream_text(pool, settings, name: str, messages: list[dict], *, temperature: float, max_tokens: int,
-                seed: int | None = None) -> tuple[Stream, Request]:  # fmt: skip
+def stream_text(
+    pool,
+    settings,
+    name: str,
+    messages: list[dict],
+    *,
+    temperature: float,
+    max_tokens: int,
+    seed: int | None = None,
+) -> tuple[Stream, Request]:
     """Start one reply; returns its event stream (and the request, to cancel it)."""
     engine = pool.get(model_ref(settings, name))
     stream = Stream()
-    request = Request(prompt_ids=engine.render(messages), max_tokens=max_tokens, temperature=temperature,
-                      top_p=0.95, seed=seed, emit=stream)  # fmt: skip
+    request = Request(
+        prompt_ids=engine.render(messages),
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=0.95,
+        seed=seed,
+        emit=stream,
+    )
     engine.submit(request)
     return stream, request
 
@@ -135,11 +149,18 @@ def save_feedback(
     with session_scope(engine) as session:
         version = crud.get_model_version(session, name=model)
         row = get_preset(session, preset) if preset and preset != NO_PRESET else None
-        session.add(ChatFeedback(user_id=user.id, model_version_id=version.id if version else None,
-                                 messages=history[:-1], response=history[-1]["content"], rating=rating,
-                                 edited=edited.strip() if edited else None,
-                                 preset=f"{row.name}@{row.version}" if row else None,
-                                 context=apply_preset(row, history[:-1]) if row else None))  # fmt: skip
+        session.add(
+            ChatFeedback(
+                user_id=user.id,
+                model_version_id=version.id if version else None,
+                messages=history[:-1],
+                response=history[-1]["content"],
+                rating=rating,
+                edited=edited.strip() if edited else None,
+                preset=f"{row.name}@{row.version}" if row else None,
+                context=apply_preset(row, history[:-1]) if row else None,
+            )
+        )
 
 
 def build_ui(engine, settings: Settings, pool) -> gr.Blocks:
@@ -184,8 +205,14 @@ def build_ui(engine, settings: Settings, pool) -> gr.Blocks:
                 history = [*history, {"role": "user", "content": text}]
                 try:
                     pinned = pin_preset(engine, preset_ref)
-                    stream, _ = stream_text(pool, settings, name, prepare(engine, history, pinned),
-                                            temperature=temp, max_tokens=int(limit))  # fmt: skip
+                    stream, _ = stream_text(
+                        pool,
+                        settings,
+                        name,
+                        prepare(engine, history, pinned),
+                        temperature=temp,
+                        max_tokens=int(limit),
+                    )
                 except AlignloopError as exc:
                     raise gr.Error(str(exc)) from None
                 delimiter, reply, shown = preset_delimiter(engine, preset_ref), "", history
@@ -214,8 +241,15 @@ def build_ui(engine, settings: Settings, pool) -> gr.Blocks:
                     with Session(engine) as session:
                         user = reviewer(session, request)
                     try:
-                        save_feedback(engine, user, model=name, history=history, rating=rating,
-                                      edited=better_text if edited else None, preset=used_preset)  # fmt: skip
+                        save_feedback(
+                            engine,
+                            user,
+                            model=name,
+                            history=history,
+                            rating=rating,
+                            edited=better_text if edited else None,
+                            preset=used_preset,
+                        )
                     except AlignloopError as exc:
                         raise gr.Error(str(exc)) from None
                     return "Saved: thank you." if not edited else "Saved your better answer."
@@ -237,22 +271,33 @@ def build_ui(engine, settings: Settings, pool) -> gr.Blocks:
                 with Session(engine) as session:
                     user = reviewer(session, request)
                 try:
-                    row = review_transcript(engine, user, transcript_id=kept, flagged=bool(flagged), tags=tag_text,
-                                            comment=comment_text)  # fmt: skip
+                    row = review_transcript(
+                        engine,
+                        user,
+                        transcript_id=kept,
+                        flagged=bool(flagged),
+                        tags=tag_text,
+                        comment=comment_text,
+                    )
                 except AlignloopError as exc:
                     raise gr.Error(str(exc)) from None
                 return "Review saved" + (" and flagged for the admins." if row.flagged else ".")
 
             save_review.click(do_review, [transcript_id, flag, tags, comment], notice)
-            clear.click(lambda: ([], [], "", None, None, False, "", ""), None,
-                        [history_state, chatbot, notice, reply_preset, transcript_id, flag, tags, comment])  # fmt: skip
+            clear.click(
+                lambda: ([], [], "", None, None, False, "", ""),
+                None,
+                [history_state, chatbot, notice, reply_preset, transcript_id, flag, tags, comment],
+            )
 
         with gr.Tab("Side by side"):
             with gr.Row():
-                left_model = gr.Dropdown(label="Left model", choices=["default"], value="default",
-                                         elem_id="side-left-model")  # fmt: skip
-                right_model = gr.Dropdown(label="Right model", choices=["default"], value="default",
-                                          elem_id="side-right-model")  # fmt: skip
+                left_model = gr.Dropdown(
+                    label="Left model", choices=["default"], value="default", elem_id="side-left-model"
+                )
+                right_model = gr.Dropdown(
+                    label="Right model", choices=["default"], value="default", elem_id="side-right-model"
+                )
             side_prompt = gr.Textbox(label="Prompt", elem_id="side-prompt")
             side_go = gr.Button("Ask both", variant="primary", elem_id="side-go")
             with gr.Row():
@@ -260,9 +305,14 @@ def build_ui(engine, settings: Settings, pool) -> gr.Blocks:
                 right_out = gr.Textbox(label="Right", lines=8, interactive=False, elem_id="side-right")
             side_state = gr.State(None)  # {"prompt", "models", "texts"} of the last finished pair
             with gr.Row():
-                side_buttons = {c: gr.Button(label.replace("A", "Left").replace("B", "Right"),
-                                             elem_id=f"side-vote-{c}", interactive=False)
-                                for c, label in SIDE_LABELS.items()}  # fmt: skip
+                side_buttons = {
+                    c: gr.Button(
+                        label.replace("A", "Left").replace("B", "Right"),
+                        elem_id=f"side-vote-{c}",
+                        interactive=False,
+                    )
+                    for c, label in SIDE_LABELS.items()
+                }
             side_notice = gr.Markdown(elem_id="side-notice")
 
             def side_by_side(text, left, right, request: gr.Request):
@@ -271,8 +321,10 @@ def build_ui(engine, settings: Settings, pool) -> gr.Blocks:
                 if not (text or "").strip():
                     raise gr.Error("Type a prompt first.")
                 messages = [{"role": "user", "content": text.strip()}]
-                streams = [stream_text(pool, settings, m, messages, temperature=0.7, max_tokens=256)[0]
-                           for m in (left, right)]  # fmt: skip
+                streams = [
+                    stream_text(pool, settings, m, messages, temperature=0.7, max_tokens=256)[0]
+                    for m in (left, right)
+                ]
                 locked = [gr.update(interactive=False)] * len(side_buttons)
                 texts = ["", ""]
                 for texts in merge_streams(streams):
@@ -289,8 +341,11 @@ def build_ui(engine, settings: Settings, pool) -> gr.Blocks:
                     *[gr.update(interactive=state is not None)] * len(side_buttons),
                 )
 
-            side_go.click(side_by_side, [side_prompt, left_model, right_model],
-                          [left_out, right_out, side_state, *side_buttons.values()])  # fmt: skip
+            side_go.click(
+                side_by_side,
+                [side_prompt, left_model, right_model],
+                [left_out, right_out, side_state, *side_buttons.values()],
+            )
 
             def side_vote(choice):
                 # Named side by side, so not blind like the arena: the vote is stored as an arena battle all
@@ -301,8 +356,15 @@ def build_ui(engine, settings: Settings, pool) -> gr.Blocks:
                     with Session(engine) as session:
                         user = reviewer(session, request)
                     try:
-                        record_battle(engine, user, prompt=state["prompt"], models=tuple(state["models"]),
-                                      texts=tuple(state["texts"]), choice=choice, settings=settings)  # fmt: skip
+                        record_battle(
+                            engine,
+                            user,
+                            prompt=state["prompt"],
+                            models=tuple(state["models"]),
+                            texts=tuple(state["texts"]),
+                            choice=choice,
+                            settings=settings,
+                        )
                     except AlignloopError as exc:
                         raise gr.Error(str(exc)) from None
                     return None, "Vote recorded.", *[gr.update(interactive=False)] * len(side_buttons)
@@ -315,12 +377,15 @@ def build_ui(engine, settings: Settings, pool) -> gr.Blocks:
                 )
 
         with gr.Tab("Presets"):
-            gr.Markdown("A preset is a system prompt, few-shot examples and an optional chain-of-thought "
-                        "instruction. Saving under an existing name adds a new version.")  # fmt: skip
+            gr.Markdown(
+                "A preset is a system prompt, few-shot examples and an optional chain-of-thought "
+                "instruction. Saving under an existing name adds a new version."
+            )
             p_name = gr.Textbox(label="Name")
             p_system = gr.Textbox(label="System prompt", lines=3)
-            p_examples = gr.Textbox(label='Few-shot examples (JSON: [{"user": "...", "assistant": "..."}])', lines=4,
-                                    value="[]")  # fmt: skip
+            p_examples = gr.Textbox(
+                label='Few-shot examples (JSON: [{"user": "...", "assistant": "..."}])', lines=4, value="[]"
+            )
             p_cot = gr.Textbox(
                 label="Chain-of-thought instruction (optional)", placeholder="Think step by step."
             )
@@ -335,8 +400,14 @@ def build_ui(engine, settings: Settings, pool) -> gr.Blocks:
                 try:
                     examples = json.loads(examples_json or "[]")
                     with session_scope(engine) as session:
-                        preset_row = save_preset(session, name=name, system_prompt=system or "", examples=examples,
-                                                 chain_of_thought=cot or None, user_id=user.id)  # fmt: skip
+                        preset_row = save_preset(
+                            session,
+                            name=name,
+                            system_prompt=system or "",
+                            examples=examples,
+                            chain_of_thought=cot or None,
+                            user_id=user.id,
+                        )
                         ref = f"{preset_row.name}@{preset_row.version}"
                 except (json.JSONDecodeError, AlignloopError) as exc:
                     raise gr.Error(f"Not saved: {exc}") from None
@@ -346,8 +417,12 @@ def build_ui(engine, settings: Settings, pool) -> gr.Blocks:
 
         def refresh():
             names = model_choices(engine)
-            return (gr.update(choices=names), gr.update(choices=preset_choices(engine)), gr.update(choices=names),
-                    gr.update(choices=names))  # fmt: skip
+            return (
+                gr.update(choices=names),
+                gr.update(choices=preset_choices(engine)),
+                gr.update(choices=names),
+                gr.update(choices=names),
+            )
 
         demo.load(refresh, None, [model, preset, left_model, right_model])
     return demo

@@ -169,8 +169,14 @@ class BatchingEngine:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         extra = {"logits_to_keep": 1} if self.keep_last_logits else {}
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                         **{self.cache_arg: None}, **extra)  # fmt: skip
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **{self.cache_arg: None},
+            **extra,
+        )
         logits = out.logits[:, -1, :].float().cpu()  # rows sample on the CPU with their own generators
         rows = []
         for i, r in enumerate(requests):
@@ -185,8 +191,13 @@ class BatchingEngine:
         tokens = torch.tensor([[row.generated[-1]] for row in rows], device=self.device)
         positions = mask.sum(1, keepdim=True)  # each row's next position: its real tokens so far
         mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=self.device)], dim=1)
-        out = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=True,
-                         **{self.cache_arg: cache})  # fmt: skip
+        out = self.model(
+            input_ids=tokens,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **{self.cache_arg: cache},
+        )
         logits = out.logits[:, -1, :].float().cpu()
         for i, row in enumerate(rows):
             row.logits = logits[i]

@@ -97,16 +97,26 @@ def leaderboard(battles: list[Battle], *, rounds: int = 200, seed: int = 0) -> l
     models = sorted({x.a for x in battles} | {x.b for x in battles})
     point = fit(battles, models)
     rng = np.random.default_rng(seed)
-    samples = np.array([fit([battles[i] for i in rng.integers(0, len(battles), len(battles))], models)
-                        for _ in range(rounds)])  # fmt: skip
+    samples = np.array(
+        [
+            fit([battles[i] for i in rng.integers(0, len(battles), len(battles))], models)
+            for _ in range(rounds)
+        ]
+    )
     low, high = np.percentile(samples, 2.5, axis=0), np.percentile(samples, 97.5, axis=0)
     counts = {m: sum(m in (x.a, x.b) for x in battles) for m in models}
     wins = {m: sum((x.a == m) * x.score_a + (x.b == m) * (1 - x.score_a) for x in battles) for m in models}
     table = [
-        {"model": m, "rating": round(1000 + SCALE * point[i], 1), "ci_low": round(1000 + SCALE * low[i], 1),
-         "ci_high": round(1000 + SCALE * high[i], 1), "battles": counts[m], "win_rate": round(wins[m] / counts[m], 3)}
+        {
+            "model": m,
+            "rating": round(1000 + SCALE * point[i], 1),
+            "ci_low": round(1000 + SCALE * low[i], 1),
+            "ci_high": round(1000 + SCALE * high[i], 1),
+            "battles": counts[m],
+            "win_rate": round(wins[m] / counts[m], 3),
+        }
         for i, m in enumerate(models)
-    ]  # fmt: skip
+    ]
     table.sort(key=lambda r: -r["rating"])
     for rank, row in enumerate(table, 1):
         row["rank"] = rank

@@ -82,8 +82,14 @@ def entries(session: Session, base: str, models: list[str] | None) -> list[Entry
             and version.name != base
             and (models is None or version.name in models)
         ):
-            rows.append(Entry(name=version.name, level="L2" if version.kind == "sft" else "L3", ref=version.name,
-                              version=version))  # fmt: skip
+            rows.append(
+                Entry(
+                    name=version.name,
+                    level="L2" if version.kind == "sft" else "L3",
+                    ref=version.name,
+                    version=version,
+                )
+            )
     if models is not None:
         unknown = set(models) - {e.name for e in rows}
         if unknown:
@@ -133,9 +139,10 @@ def self_judged(session: Session, version: ModelVersion | None, judge: ModelVers
         config = run.config if run else {}
         if judged_on and (config.get("from_chosen") or config.get("algo") == "dpo"):
             voted_before = session.exec(
-                select(Vote.comparison_id).where(col(Vote.comparison_id).in_(judged_on))
+                select(Vote.comparison_id)
+                .where(col(Vote.comparison_id).in_(judged_on))
                 .where(Vote.created_at <= (run.started_at or run.created_at))
-            ).first()  # fmt: skip
+            ).first()
             if voted_before is not None:
                 return f"{ancestor.name!r} was tuned on votes the judge was also trained on"
     return None
@@ -222,10 +229,21 @@ def win_rate(scores: list[float], base_scores: list[float]) -> tuple[float, floa
     return mean, sd / math.sqrt(n)
 
 
-def build_report(engine, settings: Settings, *, judge: str | None = None, base: str | None = None,
-                 num_prompts: int = 32, max_new_tokens: int = 64, temperature: float = 0.7, seed: int = 0,
-                 batch_size: int = 8, models: list[str] | None = None, out: str | Path | None = None,
-                 progress: bool = False) -> dict:  # fmt: skip
+def build_report(
+    engine,
+    settings: Settings,
+    *,
+    judge: str | None = None,
+    base: str | None = None,
+    num_prompts: int = 32,
+    max_new_tokens: int = 64,
+    temperature: float = 0.7,
+    seed: int = 0,
+    batch_size: int = 8,
+    models: list[str] | None = None,
+    out: str | Path | None = None,
+    progress: bool = False,
+) -> dict:
     """Run every row, judge it against the base, store the result as a `levels` Run. Returns the report."""
     base = base or settings.default_policy
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
@@ -262,8 +280,12 @@ def build_report(engine, settings: Settings, *, judge: str | None = None, base: 
         for entry in (e for e in rows if e.ref == ref):
             shown = [apply_preset(entry.preset, p, chain_of_thought=entry.chain_of_thought) for p in prompts]
             start = time.perf_counter()
-            completions = [c[0] for c in generate(model, loaded.tokenizer, shown, params=params,
-                                                  batch_size=batch_size, progress=progress)]  # fmt: skip
+            completions = [
+                c[0]
+                for c in generate(
+                    model, loaded.tokenizer, shown, params=params, batch_size=batch_size, progress=progress
+                )
+            ]
             seconds = time.perf_counter() - start
             speed[entry.name] = sum(c.num_tokens for c in completions) / max(seconds, 1e-9)
             answers[entry.name] = [final_answer(entry.preset, c.text) for c in completions]
@@ -275,23 +297,50 @@ def build_report(engine, settings: Settings, *, judge: str | None = None, base: 
     for entry in rows:
         rate, se = win_rate(scores[entry.name], scores[base])
         human = humans.get(entry.version.name if entry.version else entry.name)
-        table.append({
-            "name": entry.name, "level": entry.level, "win_rate": round(rate, 4),
-            "stderr": None if se is None else round(se, 4), "mean_judge_score": round(sum(scores[entry.name]) / len(prompts), 4),
-            "self_judged": flags[entry.name], "human_rating": human and human["rating"],
-            "human_ci": human and [human["ci_low"], human["ci_high"]], "human_battles": human and human["battles"],
-            **costs[entry.name], "tokens_per_s": round(speed[entry.name], 1),
-        })  # fmt: skip
-    report = {"judge": judge, "base": base, "prompts": len(prompts), "max_new_tokens": max_new_tokens,
-              "temperature": temperature, "seed": seed, "rows": table,
-              "samples": [{"prompt": p[-1]["content"], **{n: a[i] for n, a in answers.items()}}
-                          for i, p in enumerate(prompts[:5])]}  # fmt: skip
+        table.append(
+            {
+                "name": entry.name,
+                "level": entry.level,
+                "win_rate": round(rate, 4),
+                "stderr": None if se is None else round(se, 4),
+                "mean_judge_score": round(sum(scores[entry.name]) / len(prompts), 4),
+                "self_judged": flags[entry.name],
+                "human_rating": human and human["rating"],
+                "human_ci": human and [human["ci_low"], human["ci_high"]],
+                "human_battles": human and human["battles"],
+                **costs[entry.name],
+                "tokens_per_s": round(speed[entry.name], 1),
+            }
+        )
+    report = {
+        "judge": judge,
+        "base": base,
+        "prompts": len(prompts),
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "seed": seed,
+        "rows": table,
+        "samples": [
+            {"prompt": p[-1]["content"], **{n: a[i] for n, a in answers.items()}}
+            for i, p in enumerate(prompts[:5])
+        ],
+    }
 
     # 4. Store: the Run row (the admin page reads it) and its chart; optionally files in `out`.
     png = chart_png(table, title=f"{len(prompts)} held-out prompts, judge {judge}")
     with session_scope(engine) as session:
-        run = crud.create_run(session, kind="levels", config={"judge": judge, "base": base, "prompts": len(prompts),
-                              "models": models, "max_new_tokens": max_new_tokens, "seed": seed})  # fmt: skip
+        run = crud.create_run(
+            session,
+            kind="levels",
+            config={
+                "judge": judge,
+                "base": base,
+                "prompts": len(prompts),
+                "models": models,
+                "max_new_tokens": max_new_tokens,
+                "seed": seed,
+            },
+        )
         crud.finish_run(session, run=run, status="succeeded", metrics=report)
     run_dir = settings.runs_dir / f"run{run.id}"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -325,11 +374,16 @@ def markdown_table(report: dict) -> str:
         win = f"{r['win_rate']:.2f} ± {_num(r['stderr'], '.2f')}"
         if r["self_judged"]:
             win += f" **self-judged**: {r['self_judged']}"
-        human = (f"{r['human_rating']:.0f} [{r['human_ci'][0]:.0f}, {r['human_ci'][1]:.0f}] ({r['human_battles']})"
-                 if r["human_rating"] is not None else "–")  # fmt: skip
+        human = (
+            f"{r['human_rating']:.0f} [{r['human_ci'][0]:.0f}, {r['human_ci'][1]:.0f}] ({r['human_battles']})"
+            if r["human_rating"] is not None
+            else "–"
+        )
         minutes = f"{r['train_minutes']:.2f} ({r['device']})" if r["device"] else "0"
-        lines.append(f"| {r['level']} | {r['name']} | {win} | {human} | {minutes} | {r['votes']} | {r['examples']} "
-                     f"| {_num(r['adapter_mb'], '.2f')} | {r['tokens_per_s']:.0f} |")  # fmt: skip
+        lines.append(
+            f"| {r['level']} | {r['name']} | {win} | {human} | {minutes} | {r['votes']} | {r['examples']} "
+            f"| {_num(r['adapter_mb'], '.2f')} | {r['tokens_per_s']:.0f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -344,10 +398,23 @@ def chart_png(rows: list[dict], *, title: str = "") -> bytes:
     for level in LEVELS:
         for r in (r for r in rows if r["level"] == level):
             hollow = bool(r["self_judged"])
-            ax.errorbar(r["train_minutes"], r["win_rate"], yerr=r["stderr"] or 0, fmt="o", capsize=3,
-                        color=COLOURS[level], mfc="none" if hollow else COLOURS[level], ms=8)  # fmt: skip
-            ax.annotate(r["name"] + (" (self-judged)" if hollow else ""), (r["train_minutes"], r["win_rate"]),
-                        textcoords="offset points", xytext=(5, 4), fontsize=7)  # fmt: skip
+            ax.errorbar(
+                r["train_minutes"],
+                r["win_rate"],
+                yerr=r["stderr"] or 0,
+                fmt="o",
+                capsize=3,
+                color=COLOURS[level],
+                mfc="none" if hollow else COLOURS[level],
+                ms=8,
+            )
+            ax.annotate(
+                r["name"] + (" (self-judged)" if hollow else ""),
+                (r["train_minutes"], r["win_rate"]),
+                textcoords="offset points",
+                xytext=(5, 4),
+                fontsize=7,
+            )
     for level in LEVELS:
         ax.plot([], [], "o", color=COLOURS[level], label=level)
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")

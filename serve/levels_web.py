@@ -20,8 +20,15 @@ templates = templates_for(Path(__file__).parent / "templates")
 def levels_page(request: Request, user: AdminDep, session: SessionDep):
     run = latest_report(session)
     report = run.metrics if run is not None else None
-    return render(templates, request, "levels.html", title="Levels", user=user, report=report,
-                  run_id=run.id if run is not None else None)  # fmt: skip
+    return render(
+        templates,
+        request,
+        "levels.html",
+        title="Levels",
+        user=user,
+        report=report,
+        run_id=run.id if run is not None else None,
+    )
 
 
 @router.get("/admin/levels/{run_id}.png", include_in_schema=False)

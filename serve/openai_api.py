@@ -36,8 +36,15 @@ API_ROLES = ("reviewer", "admin")
 
 
 class OpenAIError(Exception):
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None):  # fmt: skip
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
 
@@ -144,11 +151,19 @@ def api_user(request: Request, session: SessionDep) -> User:
         user = websec.session_user(session, request)
     session.commit()  # end the read: no transaction held across the thread hop
     if user is None:
-        raise OpenAIError(401, "Incorrect or missing API key: pass `Authorization: Bearer <key>` (alignloop keys "
-                          "create)", type="authentication_error", code="invalid_api_key")  # fmt: skip
+        raise OpenAIError(
+            401,
+            "Incorrect or missing API key: pass `Authorization: Bearer <key>` (alignloop keys create)",
+            type="authentication_error",
+            code="invalid_api_key",
+        )
     if user.role not in API_ROLES:
-        raise OpenAIError(403, f"the /v1 API is for the roles {' and '.join(API_ROLES)}; this key's user is "
-                          f"an {user.role}", type="permission_error", code="insufficient_role")  # fmt: skip
+        raise OpenAIError(
+            403,
+            f"the /v1 API is for the roles {' and '.join(API_ROLES)}; this key's user is an {user.role}",
+            type="permission_error",
+            code="insufficient_role",
+        )
     return user
 
 
@@ -160,8 +175,12 @@ def model_ref(session: Session, name: str, default_policy: str) -> str:
         return default_policy
     version = crud.get_model_version(session, name=name)
     if version is None or version.kind not in crud.SERVABLE_KINDS:
-        raise OpenAIError(404, f"The model '{name}' does not exist (GET /v1/models lists them)",
-                          code="model_not_found", param="model")  # fmt: skip
+        raise OpenAIError(
+            404,
+            f"The model '{name}' does not exist (GET /v1/models lists them)",
+            code="model_not_found",
+            param="model",
+        )
     return name
 
 
@@ -171,9 +190,13 @@ def model_ref(session: Session, name: str, default_policy: str) -> str:
 @router.get("/models", response_model=ModelList)
 def list_models(user: ApiUser, session: SessionDep) -> dict:
     created = int(time.time())
-    return {"object": "list",
-            "data": [{"id": n, "object": "model", "created": created, "owned_by": "alignloop"}
-                     for n in crud.servable_models(session)]}  # fmt: skip
+    return {
+        "object": "list",
+        "data": [
+            {"id": n, "object": "model", "created": created, "owned_by": "alignloop"}
+            for n in crud.servable_models(session)
+        ],
+    }
 
 
 @router.post("/chat/completions", response_model=ChatCompletion, responses=STREAMED)
@@ -207,22 +230,33 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, user: 
         # model knows. Without an explicit max_tokens the reply may use whatever room the prompt leaves.
         max_tokens = asked or max(1, min(max_tokens, context - len(prompt_ids)))
         if len(prompt_ids) + max_tokens > context:
-            raise OpenAIError(400, f"This model's maximum context length is {context} tokens. However, you "
-                              f"requested {len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the messages, "
-                              f"{max_tokens} in the completion). Please reduce the length of the messages or "
-                              "completion.", param="messages", code="context_length_exceeded")  # fmt: skip
+            raise OpenAIError(
+                400,
+                f"This model's maximum context length is {context} tokens. However, you "
+                f"requested {len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the messages, "
+                f"{max_tokens} in the completion). Please reduce the length of the messages or "
+                "completion.",
+                param="messages",
+                code="context_length_exceeded",
+            )
     job = EngineRequest(
-        prompt_ids=prompt_ids, max_tokens=max_tokens,
-        temperature=body.temperature, top_p=body.top_p, stop=body.stop or [], seed=body.seed,
+        prompt_ids=prompt_ids,
+        max_tokens=max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        stop=body.stop or [],
+        seed=body.seed,
         emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
-    )  # fmt: skip
+    )
     engine.submit(job)
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     if body.stream:
         include_usage = bool((body.stream_options or {}).get("include_usage"))
-        return StreamingResponse(_sse(events, job, completion_id, created, body.model, include_usage,
-                                      ReasoningFilter(delimiter)),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-store"})  # fmt: skip
+        return StreamingResponse(
+            _sse(events, job, completion_id, created, body.model, include_usage, ReasoningFilter(delimiter)),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-store"},
+        )
     parts, finish, usage = [], "stop", {}
     try:
         while True:
@@ -237,11 +271,20 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, user: 
     finally:
         job.cancelled.set()
     return {
-        "id": completion_id, "object": "chat.completion", "created": created, "model": body.model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": _visible("".join(parts), delimiter)},
-                     "finish_reason": finish, "logprobs": None}],
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": body.model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": _visible("".join(parts), delimiter)},
+                "finish_reason": finish,
+                "logprobs": None,
+            }
+        ],
         "usage": {**usage, "total_tokens": usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0)},
-    }  # fmt: skip
+    }
 
 
 def _visible(text: str, delimiter: str | None) -> str:
@@ -249,11 +292,23 @@ def _visible(text: str, delimiter: str | None) -> str:
     return shown.feed(text) + shown.flush()
 
 
-async def _sse(events: asyncio.Queue, job: EngineRequest, completion_id: str, created: int, model: str,
-               include_usage: bool, shown: ReasoningFilter):  # fmt: skip
+async def _sse(
+    events: asyncio.Queue,
+    job: EngineRequest,
+    completion_id: str,
+    created: int,
+    model: str,
+    include_usage: bool,
+    shown: ReasoningFilter,
+):
     def chunk(delta: dict, finish: str | None = None, usage: dict | None = None) -> str:
-        body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}  # fmt: skip
+        body = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+        }
         if usage is not None:
             body = {**body, "choices": [], "usage": usage}
         return f"data: {json.dumps(body)}\n\n"

@@ -80,8 +80,15 @@ templates = templates_for(Path(__file__).parent / "templates")
 @router.get("/admin/review", response_class=HTMLResponse, include_in_schema=False)
 def review_page(request: Request, user: AdminDep, session: SessionDep):
     names = {u.id: u.name for u in session.exec(select(User)).all()}
-    return render(templates, request, "admin_review.html", title="Review queue", user=user, names=names,
-                  transcripts=review_queue(session))  # fmt: skip
+    return render(
+        templates,
+        request,
+        "admin_review.html",
+        title="Review queue",
+        user=user,
+        names=names,
+        transcripts=review_queue(session),
+    )
 
 
 @router.post("/admin/review/{transcript_id}/resolve", include_in_schema=False)

@@ -53,8 +53,11 @@ def to_example(record: object) -> Example:
             raise RecordError(
                 "the last message must be the assistant's (non-empty) reply: it is what is learned"
             )
-        return Example(prompt=_messages(messages[:-1]), completion=str(last["content"]).strip(),
-                       category=str(record.get("category") or "chat"))  # fmt: skip
+        return Example(
+            prompt=_messages(messages[:-1]),
+            completion=str(last["content"]).strip(),
+            category=str(record.get("category") or "chat"),
+        )
     if "instruction" in record:
         instruction = _text(record, "instruction")
         if "response" not in record and "output" not in record:
@@ -63,8 +66,11 @@ def to_example(record: object) -> Example:
         extra = _text(record, "context" if dolly else "input", required=False)
         completion = _text(record, "response" if dolly else "output")
         user = f"{instruction}\n\n{extra}" if extra else instruction
-        return Example(prompt=[{"role": "user", "content": user}], completion=completion,
-                       category=str(record.get("category") or ("general" if dolly else "alpaca")))  # fmt: skip
+        return Example(
+            prompt=[{"role": "user", "content": user}],
+            completion=completion,
+            category=str(record.get("category") or ("general" if dolly else "alpaca")),
+        )
     raise RecordError(
         f"no instruction data: expected 'instruction' (dolly/alpaca) or 'messages' (found {sorted(record)})"
     )

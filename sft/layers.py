@@ -69,6 +69,11 @@ def lora_targets(model, target_modules: list[str] | str, layers: list[int] | Non
         raise AlignloopError("with layers_to_transform, give target_modules as a list of module names")
     import torch
 
-    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                     if isinstance(m, torch.nn.Linear) and LAYER.search(n + ".")})  # fmt: skip
+    linear = sorted(
+        {
+            n.rsplit(".", 1)[-1]
+            for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and LAYER.search(n + ".")
+        }
+    )
     return {"target_modules": in_layers(linear, layers)}

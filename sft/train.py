@@ -72,9 +72,11 @@ class SFTRunConfig:
     )
     layers_to_transform: list[int] | None = field(
         default=None,
-        metadata={"help": "Tune only these decoder layers (LoRA, IA3: PEFT's layers_to_transform; full: the "
-                  "rest frozen). Default: all."},
-    )  # fmt: skip
+        metadata={
+            "help": "Tune only these decoder layers (LoRA, IA3: PEFT's layers_to_transform; full: the "
+            "rest frozen). Default: all."
+        },
+    )
     ia3_feedforward_modules: list[str] = field(
         default_factory=lambda: ["down_proj"], metadata={"help": "IA3 modules scaled on their input."}
     )
@@ -126,9 +128,14 @@ def peft_config(config: SFTRunConfig):
     from peft import IA3Config, LoraConfig, PrefixTuningConfig, TaskType
 
     if config.method == "lora":
-        return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                          target_modules=config.target_modules, layers_to_transform=config.layers_to_transform,
-                          task_type=TaskType.CAUSAL_LM)  # fmt: skip
+        return LoraConfig(
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=config.target_modules,
+            layers_to_transform=config.layers_to_transform,
+            task_type=TaskType.CAUSAL_LM,
+        )
     if config.method == "prefix":
         return PrefixTuningConfig(num_virtual_tokens=config.num_virtual_tokens, task_type=TaskType.CAUSAL_LM)
     if config.method == "ia3":
@@ -195,8 +202,19 @@ def train(engine, settings: Settings, config: SFTRunConfig, *, progress: bool = 
     return summary
 
 
-def _fit(engine, config, run_id, run_dir, source, base_version, train_examples, held_out, progress, *,
-         settings: Settings) -> dict:  # fmt: skip
+def _fit(
+    engine,
+    config,
+    run_id,
+    run_dir,
+    source,
+    base_version,
+    train_examples,
+    held_out,
+    progress,
+    *,
+    settings: Settings,
+) -> dict:
     torch.manual_seed(config.seed)
     # 2. The base model, wrapped by the method. A base that is itself an adapter is merged first.
     # float32 master weights where the Trainer puts them; a base set to 4/8-bit in config.yaml loads
@@ -266,26 +284,47 @@ def _fit(engine, config, run_id, run_dir, source, base_version, train_examples, 
         _point_adapter_at(out, source)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     metrics = {
-        "method": config.method, "layers": config.layers_to_transform, "device": "cuda" if cuda else "cpu", "train_examples": len(train_examples), "held_out_examples": len(held_out),
-        "trainable_params": trainable, "total_params": total, "train_seconds": round(train_seconds, 2),
-        "seconds_per_step": round(train_seconds / config.max_steps, 4), "first_loss": losses[0] if losses else None,
-        "final_loss": losses[-1] if losses else None, "held_out_loss": eval_loss,
-    }  # fmt: skip
+        "method": config.method,
+        "layers": config.layers_to_transform,
+        "device": "cuda" if cuda else "cpu",
+        "train_examples": len(train_examples),
+        "held_out_examples": len(held_out),
+        "trainable_params": trainable,
+        "total_params": total,
+        "train_seconds": round(train_seconds, 2),
+        "seconds_per_step": round(train_seconds / config.max_steps, 4),
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "held_out_loss": eval_loss,
+    }
     report = _report(config, metrics, sample_prompts, before, after)
     (run_dir / "report.md").write_text(report, encoding="utf-8")
     with session_scope(engine) as session:
         name = config.name or f"sft-{config.method}-run{run_id}"
         version = crud.register_model(
-            session, name=name, kind="sft", base=config.base,
-            path=str(out), parent_id=base_version.id if base_version else None, run_id=run_id,
-            licence=source.licence, metrics=metrics,
-        )  # fmt: skip
+            session,
+            name=name,
+            kind="sft",
+            base=config.base,
+            path=str(out),
+            parent_id=base_version.id if base_version else None,
+            run_id=run_id,
+            licence=source.licence,
+            metrics=metrics,
+        )
         run = session.get(Run, run_id)
         crud.finish_run(session, run=run, status="succeeded", metrics=metrics)
         run.log_path = str(run_dir / "metrics.jsonl")
         session.add(run)
-    return {"run_id": run_id, "model": name, "model_version_id": version.id, "path": str(out), **metrics,
-            "samples_before": before, "samples_after": after}  # fmt: skip
+    return {
+        "run_id": run_id,
+        "model": name,
+        "model_version_id": version.id,
+        "path": str(out),
+        **metrics,
+        "samples_before": before,
+        "samples_after": after,
+    }
 
 
 def _point_adapter_at(adapter_dir: Path, source) -> None:

@@ -171,9 +171,17 @@ def make_standin(api_key: str = "alignloop-test-key"):
                 out.append(existing)
                 continue
             record = _resource(
-                {"external_id": item.get("external_id"), "fields": item["fields"], "metadata": item.get("metadata") or {}},
-                dataset_id=dataset_id, status="pending", responses=[], suggestions=[], vectors={},
-            )  # fmt: skip
+                {
+                    "external_id": item.get("external_id"),
+                    "fields": item["fields"],
+                    "metadata": item.get("metadata") or {},
+                },
+                dataset_id=dataset_id,
+                status="pending",
+                responses=[],
+                suggestions=[],
+                vectors={},
+            )
             d["records"].append(record)
             out.append(record)
         return {"items": out, "updated_item_ids": updated}

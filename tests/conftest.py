@@ -55,8 +55,12 @@ def start_server(workspace, *, env=None) -> tuple:
     exe = shutil.which("alignloop")
     cmd = [exe] if exe else [sys.executable, "-m", "alignloop.cli"]
     log = open(Path(workspace) / f"serve-{port}.log", "w")  # noqa: SIM115 - the server process writes it
-    proc = subprocess.Popen([*cmd, "serve", "--port", str(port), "--workspace", str(workspace)], stdout=log,
-                            stderr=subprocess.STDOUT, env=env)  # fmt: skip
+    proc = subprocess.Popen(
+        [*cmd, "serve", "--port", str(port), "--workspace", str(workspace)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:

@@ -52,14 +52,21 @@ def test_trl_formats(session, tmp_path):
     f = write_jsonl(
         tmp_path / "trl.jsonl",
         {"prompt": "Say hi", "chosen": "Hi!", "rejected": "No."},
-        {"prompt": [{"role": "user", "content": "Name a colour"}], "chosen": [{"role": "assistant", "content": "Blue"}],
-         "rejected": [{"role": "assistant", "content": "Seven"}]},
-        {"chosen": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
-         "rejected": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "5"}]},
-        {"chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "x"}],
-         "rejected": [{"role": "user", "content": "b"}, {"role": "assistant", "content": "y"}]},
+        {
+            "prompt": [{"role": "user", "content": "Name a colour"}],
+            "chosen": [{"role": "assistant", "content": "Blue"}],
+            "rejected": [{"role": "assistant", "content": "Seven"}],
+        },
+        {
+            "chosen": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+            "rejected": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "5"}],
+        },
+        {
+            "chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "x"}],
+            "rejected": [{"role": "user", "content": "b"}, {"role": "assistant", "content": "y"}],
+        },
         {"prompt": "Same?", "chosen": "yes", "rejected": "yes"},
-    )  # fmt: skip
+    )
     report = import_preferences(session, path=f)
     assert report.added == 3
     assert report.skipped == [(4, "chosen and rejected prompts do not match"), (5, "identical responses")]
@@ -130,15 +137,27 @@ def test_export_loads_into_trl_reward_trainer(exported_pairs, tiny_tokenizer, tm
     from trl import RewardConfig, RewardTrainer
 
     config = LlamaConfig(
-        vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=tiny_tokenizer.pad_token_id,
-    )  # fmt: skip
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_labels=1,
+        pad_token_id=tiny_tokenizer.pad_token_id,
+    )
     model = LlamaForSequenceClassification(config)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     args = RewardConfig(
-        output_dir=str(tmp_path / "rm"), max_steps=2, per_device_train_batch_size=4, max_length=256,
-        report_to=[], logging_steps=1, save_strategy="no", use_cpu=True,
-    )  # fmt: skip
+        output_dir=str(tmp_path / "rm"),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        max_length=256,
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        use_cpu=True,
+    )
     trainer = RewardTrainer(
         model=model, args=args, train_dataset=exported_pairs, processing_class=tiny_tokenizer
     )
@@ -157,9 +176,15 @@ def test_export_loads_into_trl_dpo_trainer(exported_pairs, tiny_tokenizer, tiny_
     )  # from a directory, so TRL can load the reference
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     args = DPOConfig(
-        output_dir=str(tmp_path / "dpo"), max_steps=2, per_device_train_batch_size=4, max_length=256,
-        report_to=[], logging_steps=1, save_strategy="no", use_cpu=True,
-    )  # fmt: skip
+        output_dir=str(tmp_path / "dpo"),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        max_length=256,
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        use_cpu=True,
+    )
     trainer = DPOTrainer(
         model=model, args=args, train_dataset=exported_pairs, processing_class=tiny_tokenizer
     )

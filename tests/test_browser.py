@@ -35,9 +35,16 @@ def browser():
     with sync_playwright() as p:
         b = p.chromium.launch(
             executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                  "--no-first-run", "--disable-sync", "--disable-quic"],
-        )  # fmt: skip
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--no-first-run",
+                "--disable-sync",
+                "--disable-quic",
+            ],
+        )
         yield b
         b.close()
 
@@ -81,8 +88,10 @@ def test_annotator_votes_with_mouse_and_keyboard(browser, live_server, tmp_path)
     conversation.get_by_text("window.__pwned", exact=False).wait_for(timeout=30_000)
     response_values = [page.input_value("#response-a textarea"), page.input_value("#response-b textarea")]
     assert XSS_RESPONSE in response_values
-    page.screenshot(path=os.path.join(os.environ.get("ALIGNLOOP_SCREENSHOTS", str(tmp_path)), "annotate.png"),
-                    full_page=True)  # fmt: skip
+    page.screenshot(
+        path=os.path.join(os.environ.get("ALIGNLOOP_SCREENSHOTS", str(tmp_path)), "annotate.png"),
+        full_page=True,
+    )
 
     page.click("#vote-a")  # the mouse
     page.wait_for_selector("#progress:has-text('Today: 1')", timeout=30_000)

@@ -41,9 +41,18 @@ def browser():
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu",
-                              "--disable-background-networking", "--disable-component-update", "--no-first-run",
-                              "--disable-sync", "--disable-quic"])  # fmt: skip
+        b = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--no-first-run",
+                "--disable-sync",
+                "--disable-quic",
+            ],
+        )
         yield b
         b.close()
 
@@ -135,9 +144,11 @@ def test_m1_csrf_from_another_port_is_refused(browser, server):
         page.wait_for_load_state()
         # fetch() with the cookie, as a script on that page could do it
         page.goto(evil_base)
-        page.evaluate("""async (url) => { await fetch(url, {method: 'POST', credentials: 'include', mode: 'no-cors',
+        page.evaluate(
+            """async (url) => { await fetch(url, {method: 'POST', credentials: 'include', mode: 'no-cors',
             headers: {'Content-Type': 'application/x-www-form-urlencoded'}, body: 'role=admin'}); }""",
-                      f"{base}/admin/users/{rev}/role")  # fmt: skip
+            f"{base}/admin/users/{rev}/role",
+        )
         context.close()
     assert role_of(engine, "rev") == "reviewer"
     with Session(engine) as s:

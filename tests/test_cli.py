@@ -54,8 +54,10 @@ def test_init_refuses_a_non_empty_folder(tmp_path, capsys):
 def test_not_a_workspace_is_one_line(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "alignloop.cli", "generate", "--workspace", str(tmp_path)],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
         f"alignloop: error: {tmp_path} is not an alignloop workspace (no config.yaml); run `alignloop init` first"
@@ -88,9 +90,21 @@ def test_generate_then_vote_then_export(workspace, tiny_model_dir, tmp_path, cap
     prompts.write_text("".join(json.dumps({"prompt": f"Tell me fact number {i}."}) + "\n" for i in range(6)))
     assert run("prompts", "import", str(prompts), workspace=ws) == 0
     code = run(
-        "generate", "--model", str(tiny_model_dir), "--prompts", "6", "--samples", "2",
-        "--max-new-tokens", "6", "--temperature", "1.0", "--seed", "3", workspace=ws,
-    )  # fmt: skip
+        "generate",
+        "--model",
+        str(tiny_model_dir),
+        "--prompts",
+        "6",
+        "--samples",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--temperature",
+        "1.0",
+        "--seed",
+        "3",
+        workspace=ws,
+    )
     assert code == 0
     assert "queued" in capsys.readouterr().out
 
@@ -137,8 +151,11 @@ def test_refused_licence_and_missing_model_are_one_line(workspace, tmp_path, tin
     ]:
         proc = subprocess.run(
             [sys.executable, "-m", "alignloop.cli", "generate", "--model", model, "--prompts", "1"],
-            capture_output=True, text=True, env=env, timeout=300,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
         assert proc.returncode == 1
         errors = [line for line in proc.stderr.splitlines() if line.startswith("alignloop: error:")]
         assert len(errors) == 1 and message in errors[0] and "Traceback" not in proc.stderr

@@ -76,8 +76,12 @@ def test_bad_placement_settings_in_config_yaml_are_refused(workspace):
     settings, _, _ = workspace
     config = settings.workspace / "config.yaml"
     text = config.read_text()
-    for bad, message in (("dtype: fp8", "dtype must be one of"), ("device: gpu0", "device must be"),
-                         ("quantize: {m: 3bit}", "quantize maps"), ("memory_limit_gb: -1", "memory_limit_gb")):  # fmt: skip
+    for bad, message in (
+        ("dtype: fp8", "dtype must be one of"),
+        ("device: gpu0", "device must be"),
+        ("quantize: {m: 3bit}", "quantize maps"),
+        ("memory_limit_gb: -1", "memory_limit_gb"),
+    ):
         config.write_text(text + bad + "\n")
         with pytest.raises(AlignloopError, match=message):
             load_settings(settings.workspace)
@@ -143,17 +147,37 @@ def test_a_training_run_that_cannot_fit_is_refused_before_its_run_opens(
     settings, engine, _ = workspace
     ws = ["--workspace", str(settings.workspace)]
     prefs = tmp_path / "prefs.jsonl"
-    prefs.write_text("".join(json.dumps({"prompt": f"Question {i}?", "chosen": "Thank you!", "rejected": "No."})
-                             + "\n" for i in range(4)))  # fmt: skip
+    prefs.write_text(
+        "".join(
+            json.dumps({"prompt": f"Question {i}?", "chosen": "Thank you!", "rejected": "No."}) + "\n"
+            for i in range(4)
+        )
+    )
     assert main(["prompts", "import", str(prefs), *ws]) == 0
     settings.memory_limit_gb = 1e-6
     write_settings(settings)
     if command == "reward":
-        args = ["reward", "train", "--config", "configs/reward/tiny.yaml", "--base", str(tiny_model_dir),
-                "--data", str(prefs)]  # fmt: skip
+        args = [
+            "reward",
+            "train",
+            "--config",
+            "configs/reward/tiny.yaml",
+            "--base",
+            str(tiny_model_dir),
+            "--data",
+            str(prefs),
+        ]
     else:  # the reward model is checked after the policy: a missing one would be the error otherwise
-        args = ["rl", "train", "--config", "configs/rl/tiny.yaml", "--policy", str(tiny_model_dir),
-                "--algo", "dpo"]  # fmt: skip
+        args = [
+            "rl",
+            "train",
+            "--config",
+            "configs/rl/tiny.yaml",
+            "--policy",
+            str(tiny_model_dir),
+            "--algo",
+            "dpo",
+        ]
     code = main([*args, *ws])
     err = capsys.readouterr().err.strip()
     assert code != 0 and "needs ~" in err and len(err.splitlines()) == 1, err

@@ -24,8 +24,9 @@ def battle_round(s, number, new, old, outcomes, voters, tag=""):
         gens = [
             crud.add_generation(s, prompt_id=p.id, model_version_id=v.id, text=f"{v.name} {i}") for v in pair
         ]
-        c = crud.create_comparison(s, prompt_id=p.id, generation_ids=[g.id for g in gens], round=number,
-                                   target_votes=len(voters))  # fmt: skip
+        c = crud.create_comparison(
+            s, prompt_id=p.id, generation_ids=[g.id for g in gens], round=number, target_votes=len(voters)
+        )
         for voter in voters:
             choice = "tie" if outcome == "tie" else "ab"[pair.index(new if outcome == "new" else old)]
             crud.record_vote(s, comparison_id=c.id, user_id=voter.id, choice=choice)

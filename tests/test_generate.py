@@ -40,9 +40,14 @@ def test_sampling_is_deterministic_under_a_seed(tiny_model, tiny_tokenizer):
         tiny_model, tiny_tokenizer, PROMPTS, params=params, num_samples=3, batch_size=5, progress=False
     )
     other = generate(
-        tiny_model, tiny_tokenizer, PROMPTS, params=SamplingParams(max_new_tokens=10, temperature=1.0, top_p=1.0, seed=8),
-        num_samples=3, batch_size=5, progress=False,
-    )  # fmt: skip
+        tiny_model,
+        tiny_tokenizer,
+        PROMPTS,
+        params=SamplingParams(max_new_tokens=10, temperature=1.0, top_p=1.0, seed=8),
+        num_samples=3,
+        batch_size=5,
+        progress=False,
+    )
     ids = lambda results: [[c.token_ids for c in samples] for samples in results]  # noqa: E731
     assert ids(first) == ids(again)
     assert ids(first) != ids(other)
@@ -105,15 +110,24 @@ def test_queue_comparisons_records_everything(workspace, tiny_model_dir):
     settings, engine, _ = workspace
     with Session(engine) as s:
         crud.add_prompts(
-            s, prompts=[crud.PromptCreate(messages=p) for p in PROMPTS] + [crud.PromptCreate(
-                messages=[{"role": "user", "content": "held out"}], split="eval")], source="t",
-        )  # fmt: skip
+            s,
+            prompts=[crud.PromptCreate(messages=p) for p in PROMPTS]
+            + [crud.PromptCreate(messages=[{"role": "user", "content": "held out"}], split="eval")],
+            source="t",
+        )
         s.commit()
     params = SamplingParams(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=1)
     summary = queue_comparisons(
-        engine, settings=settings, model_ref=str(tiny_model_dir), num_prompts=10, num_samples=3, round=0,
-        target_votes=2, params=params, progress=False,
-    )  # fmt: skip
+        engine,
+        settings=settings,
+        model_ref=str(tiny_model_dir),
+        num_prompts=10,
+        num_samples=3,
+        round=0,
+        target_votes=2,
+        params=params,
+        progress=False,
+    )
     assert summary["prompts"] == 4  # the eval prompt is not used
     assert summary["comparisons"] + summary["identical"] == 4
     with Session(engine) as s:

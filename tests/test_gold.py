@@ -26,8 +26,12 @@ def test_gold_import_is_all_or_nothing_and_rankings_have_gold(workspace, tmp_pat
     ws = ["--workspace", str(settings.workspace)]
     good = [
         {"prompt": "2+2?", "responses": ["4", "5"], "gold": "a"},
-        {"prompt": [{"role": "user", "content": "Rank"}], "responses": ["x", "yy", "zzz"], "gold": ["C", "A", "B"]},
-    ]  # fmt: skip
+        {
+            "prompt": [{"role": "user", "content": "Rank"}],
+            "responses": ["x", "yy", "zzz"],
+            "gold": ["C", "A", "B"],
+        },
+    ]
     bad = write(
         tmp_path / "bad.jsonl", [*good, {"prompt": "q", "responses": ["a", "b"], "gold": "c"}, "{nope"]
     )

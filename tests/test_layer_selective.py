@@ -33,8 +33,16 @@ def weights(model) -> dict:
 @pytest.mark.parametrize("method", ["lora", "ia3"])
 def test_adapters_only_in_the_chosen_layers(workspace, tiny_model_dir, data_file, method):
     settings, engine, _ = workspace
-    config = load_config("configs/sft/tiny.yaml", data=[str(data_file)], base=str(tiny_model_dir), method=method,
-                         max_steps=3, layers_to_transform=[1], name=f"top-{method}", num_samples=0)  # fmt: skip
+    config = load_config(
+        "configs/sft/tiny.yaml",
+        data=[str(data_file)],
+        base=str(tiny_model_dir),
+        method=method,
+        max_steps=3,
+        layers_to_transform=[1],
+        name=f"top-{method}",
+        num_samples=0,
+    )
     summary = train(engine, settings, config, progress=False)
     with Session(engine) as s:
         model = resolve(f"top-{method}", settings=settings, session=s).model
@@ -45,8 +53,17 @@ def test_adapters_only_in_the_chosen_layers(workspace, tiny_model_dir, data_file
 
 def test_full_fine_tuning_leaves_the_other_layers_untouched(workspace, tiny_model_dir, data_file, tiny_model):
     settings, engine, _ = workspace
-    config = load_config("configs/sft/tiny.yaml", data=[str(data_file)], base=str(tiny_model_dir), method="full",
-                         max_steps=3, learning_rate=1e-2, layers_to_transform=[1], name="full-top", num_samples=0)  # fmt: skip
+    config = load_config(
+        "configs/sft/tiny.yaml",
+        data=[str(data_file)],
+        base=str(tiny_model_dir),
+        method="full",
+        max_steps=3,
+        learning_rate=1e-2,
+        layers_to_transform=[1],
+        name="full-top",
+        num_samples=0,
+    )
     summary = train(engine, settings, config, progress=False)
     before = weights(tiny_model)
     with Session(engine) as s:
@@ -60,8 +77,9 @@ def test_bad_layer_lists_are_refused_before_anything_is_written(workspace, tiny_
     settings, engine, _ = workspace
     with pytest.raises(AlignloopError, match="not prefix"):
         load_config(None, method="prefix", layers_to_transform=[0])
-    config = load_config("configs/sft/tiny.yaml", data=[str(data_file)], base=str(tiny_model_dir),
-                         layers_to_transform=[0, 2])  # the tiny model has layers 0 and 1  # fmt: skip
+    config = load_config(
+        "configs/sft/tiny.yaml", data=[str(data_file)], base=str(tiny_model_dir), layers_to_transform=[0, 2]
+    )  # the tiny model has layers 0 and 1
     with pytest.raises(AlignloopError, match="from 0 to 1"):
         train(engine, settings, config, progress=False)
     with Session(engine) as s:

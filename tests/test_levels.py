@@ -49,8 +49,12 @@ def levels_ws(tmp_path_factory, tiny_model_dir):
     ws = ["--workspace", str(settings.workspace)]
     (tmp / "train.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in TRAIN))
     (tmp / "held.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in HELD))
-    (tmp / "prefs.jsonl").write_text("".join(json.dumps({"prompt": p, "chosen": GOOD, "rejected": word_salad(i)})
-                                             + "\n" for i, p in enumerate(TRAIN)))  # fmt: skip
+    (tmp / "prefs.jsonl").write_text(
+        "".join(
+            json.dumps({"prompt": p, "chosen": GOOD, "rejected": word_salad(i)}) + "\n"
+            for i, p in enumerate(TRAIN)
+        )
+    )
     (tmp / "sft.jsonl").write_text(
         "".join(json.dumps({"instruction": p, "response": GOOD}) + "\n" for p in TRAIN)
     )
@@ -59,19 +63,66 @@ def levels_ws(tmp_path_factory, tiny_model_dir):
     assert main(["prefs", "import", str(tmp / "prefs.jsonl"), *ws]) == 0
     # The judge: the embedded encoder (MiniLM) as a reward model, on the workspace's votes. A tiny decoder as
     # judge does not generalise to new prompts; the encoder tells a sentence from word salad at once.
-    assert main(["reward", "train", "--config", "configs/reward/tiny.yaml", "--max-steps", "16", "--name", "judge",
-                 *ws]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "reward",
+                "train",
+                "--config",
+                "configs/reward/tiny.yaml",
+                "--max-steps",
+                "16",
+                "--name",
+                "judge",
+                *ws,
+            ]
+        )
+        == 0
+    )
     common = dict(base=str(tiny_model_dir), method="full", learning_rate=3e-3, num_samples=0)
-    train(engine, settings, load_config("configs/sft/tiny.yaml", data=[str(tmp / "sft.jsonl")], max_steps=40,
-                                        name="sft-good", **common), progress=False)  # fmt: skip
+    train(
+        engine,
+        settings,
+        load_config(
+            "configs/sft/tiny.yaml", data=[str(tmp / "sft.jsonl")], max_steps=40, name="sft-good", **common
+        ),
+        progress=False,
+    )
     # Tuned on the chosen answers of the very votes the judge learned from: a self-judged L2 version.
-    train(engine, settings, load_config("configs/sft/tiny.yaml", from_chosen=True, max_steps=4, name="sft-chosen",
-                                        **common), progress=False)  # fmt: skip
-    assert main(["rl", "train", "--config", "configs/rl/tiny.yaml", "--policy", "sft-good", "--reward-model", "judge",
-                 "--steps", "2", "--name", "ppo-on-sft", *ws]) == 0  # fmt: skip
+    train(
+        engine,
+        settings,
+        load_config("configs/sft/tiny.yaml", from_chosen=True, max_steps=4, name="sft-chosen", **common),
+        progress=False,
+    )
+    assert (
+        main(
+            [
+                "rl",
+                "train",
+                "--config",
+                "configs/rl/tiny.yaml",
+                "--policy",
+                "sft-good",
+                "--reward-model",
+                "judge",
+                "--steps",
+                "2",
+                "--name",
+                "ppo-on-sft",
+                *ws,
+            ]
+        )
+        == 0
+    )
     with session_scope(engine) as s:
-        save_preset(s, name="terse", system_prompt="Answer briefly.", chain_of_thought="Think first, then answer.",
-                    answer_delimiter="Here is")  # fmt: skip
+        save_preset(
+            s,
+            name="terse",
+            system_prompt="Answer briefly.",
+            chain_of_thought="Think first, then answer.",
+            answer_delimiter="Here is",
+        )
         save_preset(s, name="hide", answer_delimiter=" is ")  # the prompt unchanged: only the reply is cut
         # Human votes: three arena battles, all won by the SFT version over the PPO policy.
         sft, ppo = (crud.get_model_version(s, name=n) for n in ("sft-good", "ppo-on-sft"))
@@ -88,8 +139,25 @@ def levels_ws(tmp_path_factory, tiny_model_dir):
 
 def test_levels_report_ranks_flags_and_costs(levels_ws, tiny_model_dir, capsys, tmp_path):
     settings, engine, ws, password = levels_ws
-    code = main(["report", "levels", "--judge", "judge", "--base", str(tiny_model_dir), "--prompts", "4",
-                 "--max-new-tokens", "10", "--temperature", "0", "--out", str(tmp_path / "out"), *ws])  # fmt: skip
+    code = main(
+        [
+            "report",
+            "levels",
+            "--judge",
+            "judge",
+            "--base",
+            str(tiny_model_dir),
+            "--prompts",
+            "4",
+            "--max-new-tokens",
+            "10",
+            "--temperature",
+            "0",
+            "--out",
+            str(tmp_path / "out"),
+            *ws,
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     report = json.loads((tmp_path / "out" / "levels.json").read_text())
@@ -152,8 +220,13 @@ def test_an_sft_version_goes_through_ppo_and_is_served(levels_ws):
         key, _ = crud.create_api_key(s, user=crud.get_user(s, name="admin"), name="levels")
         s.commit()
     prompt = [{"role": "user", "content": HELD[0]}]
-    expected = generate(loaded.model, loaded.tokenizer, [prompt], params=SamplingParams(max_new_tokens=10, temperature=0),
-                        progress=False)[0][0].text  # fmt: skip
+    expected = generate(
+        loaded.model,
+        loaded.tokenizer,
+        [prompt],
+        params=SamplingParams(max_new_tokens=10, temperature=0),
+        progress=False,
+    )[0][0].text
     with serve_in_thread(create_app(settings, engine)) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
         assert "ppo-on-sft" in [m.id for m in client.models.list().data]
@@ -164,12 +237,24 @@ def test_an_sft_version_goes_through_ppo_and_is_served(levels_ws):
         # The SFT version says (about) GOOD; the preset's delimiter (" is ") leaves only what follows it.
         with Session(engine) as s:
             sft_model = resolve("sft-good", settings=settings, session=s)
-        raw = generate(sft_model.model, sft_model.tokenizer, [prompt], progress=False,
-                       params=SamplingParams(max_new_tokens=16, temperature=0))[0][0].text  # fmt: skip
+        raw = generate(
+            sft_model.model,
+            sft_model.tokenizer,
+            [prompt],
+            progress=False,
+            params=SamplingParams(max_new_tokens=16, temperature=0),
+        )[0][0].text
         assert " is " in raw and raw.endswith("a summary.")
-        sft_reply = client.chat.completions.create(model="sft-good", messages=prompt, max_tokens=16, temperature=0,
-                                                   extra_body={"preset": "hide"})  # fmt: skip
+        sft_reply = client.chat.completions.create(
+            model="sft-good", messages=prompt, max_tokens=16, temperature=0, extra_body={"preset": "hide"}
+        )
         assert sft_reply.choices[0].message.content == "a summary."
-        streamed = client.chat.completions.create(model="sft-good", messages=prompt, max_tokens=16, temperature=0,
-                                                  extra_body={"preset": "hide"}, stream=True)  # fmt: skip
+        streamed = client.chat.completions.create(
+            model="sft-good",
+            messages=prompt,
+            max_tokens=16,
+            temperature=0,
+            extra_body={"preset": "hide"},
+            stream=True,
+        )
         assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == "a summary."

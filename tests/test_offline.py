@@ -37,8 +37,12 @@ def test_startup_generation_and_serving_make_no_outbound_connection(tmp_path, ti
         "PYTHONPATH": f"{guard}{os.pathsep}{env.get('PYTHONPATH', '')}",
         "ALIGNLOOP_NET_LOG": str(attempts),
     }
-    probe = subprocess.run([sys.executable, "-c", "import socket; socket.create_connection(('192.0.2.1', 80), 1)"],
-                           env=env, capture_output=True, text=True)  # fmt: skip
+    probe = subprocess.run(
+        [sys.executable, "-c", "import socket; socket.create_connection(('192.0.2.1', 80), 1)"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert probe.returncode != 0 and "blocked by the test" in probe.stderr  # the guard is really in place
     attempts.unlink()
     exe = shutil.which("alignloop")
@@ -46,8 +50,11 @@ def test_startup_generation_and_serving_make_no_outbound_connection(tmp_path, ti
     ws = ["--workspace", str(tmp_path / "ws")]
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Question {i}?"}) + "\n" for i in range(3)))
-    for args in (["init"], ["prompts", "import", str(prompts)],
-                 ["generate", "--model", str(tiny_model_dir), "--prompts", "3", "--max-new-tokens", "6"]):  # fmt: skip
+    for args in (
+        ["init"],
+        ["prompts", "import", str(prompts)],
+        ["generate", "--model", str(tiny_model_dir), "--prompts", "3", "--max-new-tokens", "6"],
+    ):
         done = subprocess.run([*cli, *args, *ws], env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
     with running_server(tmp_path / "ws", env=env) as base:

@@ -44,14 +44,27 @@ def test_models_and_completions_with_the_official_client(live, tiny_model_dir):
     # Greedy decoding through the batching engine gives what `alignloop.core.sampling` gives.
     with Session(engine) as s:
         loaded = resolve("tiny", settings=settings, session=s)
-    expected = generate(loaded.model, loaded.tokenizer, [HELLO], params=SamplingParams(max_new_tokens=8, temperature=0),
-                        progress=False)[0][0]  # fmt: skip
+    expected = generate(
+        loaded.model,
+        loaded.tokenizer,
+        [HELLO],
+        params=SamplingParams(max_new_tokens=8, temperature=0),
+        progress=False,
+    )[0][0]
     assert reply.choices[0].message.content == expected.text
     assert reply.choices[0].finish_reason == ("stop" if expected.finished else "length")
 
     # Streaming: chunks arrive one by one and add up to the same text; usage on request.
-    chunks = list(client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=8, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True}))  # fmt: skip
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny",
+            messages=HELLO,
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == expected.text and len([c for c in chunks if c.choices and c.choices[0].delta.content]) >= 2
     assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
@@ -126,8 +139,16 @@ def test_concurrent_requests_share_batches(tiny_model, tiny_tokenizer):
     for t in threads:
         t.join(timeout=60)
     assert engine.batches <= 2  # decoded together, not one by one
-    single = [c[0].text for c in generate(tiny_model, tiny_tokenizer, prompts, progress=False,
-                                          params=SamplingParams(max_new_tokens=6, temperature=0))]  # fmt: skip
+    single = [
+        c[0].text
+        for c in generate(
+            tiny_model,
+            tiny_tokenizer,
+            prompts,
+            progress=False,
+            params=SamplingParams(max_new_tokens=6, temperature=0),
+        )
+    ]
     assert results == single  # batching changes nothing in what each request gets
 
 
@@ -135,14 +156,21 @@ def test_presets_version_and_apply(workspace):
     _, engine, _ = workspace
     with session_scope(engine) as s:
         save_preset(s, name="support", system_prompt="You are terse.")
-        v2 = save_preset(s, name="support", system_prompt="You are kind.", chain_of_thought="Think step by step.",
-                         examples=[{"user": "2+2?", "assistant": "4"}])  # fmt: skip
+        v2 = save_preset(
+            s,
+            name="support",
+            system_prompt="You are kind.",
+            chain_of_thought="Think step by step.",
+            examples=[{"user": "2+2?", "assistant": "4"}],
+        )
         assert v2.version == 2 and get_preset(s, "support@1").system_prompt == "You are terse."
         messages = apply_preset(get_preset(s, "support"), [{"role": "user", "content": "Hi"}])
         assert messages == [
-            {"role": "system", "content": "You are kind."}, {"role": "user", "content": "2+2?"},
-            {"role": "assistant", "content": "4"}, {"role": "user", "content": "Hi\n\nThink step by step."},
-        ]  # fmt: skip
+            {"role": "system", "content": "You are kind."},
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4"},
+            {"role": "user", "content": "Hi\n\nThink step by step."},
+        ]
         for bad in ({"examples": [{"user": "x"}]}, {"name": "a@b"}, {"name": " "}):
             with pytest.raises(crud.AlignloopError):
                 save_preset(s, **({"name": "ok"} | bad))
@@ -162,8 +190,23 @@ def test_generate_with_a_preset(workspace, tiny_model_dir, tmp_path, capsys):
         main(["presets", "save", "terse", "--system", "Answer in one word.", "--cot", "Think first.", *ws])
         == 0
     )
-    assert main(["generate", "--model", str(tiny_model_dir), "--prompts", "2", "--max-new-tokens", "4",
-                 "--preset", "terse", *ws]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(tiny_model_dir),
+                "--prompts",
+                "2",
+                "--max-new-tokens",
+                "4",
+                "--preset",
+                "terse",
+                *ws,
+            ]
+        )
+        == 0
+    )
     assert main(["generate", "--model", str(tiny_model_dir), "--prompts", "2", "--preset", "nope", *ws]) == 1
     assert "no preset 'nope'" in capsys.readouterr().err
     with Session(engine) as s:
@@ -189,20 +232,31 @@ def test_requests_join_and_leave_a_running_batch(tiny_model, tiny_tokenizer):
 
         return emit
 
-    engine.submit(Request(prompt_ids=engine.render(prompts[0]), max_tokens=limits[0], temperature=0,
-                          emit=recorder(0)))  # fmt: skip
+    engine.submit(
+        Request(prompt_ids=engine.render(prompts[0]), max_tokens=limits[0], temperature=0, emit=recorder(0))
+    )
     started.wait(timeout=60)  # the long request is decoding: the others arrive mid-flight
     for i in range(1, 4):
-        engine.submit(Request(prompt_ids=engine.render(prompts[i]), max_tokens=limits[i], temperature=0,
-                              emit=recorder(i)))  # fmt: skip
+        engine.submit(
+            Request(
+                prompt_ids=engine.render(prompts[i]), max_tokens=limits[i], temperature=0, emit=recorder(i)
+            )
+        )
     results = []
     for s in streams:
         events = list(s)
         results.append("".join(e[1] for e in events if e[0] == "text"))
         assert events[-1][0] == "done"
-    single = [generate(tiny_model, tiny_tokenizer, [p], progress=False,
-                       params=SamplingParams(max_new_tokens=n, temperature=0))[0][0].text
-              for p, n in zip(prompts, limits, strict=True)]  # fmt: skip
+    single = [
+        generate(
+            tiny_model,
+            tiny_tokenizer,
+            [p],
+            progress=False,
+            params=SamplingParams(max_new_tokens=n, temperature=0),
+        )[0][0].text
+        for p, n in zip(prompts, limits, strict=True)
+    ]
     assert results == single
     assert finished[-1] == 0 and engine.batches >= 2  # late short requests finished while the long one ran
     engine.close()

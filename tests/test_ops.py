@@ -41,10 +41,14 @@ def admin_client(workspace):
 
 def test_bad_job_arguments_start_nothing(admin_client):
     client, _, engine = admin_client
-    for body in ({"kind": "generate", "arguments": "--prompts many"}, {"kind": "rm", "arguments": ""},
-                 {"kind": "generate", "arguments": "--samples 99999999999999999999"},
-                 {"kind": "rl", "arguments": "--algo dpo --steps 100000000000"},
-                 {"kind": "reward", "arguments": "--workspace /elsewhere"}, {"kind": "sft", "arguments": "--bogus"}):  # fmt: skip
+    for body in (
+        {"kind": "generate", "arguments": "--prompts many"},
+        {"kind": "rm", "arguments": ""},
+        {"kind": "generate", "arguments": "--samples 99999999999999999999"},
+        {"kind": "rl", "arguments": "--algo dpo --steps 100000000000"},
+        {"kind": "reward", "arguments": "--workspace /elsewhere"},
+        {"kind": "sft", "arguments": "--bogus"},
+    ):
         response = client.post("/api/jobs", json=body)
         assert response.status_code in (400, 422), body
     with Session(engine) as s:
@@ -58,8 +62,10 @@ def test_a_job_runs_in_the_background_and_links_its_runs(admin_client, tiny_mode
     from alignloop.cli import main
 
     assert main(["prompts", "import", str(prompts), "--workspace", str(settings.workspace)]) == 0
-    response = client.post("/api/jobs", json={"kind": "generate", "arguments":
-                                              f"--model {tiny_model_dir} --prompts 3 --max-new-tokens 4"})  # fmt: skip
+    response = client.post(
+        "/api/jobs",
+        json={"kind": "generate", "arguments": f"--model {tiny_model_dir} --prompts 3 --max-new-tokens 4"},
+    )
     assert response.status_code == 201
     job_id = response.json()["id"]
     assert wait_for(lambda: job_status(engine, job_id) != "running")
@@ -80,8 +86,13 @@ def test_cancel_stops_the_process_group(admin_client, tiny_model_dir, tmp_path):
     job_id = client.post("/api/jobs", json={"kind": "sft", "arguments": args}).json()["id"]
     with Session(engine) as s:
         pid = s.get(Run, job_id).metrics["pid"]
-    assert wait_for(lambda: "it/s" in client.get(f"/api/jobs/{job_id}").json()["log"] or
-                    "s/it" in client.get(f"/api/jobs/{job_id}").json()["log"], timeout=120)  # fmt: skip
+    assert wait_for(
+        lambda: (
+            "it/s" in client.get(f"/api/jobs/{job_id}").json()["log"]
+            or "s/it" in client.get(f"/api/jobs/{job_id}").json()["log"]
+        ),
+        timeout=120,
+    )
     assert client.post(f"/api/jobs/{job_id}/cancel").json()["status"] == "cancelled"
     assert wait_for(lambda: not jobs._alive(pid), timeout=30)
     assert job_status(engine, job_id) == "cancelled"
@@ -158,11 +169,25 @@ def test_admin_pages_are_admin_only(workspace):
         crud.create_user(s, name="ann", role="annotator", password="annotator-pass")
     with TestClient(create_app(settings, engine)) as client:
         web_login(client, "ann", "annotator-pass")
-        for path in ("/api/jobs", "/admin/jobs", "/admin/users", "/admin/keys", "/api/rounds", "/admin/rounds",
-                     "/admin/reward", "/admin/rl", "/api/rl/runs", "/api/reward/models", "/admin/runs/1/metrics.png"):  # fmt: skip
+        for path in (
+            "/api/jobs",
+            "/admin/jobs",
+            "/admin/users",
+            "/admin/keys",
+            "/api/rounds",
+            "/admin/rounds",
+            "/admin/reward",
+            "/admin/rl",
+            "/api/rl/runs",
+            "/api/reward/models",
+            "/admin/runs/1/metrics.png",
+        ):
             assert client.get(path).status_code == 403, path
-        for path, data in (("/admin/users", {"name": "x", "role": "admin"}), ("/admin/keys", {"name": "k", "user": "ann"}),
-                           ("/admin/jobs", {"kind": "generate"})):  # fmt: skip
+        for path, data in (
+            ("/admin/users", {"name": "x", "role": "admin"}),
+            ("/admin/keys", {"name": "k", "user": "ann"}),
+            ("/admin/jobs", {"kind": "generate"}),
+        ):
             assert client.post(path, data=data).status_code == 403, path
         assert client.post("/api/jobs", json={"kind": "generate"}).status_code == 403
 
@@ -223,14 +248,19 @@ def test_login_attempts_and_votes_are_rate_limited(workspace):
     with session_scope(engine) as s:
         crud.create_user(s, name="ann", role="annotator", password="annotator-pass")
         for i in range(4):
-            (p,), _ = crud.add_prompts(s, prompts=[crud.PromptCreate(messages=[{"role": "user", "content": f"q{i}"}])],
-                                       source="t")  # fmt: skip
+            (p,), _ = crud.add_prompts(
+                s, prompts=[crud.PromptCreate(messages=[{"role": "user", "content": f"q{i}"}])], source="t"
+            )
             gens = [crud.add_generation(s, prompt_id=p.id, text=f"answer {i}{k}") for k in "xy"]
             crud.create_comparison(s, prompt_id=p.id, generation_ids=[g.id for g in gens])
     with TestClient(create_app(settings, engine)) as client:
         for _ in range(3):
-            assert client.post("/login", data={"username": "admin", "password": "wrong"},
-                               follow_redirects=False).status_code == 303  # fmt: skip
+            assert (
+                client.post(
+                    "/login", data={"username": "admin", "password": "wrong"}, follow_redirects=False
+                ).status_code
+                == 303
+            )
         blocked = client.post(
             "/login", data={"username": "admin", "password": password}, follow_redirects=False
         )

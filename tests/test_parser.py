@@ -31,8 +31,11 @@ def _train_configs():
     from rl.configs import CONFIGS
     from sft.train import SFTRunConfig
 
-    return {("sft", "train"): [SFTRunConfig], ("reward", "train"): [RewardRunConfig],
-            ("rl", "train"): list(CONFIGS.values())}  # fmt: skip
+    return {
+        ("sft", "train"): [SFTRunConfig],
+        ("reward", "train"): [RewardRunConfig],
+        ("rl", "train"): list(CONFIGS.values()),
+    }
 
 
 def test_no_flag_is_declared_twice_and_every_config_field_has_exactly_one():
@@ -66,13 +69,51 @@ def test_the_flags_people_already_use_still_parse_to_the_same_settings():
     parser = make_parser()
     args = parser.parse_args(["rl", "train", "--config", "X", "--reward-model", "Y", "--resume", "7"])
     assert (args.config, args.reward_model, args.resume, args.algo) == ("X", "Y", 7, "ppo")
-    args = parser.parse_args(["rl", "train", "--algo", "grpo", "--policy", "p", "--prompts", "f.jsonl",
-                              "--steps", "3", "--name", "n"])  # fmt: skip
-    assert config_overrides(args, *CONFIGS.values()) == {"policy": "p", "prompts": "f.jsonl", "steps": 3,
-                                                         "name": "n"}  # fmt: skip
-    args = parser.parse_args(["reward", "train", "--no-votes", "--gold-weights", "--data", "a", "b",
-                              "--eval-data", "c", "--base", "minilm", "--method", "lora", "--max-steps", "5",
-                              "--max-seconds", "1.5", "--name", "rm"])  # fmt: skip
+    args = parser.parse_args(
+        [
+            "rl",
+            "train",
+            "--algo",
+            "grpo",
+            "--policy",
+            "p",
+            "--prompts",
+            "f.jsonl",
+            "--steps",
+            "3",
+            "--name",
+            "n",
+        ]
+    )
+    assert config_overrides(args, *CONFIGS.values()) == {
+        "policy": "p",
+        "prompts": "f.jsonl",
+        "steps": 3,
+        "name": "n",
+    }
+    args = parser.parse_args(
+        [
+            "reward",
+            "train",
+            "--no-votes",
+            "--gold-weights",
+            "--data",
+            "a",
+            "b",
+            "--eval-data",
+            "c",
+            "--base",
+            "minilm",
+            "--method",
+            "lora",
+            "--max-steps",
+            "5",
+            "--max-seconds",
+            "1.5",
+            "--name",
+            "rm",
+        ]
+    )
     assert (args.from_workspace, args.gold_weights, args.data, args.eval_data) == (
         False,
         True,
@@ -80,8 +121,25 @@ def test_the_flags_people_already_use_still_parse_to_the_same_settings():
         ["c"],
     )
     assert (args.method, args.max_steps, args.max_seconds) == ("lora", 5, 1.5)
-    args = parser.parse_args(["sft", "train", "--data", "d.jsonl", "--from-chosen", "--from-chat-edits",
-                              "--method", "ia3", "--base", "b", "--max-steps", "2", "--name", "s", "--merge"])  # fmt: skip
+    args = parser.parse_args(
+        [
+            "sft",
+            "train",
+            "--data",
+            "d.jsonl",
+            "--from-chosen",
+            "--from-chat-edits",
+            "--method",
+            "ia3",
+            "--base",
+            "b",
+            "--max-steps",
+            "2",
+            "--name",
+            "s",
+            "--merge",
+        ]
+    )
     assert (args.from_chosen, args.from_chat_edits, args.merge, args.method) == (True, True, True, "ia3")
     # One value of a `list[str] | str` field stays a string: peft reads "all-linear" only as a string.
     assert parser.parse_args(["rl", "train", "--target-modules", "all-linear"]).target_modules == "all-linear"
@@ -133,8 +191,22 @@ def test_generate_with_absurd_samples_exits_before_touching_anything(tmp_path):
     """The attack from issue 13 (M4), as a real process: one line, exit 2, no workspace, no model loaded."""
     ws = tmp_path / "ws"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "alignloop.cli", "generate", "--samples", "99999999999999999999",
-                           "--workspace", str(ws)], capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "alignloop.cli",
+            "generate",
+            "--samples",
+            "99999999999999999999",
+            "--workspace",
+            str(ws),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "--samples: must be between 2 and 4" in proc.stderr
     assert proc.stdout == "" and not ws.exists()

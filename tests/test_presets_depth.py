@@ -43,8 +43,12 @@ def test_the_k_nearest_examples_are_chosen_per_prompt_nearest_last(session):
 
 
 def test_chain_of_thought_can_be_left_out_and_the_reasoning_hidden(session):
-    preset = save_preset(session, name="cot", chain_of_thought="Think step by step, then write ANSWER:",
-                         answer_delimiter="ANSWER:")  # fmt: skip
+    preset = save_preset(
+        session,
+        name="cot",
+        chain_of_thought="Think step by step, then write ANSWER:",
+        answer_delimiter="ANSWER:",
+    )
     messages = [{"role": "user", "content": "2+2?"}]
     assert apply_preset(preset, messages)[-1]["content"].endswith("then write ANSWER:")
     assert apply_preset(preset, messages, chain_of_thought=False)[-1]["content"] == "2+2?"
@@ -59,9 +63,13 @@ def test_chain_of_thought_can_be_left_out_and_the_reasoning_hidden(session):
 
 @pytest.mark.parametrize(
     "bad, reason",
-    [({"num_shots": 0}, "num_shots"), ({"shot_order": "random"}, "shot_order"),
-     ({"answer_delimiter": "  "}, "answer_delimiter"), ({"examples": POOL * 7}, "at most 32")],
-)  # fmt: skip
+    [
+        ({"num_shots": 0}, "num_shots"),
+        ({"shot_order": "random"}, "shot_order"),
+        ({"answer_delimiter": "  "}, "answer_delimiter"),
+        ({"examples": POOL * 7}, "at most 32"),
+    ],
+)
 def test_bad_selection_options_are_refused(session, bad, reason):
     with pytest.raises(AlignloopError, match=reason):
         save_preset(session, **({"name": "bad"} | bad))

@@ -163,10 +163,15 @@ def fake_openai_endpoint():
         b = re.search(r"\[Reply B\]\n(.*?)\n\nWhich reply", text, re.S).group(1)
         answer = "A" if len(a) > len(b) else "B"
         return {
-            "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}],
+            "id": "x",
+            "object": "chat.completion",
+            "created": 0,
+            "model": body["model"],
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}
+            ],
             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-        }  # fmt: skip
+        }
 
     with serve_in_thread(app) as url:
         yield f"{url}/v1", seen
@@ -249,8 +254,13 @@ def test_quality_report_measures_rankings_and_ratings(session):
         crud.record_vote(session, comparison_id=comparison.id, user_id=judge.id, ranking=[2, 1, 0])
     (pair,) = seed(session, 1, target_votes=3, prefix="rated")
     for user, score in ((a, 4), (b, 5), (c, 4)):
-        crud.record_vote(session, comparison_id=pair.id, user_id=user.id, choice="a",
-                         ratings={"0": {"helpful": score}, "1": {"helpful": 6 - score}})  # fmt: skip
+        crud.record_vote(
+            session,
+            comparison_id=pair.id,
+            user_id=user.id,
+            choice="a",
+            ratings={"0": {"helpful": score}, "1": {"helpful": 6 - score}},
+        )
     report = quality_report(session)
     assert report.kendall_w_items == 2 and report.kendall_w == pytest.approx(
         1.0
@@ -281,8 +291,15 @@ def test_constitution_critique_and_revise(engine, tmp_path):
     assert "1. Prefer the reply that cites its sources." in system["content"]
     with session_scope(engine) as s:
         seed(s, 3)
-    counts = run_judge(engine, judge=CriticJudge(), user_name="critic", progress=False, critique=True, revise=True,
-                       constitution=constitution)  # fmt: skip
+    counts = run_judge(
+        engine,
+        judge=CriticJudge(),
+        user_name="critic",
+        progress=False,
+        critique=True,
+        revise=True,
+        constitution=constitution,
+    )
     assert counts["votes"] == 3 and counts["revisions"] == 3
     with Session(engine) as s:
         votes = s.exec(select(Vote)).all()
@@ -302,8 +319,23 @@ def test_cli_judge_with_a_constitution_votes_in_its_slots_and_shows_gold_accurac
         items = seed(s, 2, target_votes=1)
         seed(s, 1, gold="a", prefix="gold")
     ws = ["--workspace", str(settings.workspace)]
-    assert main(["judge", "run", "--model", str(tiny_model_dir), "--constitution", str(tmp_path / "c.md"),
-                 "--critique", "--gold-share", "0.5", *ws]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "judge",
+                "run",
+                "--model",
+                str(tiny_model_dir),
+                "--constitution",
+                str(tmp_path / "c.md"),
+                "--critique",
+                "--gold-share",
+                "0.5",
+                *ws,
+            ]
+        )
+        == 0
+    )
     with Session(engine) as s:
         judge = crud.get_user(s, name="ai-judge")
         votes = s.exec(select(Vote).where(Vote.user_id == judge.id)).all()

@@ -30,10 +30,14 @@ def seed(session, n, *, target_votes=1, gold=None, priority=0, num_items=2, pref
         ]
         out.append(
             crud.create_comparison(
-                session, prompt_id=p.id, generation_ids=[g.id for g in gens], target_votes=target_votes,
-                gold=gold, priority=priority,
+                session,
+                prompt_id=p.id,
+                generation_ids=[g.id for g in gens],
+                target_votes=target_votes,
+                gold=gold,
+                priority=priority,
             )
-        )  # fmt: skip
+        )
     session.flush()
     return out
 
@@ -121,9 +125,13 @@ def test_votes_are_given_in_shown_terms_and_stored_by_position(session):
         item = queue.next_item(session, user_id=ann.id, gold_share=0)
         shown_first_position = item.shown_order[0]
         queue.submit_vote(
-            session, user_id=ann.id, comparison_id=item.comparison_id, choice="a",
-            ratings={"A": {"helpfulness": 5}}, rationale="first one",
-        )  # fmt: skip
+            session,
+            user_id=ann.id,
+            comparison_id=item.comparison_id,
+            choice="a",
+            ratings={"A": {"helpfulness": 5}},
+            rationale="first one",
+        )
         vote = session.exec(select(Vote).where(Vote.comparison_id == item.comparison_id)).one()
         assert vote.choice == "ab"[shown_first_position]
         assert vote.shown_order == item.shown_order

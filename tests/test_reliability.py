@@ -29,8 +29,9 @@ def loaded_workspace(workspace):
         for i in range(ANNOTATORS):
             crud.create_user(s, name=f"ann{i}", role="annotator", password="annotator-pass")
         for i in range(300):
-            (p,), _ = crud.add_prompts(s, prompts=[crud.PromptCreate(messages=[{"role": "user", "content": f"q{i}"}])],
-                                       source="t")  # fmt: skip
+            (p,), _ = crud.add_prompts(
+                s, prompts=[crud.PromptCreate(messages=[{"role": "user", "content": f"q{i}"}])], source="t"
+            )
             gens = [crud.add_generation(s, prompt_id=p.id, text=f"answer {i}{k}") for k in "xy"]
             crud.create_comparison(s, prompt_id=p.id, generation_ids=[g.id for g in gens], target_votes=2)
     return settings, engine
@@ -69,8 +70,10 @@ def check_consistent(engine):
 
 def run_load(base, seconds, stop=None):
     acknowledged, stop = [], stop or threading.Event()
-    threads = [threading.Thread(target=vote_until_stopped, args=(base, f"ann{i}", acknowledged, stop))
-               for i in range(ANNOTATORS)]  # fmt: skip
+    threads = [
+        threading.Thread(target=vote_until_stopped, args=(base, f"ann{i}", acknowledged, stop))
+        for i in range(ANNOTATORS)
+    ]
     for t in threads:
         t.start()
     return acknowledged, stop, threads

@@ -25,10 +25,14 @@ TOPICS = ["the sea", "bread", "hash tables", "Paris", "poems", "tuples", "meetin
 def separable_file(tmp_path):
     """Preferences a model can learn perfectly: the chosen answer thanks the user, the rejected one refuses."""
     rows = [
-        {"prompt": f"Tell me about {topic}, question {i}.",
-         "chosen": f"Thank you! Here is a summary about {topic}.", "rejected": "No."}
-        for i in range(4) for topic in TOPICS
-    ]  # fmt: skip
+        {
+            "prompt": f"Tell me about {topic}, question {i}.",
+            "chosen": f"Thank you! Here is a summary about {topic}.",
+            "rejected": "No.",
+        }
+        for i in range(4)
+        for topic in TOPICS
+    ]
     path = tmp_path / "separable.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -69,8 +73,10 @@ def test_split_keeps_each_prompt_on_one_side(separable_file):
 
 
 def test_calibration_and_length_figures():
-    pairs = [Pair(prompt=[{"role": "user", "content": "q"}], chosen="x" * (i + 2), rejected="y", source="s")
-             for i in range(20)]  # fmt: skip
+    pairs = [
+        Pair(prompt=[{"role": "user", "content": "q"}], chosen="x" * (i + 2), rejected="y", source="s")
+        for i in range(20)
+    ]
     confident = reward_eval.evaluate_scores(pairs, np.full(20, 10.0), np.zeros(20))
     assert confident["accuracy"] == 1.0 and confident["ece"] < 1e-3
     coin = reward_eval.evaluate_scores(pairs, np.zeros(20), np.zeros(20))
@@ -86,11 +92,21 @@ def test_calibration_and_length_figures():
 def test_learns_a_separable_preference_perfectly(workspace, tiny_model_dir, separable_file):
     settings, engine, _ = workspace
     config = load_config(
-        "configs/reward/tiny.yaml", data=[str(separable_file)], base=str(tiny_model_dir), held_out=10,
-        max_steps=40, learning_rate=3e-3, per_device_train_batch_size=8, name="rm-tiny",
-    )  # fmt: skip
-    before = {k: v.clone() for k, v in load_sequence_classifier(locate(str(tiny_model_dir), settings=settings))[0]
-              .state_dict().items()}  # fmt: skip
+        "configs/reward/tiny.yaml",
+        data=[str(separable_file)],
+        base=str(tiny_model_dir),
+        held_out=10,
+        max_steps=40,
+        learning_rate=3e-3,
+        per_device_train_batch_size=8,
+        name="rm-tiny",
+    )
+    before = {
+        k: v.clone()
+        for k, v in load_sequence_classifier(locate(str(tiny_model_dir), settings=settings))[0]
+        .state_dict()
+        .items()
+    }
     summary = train(engine, settings, config, progress=False)
 
     assert summary["accuracy"] == 1.0 and summary["held_out_pairs"] == 10
@@ -119,9 +135,16 @@ def test_learns_a_separable_preference_perfectly(workspace, tiny_model_dir, sepa
 def test_lora_head_is_saved_and_reloads_to_identical_scores(workspace, tiny_model_dir, separable_file):
     settings, engine, _ = workspace
     config = load_config(
-        "configs/reward/tiny.yaml", data=[str(separable_file)], base=str(tiny_model_dir), method="lora",
-        held_out=10, max_steps=10, learning_rate=1e-2, lora_r=2, name="rm-lora",
-    )  # fmt: skip
+        "configs/reward/tiny.yaml",
+        data=[str(separable_file)],
+        base=str(tiny_model_dir),
+        method="lora",
+        held_out=10,
+        max_steps=10,
+        learning_rate=1e-2,
+        lora_r=2,
+        name="rm-lora",
+    )
     summary = train(engine, settings, config, progress=False)
     assert summary["trainable_params"] < summary["total_params"] / 3
     model_dir = settings.runs_dir / f"run{summary['run_id']}" / "model"
@@ -149,8 +172,10 @@ def test_cross_tokenizer_scoring_equals_direct_scoring(tiny_tokenizer):
     scorer = RewardModel(model=model.eval(), tokenizer=tokenizer, max_length=64)
     prompts = [[{"role": "user", "content": "Tell me about bread."}], "What is a hash table?"]
     texts = ["Mix flour, water, salt and yeast.", "A table that maps keys to values."]
-    policy_ids = [tiny_tokenizer(t, add_special_tokens=False)["input_ids"] + [tiny_tokenizer.eos_token_id]
-                  for t in texts]  # fmt: skip
+    policy_ids = [
+        tiny_tokenizer(t, add_special_tokens=False)["input_ids"] + [tiny_tokenizer.eos_token_id]
+        for t in texts
+    ]
     direct = scorer.score(prompts, texts)
     assert scorer.score_tokens(tiny_tokenizer, prompts, policy_ids) == pytest.approx(direct, abs=1e-6)
     assert direct[0] != direct[1]
@@ -181,8 +206,21 @@ def test_cli_train_eval_and_admin_page(workspace, tiny_model_dir, separable_file
     settings, engine, password = workspace
     ws = ["--workspace", str(settings.workspace)]
     assert main(["prefs", "import", str(separable_file), *ws]) == 0
-    code = main(["reward", "train", "--config", "configs/reward/tiny.yaml", "--base", str(tiny_model_dir),
-                 "--max-steps", "6", "--name", "rm-cli", *ws])  # fmt: skip
+    code = main(
+        [
+            "reward",
+            "train",
+            "--config",
+            "configs/reward/tiny.yaml",
+            "--base",
+            str(tiny_model_dir),
+            "--max-steps",
+            "6",
+            "--name",
+            "rm-cli",
+            *ws,
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0 and "registered rm-cli" in out and "0 pairs dropped" in out
     assert (
@@ -211,8 +249,14 @@ def test_embedded_encoder_trains_on_hh_pairs(workspace, tmp_path):
     from conftest import SHARED_DATA
 
     settings, engine, _ = workspace
-    config = load_config("configs/reward/tiny.yaml", data=[str(SHARED_DATA / "hh_harmless_dev.jsonl")],
-                         max_pairs=48, held_out=16, max_steps=4, from_workspace=False)  # fmt: skip
+    config = load_config(
+        "configs/reward/tiny.yaml",
+        data=[str(SHARED_DATA / "hh_harmless_dev.jsonl")],
+        max_pairs=48,
+        held_out=16,
+        max_steps=4,
+        from_workspace=False,
+    )
     summary = train(engine, settings, config, progress=False)
     assert summary["steps"] == 4 and summary["held_out_pairs"] >= 16 and 0 <= summary["accuracy"] <= 1
     assert summary["encoding"]["prompt_truncated"] > 0 and summary["encoding"]["dropped"] == 0

@@ -26,9 +26,18 @@ def target_share(tokenizer):
 
 
 def ppo_config(**overrides):
-    base = dict(batch_size=16, mini_batch_size=8, ppo_epochs=2, max_new_tokens=4, learning_rate=1e-2,
-                kl_coef=0.05, missing_eos_penalty=0.0, lora_r=8, lora_alpha=16,
-                target_modules=["q_proj", "v_proj", "o_proj", "down_proj", "lm_head"])  # fmt: skip
+    base = dict(
+        batch_size=16,
+        mini_batch_size=8,
+        ppo_epochs=2,
+        max_new_tokens=4,
+        learning_rate=1e-2,
+        kl_coef=0.05,
+        missing_eos_penalty=0.0,
+        lora_r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj", "o_proj", "down_proj", "lm_head"],
+    )
     return load_config(None, **(base | overrides))
 
 
@@ -73,8 +82,14 @@ def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run(tiny_tokenize
     config = ppo_config(steps=4, save_every=2, value_model=value_model)
     reward = target_share(tiny_tokenizer)
 
-    straight = PPOTrainer(config, build_tiny_llama(tiny_tokenizer, initializer_range=0.1), tiny_tokenizer,
-                          PROMPTS, reward, run_dir=tmp_path / "a")  # fmt: skip
+    straight = PPOTrainer(
+        config,
+        build_tiny_llama(tiny_tokenizer, initializer_range=0.1),
+        tiny_tokenizer,
+        PROMPTS,
+        reward,
+        run_dir=tmp_path / "a",
+    )
     straight.train(progress=False)
 
     class Crash(Exception):
@@ -84,12 +99,25 @@ def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run(tiny_tokenize
         if entry["step"] == 3:
             raise Crash
 
-    first = PPOTrainer(config, build_tiny_llama(tiny_tokenizer, initializer_range=0.1), tiny_tokenizer, PROMPTS,
-                       reward, run_dir=tmp_path / "b", on_step=crash_at_3)  # fmt: skip
+    first = PPOTrainer(
+        config,
+        build_tiny_llama(tiny_tokenizer, initializer_range=0.1),
+        tiny_tokenizer,
+        PROMPTS,
+        reward,
+        run_dir=tmp_path / "b",
+        on_step=crash_at_3,
+    )
     with pytest.raises(Crash):
         first.train(progress=False)
-    resumed = PPOTrainer(config, build_tiny_llama(tiny_tokenizer, initializer_range=0.1), tiny_tokenizer,
-                         PROMPTS, reward, run_dir=tmp_path / "b")  # fmt: skip
+    resumed = PPOTrainer(
+        config,
+        build_tiny_llama(tiny_tokenizer, initializer_range=0.1),
+        tiny_tokenizer,
+        PROMPTS,
+        reward,
+        run_dir=tmp_path / "b",
+    )
     resumed.load_checkpoint(resumed.latest_checkpoint())
     assert resumed.step == 2
     resumed.train(progress=False)
@@ -125,12 +153,35 @@ def rl_workspace(workspace, tiny_model_dir, tmp_path):
     held.write_text("".join(json.dumps({"prompt": f"Held-out question {i}?"}) + "\n" for i in range(3)))
     assert main(["prompts", "import", str(held), "--split", "eval", *ws]) == 0
     prefs = tmp_path / "prefs.jsonl"
-    prefs.write_text("".join(json.dumps({"prompt": m[0]["content"], "chosen": "Thank you! Here is a summary.",
-                                         "rejected": "No."}) + "\n" for m in PROMPTS))  # fmt: skip
+    prefs.write_text(
+        "".join(
+            json.dumps(
+                {"prompt": m[0]["content"], "chosen": "Thank you! Here is a summary.", "rejected": "No."}
+            )
+            + "\n"
+            for m in PROMPTS
+        )
+    )
     assert main(["prefs", "import", str(prefs), *ws]) == 0
     for name in ("rm", "rm-judge"):
-        assert main(["reward", "train", "--config", "configs/reward/tiny.yaml", "--base", str(tiny_model_dir),
-                     "--max-steps", "3", "--name", name, *ws]) == 0  # fmt: skip
+        assert (
+            main(
+                [
+                    "reward",
+                    "train",
+                    "--config",
+                    "configs/reward/tiny.yaml",
+                    "--base",
+                    str(tiny_model_dir),
+                    "--max-steps",
+                    "3",
+                    "--name",
+                    name,
+                    *ws,
+                ]
+            )
+            == 0
+        )
     return settings, engine, ws, password
 
 
@@ -146,10 +197,28 @@ def test_each_algorithm_trains_and_registers_a_policy(rl_workspace, tiny_model_d
             admin = crud.get_user(s, name="admin")
             careless = crud.create_user(s, name="careless", role="annotator")
             careless.votes_excluded = True
-            unused = [crud.record_vote(s, comparison_id=tied.id, user_id=admin.id, choice="tie").id,
-                      crud.record_vote(s, comparison_id=excluded.id, user_id=careless.id, choice="a").id]  # fmt: skip
-    code = main(["rl", "train", "--algo", algo, "--config", "configs/rl/tiny.yaml", "--policy",
-                 str(tiny_model_dir), "--steps", "2", "--name", f"pol-{algo}", *extra, *ws])  # fmt: skip
+            unused = [
+                crud.record_vote(s, comparison_id=tied.id, user_id=admin.id, choice="tie").id,
+                crud.record_vote(s, comparison_id=excluded.id, user_id=careless.id, choice="a").id,
+            ]
+    code = main(
+        [
+            "rl",
+            "train",
+            "--algo",
+            algo,
+            "--config",
+            "configs/rl/tiny.yaml",
+            "--policy",
+            str(tiny_model_dir),
+            "--steps",
+            "2",
+            "--name",
+            f"pol-{algo}",
+            *extra,
+            *ws,
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     assert f"registered pol-{algo}" in capsys.readouterr().out
     with Session(engine) as s:
@@ -191,8 +260,27 @@ def test_ppo_cli_resume_stacked_rounds_and_eval(rl_workspace, tiny_model_dir, ca
     assert main([*args, "--resume", str(round2.run_id)]) == 1
     assert "already finished" in capsys.readouterr().err
     capsys.readouterr()
-    assert main(["rl", "eval", "round2", "--baseline", "round1", "--reward-model", "rm", "--judge", "rm-judge",
-                 "--num-prompts", "3", "--max-new-tokens", "6", *ws]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "rl",
+                "eval",
+                "round2",
+                "--baseline",
+                "round1",
+                "--reward-model",
+                "rm",
+                "--judge",
+                "rm-judge",
+                "--num-prompts",
+                "3",
+                "--max-new-tokens",
+                "6",
+                *ws,
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     assert (
         summary["prompts"] == 3
@@ -231,8 +319,21 @@ def test_sigkilled_ppo_run_resumes_from_its_last_checkpoint(rl_workspace, tiny_m
     settings, engine, ws, _ = rl_workspace
     exe = shutil.which("alignloop")
     cli = [exe] if exe else [sys.executable, "-m", "alignloop.cli"]
-    args = ["rl", "train", "--config", "configs/rl/tiny.yaml", "--policy", str(tiny_model_dir), "--reward-model",
-            "rm", "--steps", "60", "--name", "killed", *ws]  # fmt: skip
+    args = [
+        "rl",
+        "train",
+        "--config",
+        "configs/rl/tiny.yaml",
+        "--policy",
+        str(tiny_model_dir),
+        "--reward-model",
+        "rm",
+        "--steps",
+        "60",
+        "--name",
+        "killed",
+        *ws,
+    ]
     proc = subprocess.Popen([*cli, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     checkpoints = []
@@ -272,8 +373,24 @@ def test_ppo_scores_rollouts_on_the_policys_device(rl_workspace, tiny_model_dir,
 
     monkeypatch.setattr(RewardModel, "load", classmethod(recording_load))
     monkeypatch.setattr(rl.train.PPOTrainer, "__init__", recording_init)
-    assert main(["rl", "train", "--config", "configs/rl/tiny.yaml", "--reward-model", "rm", "--policy",
-                 str(tiny_model_dir), "--steps", "1", *ws]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "rl",
+                "train",
+                "--config",
+                "configs/rl/tiny.yaml",
+                "--reward-model",
+                "rm",
+                "--policy",
+                str(tiny_model_dir),
+                "--steps",
+                "1",
+                *ws,
+            ]
+        )
+        == 0
+    )
     assert seen["asked"] == seen["scorer"] == seen["policy"]
 
 
@@ -282,8 +399,21 @@ def test_kto_trains_on_thumbs_up_and_down_and_registers(workspace, tiny_model_di
 
     settings, engine, _ = workspace
     ws = ["--workspace", str(settings.workspace)]
-    base = ["rl", "train", "--algo", "kto", "--config", "configs/rl/tiny.yaml", "--policy", str(tiny_model_dir),
-            "--steps", "2", "--name", "pol-kto", *ws]  # fmt: skip
+    base = [
+        "rl",
+        "train",
+        "--algo",
+        "kto",
+        "--config",
+        "configs/rl/tiny.yaml",
+        "--policy",
+        str(tiny_model_dir),
+        "--steps",
+        "2",
+        "--name",
+        "pol-kto",
+        *ws,
+    ]
     assert main(base) != 0  # no thumbs yet: a clear refusal, nothing registered
     assert "KTO needs thumbs up and thumbs down" in capsys.readouterr().err
     with session_scope(engine) as s:
@@ -291,8 +421,14 @@ def test_kto_trains_on_thumbs_up_and_down_and_registers(workspace, tiny_model_di
     for i in range(4):
         question = [{"role": "user", "content": f"Capital of country {i}?"}]
         for reply, rating in (("Thank you! Here is a summary.", 1), ("No.", -1)):
-            save_feedback(engine, reviewer, model="default", history=[*question, {"role": "assistant", "content": reply}],
-                          rating=rating, edited=None)  # fmt: skip
+            save_feedback(
+                engine,
+                reviewer,
+                model="default",
+                history=[*question, {"role": "assistant", "content": reply}],
+                rating=rating,
+                edited=None,
+            )
     assert main(base) == 0, capsys.readouterr().err
     with Session(engine) as s:
         version = crud.get_model_version(s, name="pol-kto")

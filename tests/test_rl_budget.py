@@ -16,8 +16,10 @@ from rl.ppo import PPOTrainer, load_config
 
 def conversation(turns: int, words: int = 30) -> list[dict]:
     roles = ["user", "assistant"]
-    return [{"role": roles[t % 2], "content": f"turn {t} " + " ".join(f"w{t}x{i}" for i in range(words))}
-            for t in range(turns - 1)] + [{"role": "user", "content": "And the last question?"}]  # fmt: skip
+    return [
+        {"role": roles[t % 2], "content": f"turn {t} " + " ".join(f"w{t}x{i}" for i in range(words))}
+        for t in range(turns - 1)
+    ] + [{"role": "user", "content": "And the last question?"}]
 
 
 def test_fit_prompt_keeps_the_latest_turns_and_counts_the_cuts(tiny_tokenizer):
@@ -35,9 +37,13 @@ def test_fit_prompt_keeps_the_latest_turns_and_counts_the_cuts(tiny_tokenizer):
     prompts, report = fit_prompts(tiny_tokenizer, [long, huge, short], 64)
     assert prompts[2] == short and all(len(render(tiny_tokenizer, p)) <= 64 for p in prompts)
     assert report.as_dict() | {"longest_before": 0} == {
-        "prompts": 3, "truncated": 2, "turns_dropped": report.turns_dropped, "turn_cut": 1,
-        "longest_before": 0, "longest_after": max(len(render(tiny_tokenizer, p)) for p in prompts),
-    }  # fmt: skip
+        "prompts": 3,
+        "truncated": 2,
+        "turns_dropped": report.turns_dropped,
+        "turn_cut": 1,
+        "longest_before": 0,
+        "longest_after": max(len(render(tiny_tokenizer, p)) for p in prompts),
+    }
     with pytest.raises(AlignloopError, match="frame"):
         fit_prompt(tiny_tokenizer, huge, 8)
 
@@ -53,9 +59,20 @@ def test_micro_batch_plan_partitions_rows_within_the_budget():
 
 
 def ppo(tokenizer, model, **overrides):
-    base = dict(batch_size=8, mini_batch_size=8, ppo_epochs=1, max_new_tokens=8, learning_rate=1e-2,
-                kl_coef=0.05, missing_eos_penalty=0.0, lora_r=4, lora_alpha=8, save_every=0,
-                target_modules=["q_proj", "v_proj", "down_proj"], temperature=1.0)  # fmt: skip
+    base = dict(
+        batch_size=8,
+        mini_batch_size=8,
+        ppo_epochs=1,
+        max_new_tokens=8,
+        learning_rate=1e-2,
+        kl_coef=0.05,
+        missing_eos_penalty=0.0,
+        lora_r=4,
+        lora_alpha=8,
+        save_every=0,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        temperature=1.0,
+    )
     reward = lambda prompts, completions: [len(c.token_ids) / 8 for c in completions]  # noqa: E731
     prompts = [conversation(1 + (i % 3) * 6, words=5 + 8 * (i % 4)) for i in range(8)]
     return PPOTrainer(load_config(None, **(base | overrides)), model, tokenizer, prompts, reward)
@@ -66,8 +83,12 @@ def test_the_token_budget_bounds_every_forward_pass_whatever_the_prompt_lengths(
     generation (rollout log-probs, reference, values, update with its graph) sees at most 160 token positions,
     so the activations it keeps (per layer: positions x hidden) are bounded by the budget, not by the data."""
     budget = 160
-    trainer = ppo(tiny_tokenizer, build_tiny_llama(tiny_tokenizer, initializer_range=0.1),
-                  max_prompt_length=96, micro_batch_tokens=budget)  # fmt: skip
+    trainer = ppo(
+        tiny_tokenizer,
+        build_tiny_llama(tiny_tokenizer, initializer_range=0.1),
+        max_prompt_length=96,
+        micro_batch_tokens=budget,
+    )
     assert trainer.prompt_report.longest_before > 1000 and trainer.prompt_report.truncated >= 4
     seen, hidden = [], []
     lm = trainer.ac.causal_lm
@@ -80,8 +101,10 @@ def test_the_token_budget_bounds_every_forward_pass_whatever_the_prompt_lengths(
         if not torch.is_inference_mode_enabled():
             hidden.append((output[0] if isinstance(output, tuple) else output).numel())
 
-    handles = [lm.model.register_forward_pre_hook(count, with_kwargs=True),
-               lm.model.layers[0].register_forward_hook(activations)]  # fmt: skip
+    handles = [
+        lm.model.register_forward_pre_hook(count, with_kwargs=True),
+        lm.model.layers[0].register_forward_hook(activations),
+    ]
     batch, _ = trainer.rollout(0)
     trainer.update(batch, 0)
     for h in handles:
@@ -90,8 +113,12 @@ def test_the_token_budget_bounds_every_forward_pass_whatever_the_prompt_lengths(
     assert max(hidden) <= budget * lm.config.hidden_size
     assert 0 < trainer.largest_micro_batch <= budget
     # Without the budget the same step's widest pass is far larger: the bound is doing the work.
-    loose = ppo(tiny_tokenizer, build_tiny_llama(tiny_tokenizer, initializer_range=0.1),
-                max_prompt_length=8192, micro_batch_tokens=100_000)  # fmt: skip
+    loose = ppo(
+        tiny_tokenizer,
+        build_tiny_llama(tiny_tokenizer, initializer_range=0.1),
+        max_prompt_length=8192,
+        micro_batch_tokens=100_000,
+    )
     batch, _ = loose.rollout(0)
     loose.update(batch, 0)
     assert loose.largest_micro_batch > 8 * budget
@@ -100,8 +127,13 @@ def test_the_token_budget_bounds_every_forward_pass_whatever_the_prompt_lengths(
 def test_micro_batches_and_checkpointing_leave_the_gradients_unchanged(tiny_tokenizer):
     model = build_tiny_llama(tiny_tokenizer, initializer_range=0.1)
     whole = ppo(tiny_tokenizer, copy.deepcopy(model), max_prompt_length=96, micro_batch_tokens=100_000)
-    split = ppo(tiny_tokenizer, copy.deepcopy(model), max_prompt_length=96, micro_batch_tokens=110,
-                gradient_checkpointing=True)  # fmt: skip
+    split = ppo(
+        tiny_tokenizer,
+        copy.deepcopy(model),
+        max_prompt_length=96,
+        micro_batch_tokens=110,
+        gradient_checkpointing=True,
+    )
     batch, _ = whole.rollout(0)
     grads = []
     for trainer in (whole, split):

@@ -20,8 +20,9 @@ def samples(model, tokenizer, n: int, max_new_tokens: int):
 
 def test_kl_to_itself_is_zero_and_to_another_policy_matches_the_exact_value(tiny_tokenizer):
     policy = build_tiny_llama(tiny_tokenizer, seed=0)
-    same, se = kl_to_baseline(policy, policy, tiny_tokenizer, [PROMPT] * 20, samples(policy, tiny_tokenizer, 20, 6),
-                              temperature=T)  # fmt: skip
+    same, se = kl_to_baseline(
+        policy, policy, tiny_tokenizer, [PROMPT] * 20, samples(policy, tiny_tokenizer, 20, 6), temperature=T
+    )
     assert same == 0.0 and se == 0.0
 
     baseline = build_tiny_llama(tiny_tokenizer, seed=0)

@@ -34,10 +34,17 @@ def round0(workspace, tiny_model_dir, tmp_path):
             crud.record_vote(s, comparison_id=c.id, user_id=admin.id, choice="a" if i % 3 else "b")
         s.commit()
     reward_yaml = tmp_path / "reward.yaml"
-    reward_yaml.write_text(f"base: {tiny_model_dir}\nmax_length: 64\nmax_steps: 3\nheld_out: 0.2\n"
-                           "per_device_train_batch_size: 4\nlogging_steps: 1\n")  # fmt: skip
-    return settings, engine, RoundPlan(reward_config=str(reward_yaml), rl_config="configs/rl/tiny.yaml",
-                                       num_prompts=12, progress=False)  # fmt: skip
+    reward_yaml.write_text(
+        f"base: {tiny_model_dir}\nmax_length: 64\nmax_steps: 3\nheld_out: 0.2\n"
+        "per_device_train_batch_size: 4\nlogging_steps: 1\n"
+    )
+    return (
+        settings,
+        engine,
+        RoundPlan(
+            reward_config=str(reward_yaml), rl_config="configs/rl/tiny.yaml", num_prompts=12, progress=False
+        ),
+    )
 
 
 def test_round_next_closes_the_loop(round0, tiny_model_dir):

@@ -31,8 +31,9 @@ time.sleep(120)
 def test_a_sigkilled_run_is_marked_failed_by_the_next_command(workspace, tmp_path):
     settings, engine, _ = workspace
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(settings.workspace)], stdout=subprocess.PIPE,
-                            text=True, env=env)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(settings.workspace)], stdout=subprocess.PIPE, text=True, env=env
+    )
     killed_id = int(proc.stdout.readline())
     # While its process lives, opening the workspace leaves the run alone.
     assert runguard.recover(engine) == []

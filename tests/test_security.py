@@ -75,8 +75,19 @@ def test_no_query_parameter_reaches_the_page(admin, path):
 
 def test_pages_carry_a_csp_and_no_inline_script_or_style(admin):
     client, _ = admin
-    for path in ["/", "/queue", "/admin", "/admin/rounds", "/admin/jobs", "/admin/users", "/admin/keys",
-                 "/admin/reward", "/admin/rl", "/login", "/logout"]:  # fmt: skip
+    for path in [
+        "/",
+        "/queue",
+        "/admin",
+        "/admin/rounds",
+        "/admin/jobs",
+        "/admin/users",
+        "/admin/keys",
+        "/admin/reward",
+        "/admin/rl",
+        "/login",
+        "/logout",
+    ]:
         page = client.get(path)
         assert page.status_code == 200, path
         csp = page.headers["content-security-policy"]
@@ -99,16 +110,30 @@ def test_a_new_password_is_shown_escaped_as_a_value_not_from_the_url(admin):
 
 def test_pages_are_templates_not_strings():
     """The class of bug, not the instance: no page module builds HTML by hand any more."""
-    for module in ["alignloop/web.py", "alignloop/console.py", "alignloop/core/http.py", "annotate/admin.py",
-                   "reward/web.py", "rl/web.py", "serve/levels_web.py", "annotate/gold.py",
-                   "annotate/guidelines.py", "serve/review.py"]:  # fmt: skip
+    for module in [
+        "alignloop/web.py",
+        "alignloop/console.py",
+        "alignloop/core/http.py",
+        "annotate/admin.py",
+        "reward/web.py",
+        "rl/web.py",
+        "serve/levels_web.py",
+        "annotate/gold.py",
+        "annotate/guidelines.py",
+        "serve/review.py",
+    ]:
         source = (ROOT / module).read_text()
         assert "html.escape" not in source and "HTMLResponse(" not in source and "<td>" not in source, module
     # The templates travel with the package (pyproject package-data covers every one of them).
     pyproject = (ROOT / "pyproject.toml").read_text()
-    for folder, pattern in [("alignloop", '"templates/*.html"'), ("alignloop", '"core/templates/*.html"'),
-                            ("alignloop", '"core/static/*.css"'), ("annotate", '"templates/*.html"'),
-                            ("reward", '"templates/*.html"'), ("rl", '"templates/*.html"')]:  # fmt: skip
+    for folder, pattern in [
+        ("alignloop", '"templates/*.html"'),
+        ("alignloop", '"core/templates/*.html"'),
+        ("alignloop", '"core/static/*.css"'),
+        ("annotate", '"templates/*.html"'),
+        ("reward", '"templates/*.html"'),
+        ("rl", '"templates/*.html"'),
+    ]:
         line = next(ln for ln in pyproject.splitlines() if ln.startswith(f"{folder} = ["))
         assert pattern in line, (folder, pattern)
         assert list((ROOT / folder).glob(pattern.strip('"'))), pattern
@@ -125,8 +150,9 @@ def test_state_changes_need_the_csrf_token(admin):
     bad = client.post(f"/admin/users/{rev}/role", data={"role": "admin", "csrf_token": "x" * len(token)})
     assert bad.status_code == 403 and role_of(engine, "rev") == "reviewer"
     assert client.post("/admin/jobs", data={"kind": "generate", "arguments": ""}).status_code == 403
-    ok = client.post(f"/admin/users/{rev}/role", data={"role": "annotator", "csrf_token": token},
-                     follow_redirects=False)  # fmt: skip
+    ok = client.post(
+        f"/admin/users/{rev}/role", data={"role": "annotator", "csrf_token": token}, follow_redirects=False
+    )
     assert (
         ok.status_code == 303
         and role_of(engine, "ann") == "annotator"
@@ -163,9 +189,13 @@ def test_every_unsafe_route_refuses_a_cookie_request_without_the_token(admin):
 
 @pytest.mark.parametrize(
     "headers",
-    [{"Origin": "http://testserver:8081"}, {"Sec-Fetch-Site": "same-site"}, {"Sec-Fetch-Site": "cross-site"},
-     {"Origin": "null"}],
-)  # fmt: skip
+    [
+        {"Origin": "http://testserver:8081"},
+        {"Sec-Fetch-Site": "same-site"},
+        {"Sec-Fetch-Site": "cross-site"},
+        {"Origin": "null"},
+    ],
+)
 def test_cross_origin_writes_are_refused_even_with_the_token(admin, headers):
     client, engine = admin
     rev = user_id(engine, "rev")
@@ -178,16 +208,20 @@ def test_cross_origin_writes_are_refused_even_with_the_token(admin, headers):
 
 def test_same_origin_browser_requests_and_api_keys_pass(admin):
     client, engine = admin
-    ok = client.post(f"/admin/users/{user_id(engine, 'rev')}/role", data={"role": "annotator"},
-                     headers={"Origin": "http://testserver", "Sec-Fetch-Site": "same-origin"},
-                     follow_redirects=False)  # fmt: skip
+    ok = client.post(
+        f"/admin/users/{user_id(engine, 'rev')}/role",
+        data={"role": "annotator"},
+        headers={"Origin": "http://testserver", "Sec-Fetch-Site": "same-origin"},
+        follow_redirects=False,
+    )
     assert ok.status_code == 303
     with Session(engine) as s:
         key, _ = crud.create_api_key(s, user=crud.get_user(s, name="admin"), name="ci")
         s.commit()
     with TestClient(client.app) as api:  # no cookie, no token: a Bearer key is not CSRF-able
-        response = api.post("/api/jobs/999/cancel", headers={"Authorization": f"Bearer {key}",
-                                                              "Origin": "http://elsewhere"})  # fmt: skip
+        response = api.post(
+            "/api/jobs/999/cancel", headers={"Authorization": f"Bearer {key}", "Origin": "http://elsewhere"}
+        )
         assert response.status_code == 404
 
 
@@ -298,8 +332,11 @@ def test_gradio_uploads_are_blocked_and_its_temp_dir_is_in_the_workspace(admin, 
 
 # --- L4, L9 --------------------------------------------------------------------------------------------------
 
-HUGE = st.one_of(st.integers(min_value=2**31, max_value=2**200), st.integers(max_value=-(2**31)),
-                 st.sampled_from([2**63, 2**64, 10**30, -(2**63) - 1]))  # fmt: skip
+HUGE = st.one_of(
+    st.integers(min_value=2**31, max_value=2**200),
+    st.integers(max_value=-(2**31)),
+    st.sampled_from([2**63, 2**64, 10**30, -(2**63) - 1]),
+)
 
 
 def test_huge_ints_get_4xx_on_every_route(admin):
@@ -309,8 +346,11 @@ def test_huge_ints_get_4xx_on_every_route(admin):
     for route in all_routes(client.app):
         if not isinstance(route, APIRoute) or route.path.startswith("/v1/") or route.path == "/api/jobs":
             continue  # /v1 has its own tests; a valid POST /api/jobs would start a training process
-        ints = [p.name for p in route.dependant.path_params + route.dependant.query_params
-                if p.field_info.annotation in (int, int | None)]  # fmt: skip
+        ints = [
+            p.name
+            for p in route.dependant.path_params + route.dependant.query_params
+            if p.field_info.annotation in (int, int | None)
+        ]
         if ints:
             routes.append((route, ints))
     assert len(routes) >= 12, [r.path for r, _ in routes]
@@ -329,8 +369,9 @@ def test_huge_ints_get_4xx_on_every_route(admin):
             assert 400 <= response.status_code < 500, (method, path, query, response.status_code)
 
     @given(index=st.integers(0, len(routes) - 1), value=HUGE)
-    @settings(max_examples=10 * len(routes), deadline=None, suppress_health_check=list(HealthCheck),
-              database=None)  # fmt: skip
+    @settings(
+        max_examples=10 * len(routes), deadline=None, suppress_health_check=list(HealthCheck), database=None
+    )
     def check(index, value):
         request(*routes[index], value)
 

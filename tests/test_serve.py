@@ -43,8 +43,15 @@ def test_arena_battles_are_comparisons_with_votes(workspace):
     with pytest.raises(AlignloopError, match="at least two"):
         pick_pair(["only"], random.Random(0))
     for choice in ("a", "a", "b", "tie", "both_bad"):
-        record_battle(engine, reviewer, prompt="Which is better?", models=("m1", "m2"), texts=("one", "two"),
-                      choice=choice, settings=settings)  # fmt: skip
+        record_battle(
+            engine,
+            reviewer,
+            prompt="Which is better?",
+            models=("m1", "m2"),
+            texts=("one", "two"),
+            choice=choice,
+            settings=settings,
+        )
     with pytest.raises(AlignloopError):
         record_battle(
             engine, reviewer, prompt="p", models=("m1", "m2"), texts=("x", "y"), choice="c", settings=settings
@@ -69,12 +76,30 @@ def test_chat_feedback_becomes_sft_and_preference_data(workspace):
     with session_scope(engine) as s:
         reviewer = crud.create_user(s, name="rev", role="reviewer", password="reviewer-pass")
     question = [{"role": "user", "content": "Capital of France?"}]
-    save_feedback(engine, reviewer, model="default", history=[*question, {"role": "assistant", "content": "Paris."}],
-                  rating=1, edited=None)  # fmt: skip
-    save_feedback(engine, reviewer, model="default", history=[*question, {"role": "assistant", "content": "Lyon."}],
-                  rating=-1, edited=None)  # fmt: skip
-    save_feedback(engine, reviewer, model="default", history=[*question, {"role": "assistant", "content": "Lyon."}],
-                  rating=None, edited="Paris is the capital of France.")  # fmt: skip
+    save_feedback(
+        engine,
+        reviewer,
+        model="default",
+        history=[*question, {"role": "assistant", "content": "Paris."}],
+        rating=1,
+        edited=None,
+    )
+    save_feedback(
+        engine,
+        reviewer,
+        model="default",
+        history=[*question, {"role": "assistant", "content": "Lyon."}],
+        rating=-1,
+        edited=None,
+    )
+    save_feedback(
+        engine,
+        reviewer,
+        model="default",
+        history=[*question, {"role": "assistant", "content": "Lyon."}],
+        rating=None,
+        edited="Paris is the capital of France.",
+    )
     with pytest.raises(AlignloopError):
         save_feedback(engine, reviewer, model="default", history=question, rating=1, edited=None)
     with Session(engine) as s:
@@ -99,10 +124,12 @@ def test_arena_battles_file_under_the_open_round_with_the_order_shown(workspace)
         crud.get_or_create_round(s, number=0).status = "closed"
         crud.get_or_create_round(s, number=1)
     # m2 shown as A and preferred; then m1 shown as A and preferred.
-    first = record_battle(engine, reviewer, prompt="p", models=("m2", "m1"), texts=("two", "one"), choice="a",
-                          settings=settings)  # fmt: skip
-    second = record_battle(engine, reviewer, prompt="p", models=("m1", "m2"), texts=("one", "two"), choice="a",
-                           settings=settings)  # fmt: skip
+    first = record_battle(
+        engine, reviewer, prompt="p", models=("m2", "m1"), texts=("two", "one"), choice="a", settings=settings
+    )
+    second = record_battle(
+        engine, reviewer, prompt="p", models=("m1", "m2"), texts=("one", "two"), choice="a", settings=settings
+    )
     with Session(engine) as s:
         for cid, shown_first, winner in ((first, "m2", "two"), (second, "m1", "one")):
             comparison = s.get(Comparison, cid)

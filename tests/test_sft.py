@@ -21,10 +21,14 @@ CATEGORIES = ["open_qa", "brainstorming"]
 @pytest.fixture
 def dolly_file(tmp_path):
     rows = [
-        {"instruction": f"What is item {i}?", "context": "" if i % 2 else f"Item {i} is blue.",
-         "response": f"Item {i} is a blue thing.", "category": CATEGORIES[i % 2]}
+        {
+            "instruction": f"What is item {i}?",
+            "context": "" if i % 2 else f"Item {i} is blue.",
+            "response": f"Item {i} is a blue thing.",
+            "category": CATEGORIES[i % 2],
+        }
         for i in range(12)
-    ]  # fmt: skip
+    ]
     path = tmp_path / "dolly.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -33,10 +37,22 @@ def dolly_file(tmp_path):
 def test_formats_become_prompt_completion(tmp_path):
     f = tmp_path / "mixed.jsonl"
     f.write_text(
-        json.dumps({"instruction": "Add", "input": "2 and 3", "output": "5"}) + "\n"
-        + json.dumps({"instruction": "Summarise", "context": "Long text.", "response": "Short.", "category": "summarization"}) + "\n"
-        + json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}) + "\n"
-    )  # fmt: skip
+        json.dumps({"instruction": "Add", "input": "2 and 3", "output": "5"})
+        + "\n"
+        + json.dumps(
+            {
+                "instruction": "Summarise",
+                "context": "Long text.",
+                "response": "Short.",
+                "category": "summarization",
+            }
+        )
+        + "\n"
+        + json.dumps(
+            {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
+        )
+        + "\n"
+    )
     alpaca, dolly, chat = parse_instruction_file(f)
     assert alpaca.row() == {
         "prompt": [{"role": "user", "content": "Add\n\n2 and 3"}],
@@ -89,9 +105,14 @@ def base_weights(model_dir) -> dict:
 def test_each_method_learns_and_reloads_exactly(workspace, tiny_model_dir, dolly_file, method):
     settings, engine, _ = workspace
     config = load_config(
-        "configs/sft/tiny.yaml", data=[str(dolly_file)], base=str(tiny_model_dir), method=method,
-        max_steps=30, learning_rate=3e-2 if method != "full" else 3e-3, name=f"tiny-{method}",
-    )  # fmt: skip
+        "configs/sft/tiny.yaml",
+        data=[str(dolly_file)],
+        base=str(tiny_model_dir),
+        method=method,
+        max_steps=30,
+        learning_rate=3e-2 if method != "full" else 3e-3,
+        name=f"tiny-{method}",
+    )
     summary = train(engine, settings, config, progress=False)
 
     assert summary["final_loss"] < summary["first_loss"]  # it learns on a small overfit set
@@ -150,13 +171,34 @@ def test_sft_on_chosen_and_chat_edits_via_cli(workspace, tiny_model_dir, capsys)
         (ann,) = users(s, 1)
         for c in comparisons:
             crud.record_vote(s, comparison_id=c.id, user_id=ann.id, choice="a")
-        s.add(ChatFeedback(user_id=ann.id, messages=[{"role": "user", "content": "Hi?"}], response="meh", rating=-1,
-                           edited="Hello! How can I help?"))  # fmt: skip
+        s.add(
+            ChatFeedback(
+                user_id=ann.id,
+                messages=[{"role": "user", "content": "Hi?"}],
+                response="meh",
+                rating=-1,
+                edited="Hello! How can I help?",
+            )
+        )
         s.commit()
-    code = main([
-        "sft", "train", "--config", "configs/sft/tiny.yaml", "--from-chosen", "--from-chat-edits",
-        "--base", str(tiny_model_dir), "--max-steps", "4", "--name", "tiny-chosen", "--workspace", str(settings.workspace),
-    ])  # fmt: skip
+    code = main(
+        [
+            "sft",
+            "train",
+            "--config",
+            "configs/sft/tiny.yaml",
+            "--from-chosen",
+            "--from-chat-edits",
+            "--base",
+            str(tiny_model_dir),
+            "--max-steps",
+            "4",
+            "--name",
+            "tiny-chosen",
+            "--workspace",
+            str(settings.workspace),
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0 and "registered tiny-chosen" in out
     with Session(engine) as s:
@@ -175,8 +217,13 @@ def test_bad_sft_settings_are_refused():
 
 def test_merged_lora_is_a_standalone_model_with_the_adapters_outputs(workspace, tiny_model_dir, dolly_file):
     settings, engine, _ = workspace
-    common = {"data": [str(dolly_file)], "base": str(tiny_model_dir), "method": "lora", "max_steps": 10,
-              "learning_rate": 3e-2}  # fmt: skip
+    common = {
+        "data": [str(dolly_file)],
+        "base": str(tiny_model_dir),
+        "method": "lora",
+        "max_steps": 10,
+        "learning_rate": 3e-2,
+    }
     adapter = train(
         engine, settings, load_config("configs/sft/tiny.yaml", name="as-adapter", **common), progress=False
     )

@@ -28,7 +28,13 @@ def test_default_model_answers_and_is_cached_as_safetensors(workspace):
         loaded.model, "is_quantized", False
     )  # de-quantised floats: trainable, full fine-tuning too
     question = [{"role": "user", "content": "What is the capital of France?"}]
-    (answer,), = generate(loaded.model, loaded.tokenizer, [question], params=SamplingParams(max_new_tokens=20, temperature=0), progress=False)  # fmt: skip
+    ((answer,),) = generate(
+        loaded.model,
+        loaded.tokenizer,
+        [question],
+        params=SamplingParams(max_new_tokens=20, temperature=0),
+        progress=False,
+    )
     assert "Paris" in answer.text and answer.finished
 
     # The second load reads the cache: same weights, no GGUF de-quantisation.
@@ -47,8 +53,11 @@ def test_demo_generates_and_serves(tmp_path):
     cmd = [exe] if isinstance(exe, str) else exe
     proc = subprocess.Popen(
         [*cmd, "demo", "--prompts", "4", "--max-new-tokens", "12", "--port", str(port)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     output = []
     try:
         deadline = time.time() + 600
@@ -83,8 +92,12 @@ def test_demo_generates_and_serves(tmp_path):
         chat = openai.OpenAI(
             base_url=base + "/v1", api_key=keys.stdout.strip().splitlines()[-1], max_retries=0
         )
-        reply = chat.chat.completions.create(model="default", max_tokens=20, temperature=0,
-                                             messages=[{"role": "user", "content": "What is the capital of France?"}])  # fmt: skip
+        reply = chat.chat.completions.create(
+            model="default",
+            max_tokens=20,
+            temperature=0,
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+        )
         assert "Paris" in reply.choices[0].message.content and reply.choices[0].finish_reason == "stop"
     finally:
         proc.terminate()

@@ -25,9 +25,12 @@ def test_a_vote_needs_the_voters_live_lease(session):
         queue.submit_vote(session, user_id=b.id, comparison_id=item.comparison_id, choice="a")
     with pytest.raises(queue.NotLeasedError):  # the lease ran out
         queue.submit_vote(
-            session, user_id=a.id, comparison_id=item.comparison_id, choice="a",
+            session,
+            user_id=a.id,
+            comparison_id=item.comparison_id,
+            choice="a",
             now=item.expires_at + timedelta(seconds=1),
-        )  # fmt: skip
+        )
     assert session.exec(select(Vote)).all() == []
     queue.submit_vote(session, user_id=a.id, comparison_id=item.comparison_id, choice="a")
     assert len(session.exec(select(Vote)).all()) == 1

@@ -80,8 +80,12 @@ def _backup(settings: Settings, out: Path) -> dict:
         if dump is None:
             raise AlignloopError("backing up PostgreSQL needs pg_dump (apt-get install postgresql-client)")
         dbname, env = _libpq(url)
-        proc = subprocess.run([dump, "--format=custom", "--file", str(out / PG_FILE), "--dbname", dbname],
-                              capture_output=True, text=True, env=env)  # fmt: skip
+        proc = subprocess.run(
+            [dump, "--format=custom", "--file", str(out / PG_FILE), "--dbname", dbname],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         if proc.returncode:
             raise AlignloopError(f"pg_dump failed: {_first_line(proc.stderr)}")
         with create_engine(url).connect() as conn:
@@ -98,8 +102,13 @@ def _backup(settings: Settings, out: Path) -> dict:
             shutil.copytree(source, out / "files" / relative)
             copied.append(str(relative))
     shutil.copy2(settings.workspace / CONFIG_NAME, out / CONFIG_NAME)
-    manifest = {"alignloop": __version__, "created_at": datetime.now(UTC).isoformat(), "workspace": str(workspace),
-                "database": database, "models": copied}  # fmt: skip
+    manifest = {
+        "alignloop": __version__,
+        "created_at": datetime.now(UTC).isoformat(),
+        "workspace": str(workspace),
+        "database": database,
+        "models": copied,
+    }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     return manifest
 
@@ -205,9 +214,20 @@ def _fill(backup_dir: Path, manifest: dict, staging: Path, workspace: Path, data
         url = f"sqlite:///{staging / DB_FILE}"
     else:
         dbname, env = _libpq(database_url)
-        proc = subprocess.run([shutil.which("pg_restore") or "pg_restore", "--no-owner", "--single-transaction",
-                               "--exit-on-error", "--dbname", dbname, str(backup_dir / PG_FILE)],
-                              capture_output=True, text=True, env=env)  # fmt: skip
+        proc = subprocess.run(
+            [
+                shutil.which("pg_restore") or "pg_restore",
+                "--no-owner",
+                "--single-transaction",
+                "--exit-on-error",
+                "--dbname",
+                dbname,
+                str(backup_dir / PG_FILE),
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         if proc.returncode:
             raise AlignloopError(f"pg_restore failed: {_first_line(proc.stderr)}")
         url = database_url
@@ -218,10 +238,14 @@ def _fill(backup_dir: Path, manifest: dict, staging: Path, workspace: Path, data
     engine = create_engine(url)
     try:
         with engine.begin() as conn:  # model folders now live under the new workspace
-            conn.execute(text("UPDATE modelversion SET path = :new || substr(path, :n) WHERE path LIKE :prefix"),
-                         {"new": str(workspace) + "/", "n": len(old) + 1, "prefix": old + "%"})  # fmt: skip
-            conn.execute(text("UPDATE run SET log_path = :new || substr(log_path, :n) WHERE log_path LIKE :prefix"),
-                         {"new": str(workspace) + "/", "n": len(old) + 1, "prefix": old + "%"})  # fmt: skip
+            conn.execute(
+                text("UPDATE modelversion SET path = :new || substr(path, :n) WHERE path LIKE :prefix"),
+                {"new": str(workspace) + "/", "n": len(old) + 1, "prefix": old + "%"},
+            )
+            conn.execute(
+                text("UPDATE run SET log_path = :new || substr(log_path, :n) WHERE log_path LIKE :prefix"),
+                {"new": str(workspace) + "/", "n": len(old) + 1, "prefix": old + "%"},
+            )
     finally:
         engine.dispose()
     (staging / CONFIG_NAME).write_text(config, encoding="utf-8")  # last: only now is it a workspace

@@ -645,10 +645,15 @@ def feedback_pairs(session: Session) -> list[dict]:
     conversation, a thumbs-up reply beats a thumbs-down one."""
     rows = session.exec(select(ChatFeedback).order_by(ChatFeedback.id)).all()
     pairs = [
-        {"prompt": r.messages, "chosen": [{"role": "assistant", "content": r.edited}],
-         "rejected": [{"role": "assistant", "content": r.response}], "source": "chat-edit"}
-        for r in rows if r.edited and r.edited != r.response
-    ]  # fmt: skip
+        {
+            "prompt": r.messages,
+            "chosen": [{"role": "assistant", "content": r.edited}],
+            "rejected": [{"role": "assistant", "content": r.response}],
+            "source": "chat-edit",
+        }
+        for r in rows
+        if r.edited and r.edited != r.response
+    ]
     by_conversation: dict[str, dict[int, set[str]]] = defaultdict(lambda: defaultdict(set))
     for r in rows:
         if r.rating in (1, -1):
@@ -657,8 +662,14 @@ def feedback_pairs(session: Session) -> list[dict]:
     for key, ratings in by_conversation.items():
         for good in sorted(ratings[1]):
             for bad in sorted(ratings[-1] - ratings[1]):
-                pairs.append({"prompt": prompts[key], "chosen": [{"role": "assistant", "content": good}],
-                              "rejected": [{"role": "assistant", "content": bad}], "source": "chat-rating"})  # fmt: skip
+                pairs.append(
+                    {
+                        "prompt": prompts[key],
+                        "chosen": [{"role": "assistant", "content": good}],
+                        "rejected": [{"role": "assistant", "content": bad}],
+                        "source": "chat-rating",
+                    }
+                )
     return pairs
 
 

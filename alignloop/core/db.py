@@ -58,8 +58,15 @@ def _v4_lease_start(engine: Engine) -> None:
 
 def _v5_preset_selection(engine: Engine) -> None:
     """Per-prompt example selection and the reasoning delimiter; old presets keep their fixed examples."""
-    _add_columns(engine, "preset", {"num_shots": "INTEGER", "answer_delimiter": "VARCHAR(64)",
-                                    "shot_order": "VARCHAR(16) NOT NULL DEFAULT 'similar_last'"})  # fmt: skip
+    _add_columns(
+        engine,
+        "preset",
+        {
+            "num_shots": "INTEGER",
+            "answer_delimiter": "VARCHAR(64)",
+            "shot_order": "VARCHAR(16) NOT NULL DEFAULT 'similar_last'",
+        },
+    )
 
 
 def _v6_ai_slots_and_presets(engine: Engine) -> None:

@@ -92,8 +92,13 @@ def native_bf16(device: str = "auto", caps: Capabilities | None = None) -> bool:
     return caps.cuda_bf16 if device.startswith("cuda") else caps.cpu_bf16
 
 
-def pick(device: str | None = "auto", dtype: str | None = "auto", quantize: str | None = "none", *,
-         caps: Capabilities | None = None) -> Placement:  # fmt: skip
+def pick(
+    device: str | None = "auto",
+    dtype: str | None = "auto",
+    quantize: str | None = "none",
+    *,
+    caps: Capabilities | None = None,
+) -> Placement:
     """The placement for these (possibly "auto") choices on a machine with `caps`; bad choices are refused."""
     device, dtype, quantize = device or "auto", dtype or "auto", quantize or "none"
     if dtype not in DTYPES:
@@ -123,15 +128,23 @@ def _is_cuda_name(device: str) -> bool:
     return head == "cuda" and (index == "" or index.isdigit())
 
 
-def placement(settings, ref: str | None = None, *, device: str | None = None, dtype: str | None = None,
-              quantize: str | None = None, caps: Capabilities | None = None) -> Placement:  # fmt: skip
+def placement(
+    settings,
+    ref: str | None = None,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    quantize: str | None = None,
+    caps: Capabilities | None = None,
+) -> Placement:
     """Inference placement for model `ref`: the command's choices over config.yaml's over the machine's."""
     chosen_quantize = quantize or (settings.quantize.get(ref, "none") if ref is not None else "none")
     return pick(device or settings.device, dtype or settings.dtype, chosen_quantize, caps=caps)
 
 
-def for_training(settings, ref: str | None = None, *, quantize: str | None = None,
-                 caps: Capabilities | None = None) -> Placement:  # fmt: skip
+def for_training(
+    settings, ref: str | None = None, *, quantize: str | None = None, caps: Capabilities | None = None
+) -> Placement:
     """A base to train on: float32 master weights where the trainer puts them (accelerate moves unquantized
     models itself); a 4/8-bit base (QLoRA) must be loaded on the GPU, in bf16 compute where it is native."""
     chosen = quantize or (settings.quantize.get(ref, "none") if ref is not None else "none")
@@ -155,8 +168,12 @@ def quantization_config(placement: Placement):
 
     if placement.quantize == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=placement.torch_dtype)  # fmt: skip
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=placement.torch_dtype,
+    )
 
 
 def load_kwargs(placement: Placement) -> dict:
@@ -240,8 +257,14 @@ def check_fits(
         return None
     need = estimate_bytes(num_params, placement, trainable=trainable)
     free = available_bytes(placement.device, settings)
-    log.info("memory: %s (%.2fB params) needs ~%s on %s; %s free",
-             ref, num_params / 1e9, _size(need), placement.describe(), _size(free))  # fmt: skip
+    log.info(
+        "memory: %s (%.2fB params) needs ~%s on %s; %s free",
+        ref,
+        num_params / 1e9,
+        _size(need),
+        placement.describe(),
+        _size(free),
+    )
     if need > free:
         hint = "" if placement.quantize == "4bit" else "; try quantize: 4bit for it in config.yaml"
         if not placement.is_cuda:

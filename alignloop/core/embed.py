@@ -32,8 +32,13 @@ def embed(texts: list[str], *, batch_size: int = 64) -> torch.Tensor:
     tokenizer, model = _encoder()
     out = []
     for start in range(0, len(texts), batch_size):
-        batch = tokenizer(texts[start : start + batch_size], padding=True, truncation=True,
-                          max_length=MAX_LENGTH, return_tensors="pt")  # fmt: skip
+        batch = tokenizer(
+            texts[start : start + batch_size],
+            padding=True,
+            truncation=True,
+            max_length=MAX_LENGTH,
+            return_tensors="pt",
+        )
         hidden = model(**batch).last_hidden_state  # (B, T, 384)
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, 384)

@@ -116,7 +116,14 @@ def templates_for(*folders: Path) -> Jinja2Templates:
     return templates
 
 
-def render(templates: Jinja2Templates, request: Request, name: str, *, status_code: int = 200,
-           headers: dict | None = None, **context):  # fmt: skip
+def render(
+    templates: Jinja2Templates,
+    request: Request,
+    name: str,
+    *,
+    status_code: int = 200,
+    headers: dict | None = None,
+    **context,
+):
     """One page; `context` names the template's variables (`title`, `user`, `notice`, `error`, ...)."""
     return templates.TemplateResponse(request, name, context, status_code=status_code, headers=headers)

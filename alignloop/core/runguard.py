@@ -90,8 +90,11 @@ def recover(engine) -> list[int]:
     """Mark running runs whose owning process is gone as failed; returns their ids."""
     with Session(engine) as session:
         running = session.exec(select(Run).where(Run.status == "running", Run.kind != "job")).all()
-        dead = [(r.id, r.metrics["owner"]["pid"]) for r in running
-                if isinstance((r.metrics or {}).get("owner"), dict) and _gone(r.metrics["owner"])]  # fmt: skip
+        dead = [
+            (r.id, r.metrics["owner"]["pid"])
+            for r in running
+            if isinstance((r.metrics or {}).get("owner"), dict) and _gone(r.metrics["owner"])
+        ]
     marked = []
     for run_id, pid in dead:
         with session_scope(engine) as session:

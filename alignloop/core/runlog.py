@@ -22,8 +22,11 @@ class StepLog:
             f.write(json.dumps(entry) + "\n")
         with session_scope(self.engine) as session:
             run = session.get(Run, self.run_id)
-            run.metrics = {**run.metrics, "history": [*run.metrics.get("history", []), entry],
-                           "step": entry.get("step")}  # fmt: skip
+            run.metrics = {
+                **run.metrics,
+                "history": [*run.metrics.get("history", []), entry],
+                "step": entry.get("step"),
+            }
             session.add(run)
 
 

@@ -223,8 +223,10 @@ class GuardMiddleware:
                 if self.secure:
                     extra.append((b"strict-transport-security", b"max-age=31536000"))
                 present = {k.lower() for k, _ in message.get("headers", [])}
-                message = {**message, "headers": [*message.get("headers", []),
-                                                  *[(k, v) for k, v in extra if k not in present]]}  # fmt: skip
+                message = {
+                    **message,
+                    "headers": [*message.get("headers", []), *[(k, v) for k, v in extra if k not in present]],
+                }
             await send(message)
 
         await self.app(scope, limited_receive, send_with_headers)
@@ -232,9 +234,17 @@ class GuardMiddleware:
 
 async def _refuse(send, status: int, message: str) -> None:
     body = json.dumps({"detail": message}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})  # fmt: skip
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
