@@ -221,6 +221,23 @@ def cmd_export_feedback(args) -> int:
     return 0
 
 
+def cmd_export_model(args) -> int:
+    from sqlmodel import Session
+
+    from serve.export import export_model
+
+    settings, engine = open_workspace(args)
+    with Session(engine) as session:
+        result = export_model(settings, args.ref, args.out, session=session, fmt=args.format, quant=args.quant,
+                              accept_licence=args.allow_noncommercial)  # fmt: skip
+    print(f"exported {args.ref} ({result.fmt}{f', {result.quant}' if result.quant else ''}, licence "
+          f"{result.licence}) to {result.out}:")  # fmt: skip
+    for name, size in result.files.items():
+        print(f"  {name:<40} {size / 2**20:10.1f} MiB")
+    print("run it:\n" + "\n".join(f"  {line}" for line in result.how_to_run()))
+    return 0
+
+
 def cmd_prefs_import(args) -> int:
     from alignloop.db import session_scope
     from annotate.io import import_preferences
@@ -777,7 +794,7 @@ def make_parser() -> argparse.ArgumentParser:
     p = presets.add_parser("list", parents=[common], help="the latest version of each preset")
     p.set_defaults(func=cmd_presets)
 
-    export = sub.add_parser("export", help="export data").add_subparsers(
+    export = sub.add_parser("export", help="export data and models").add_subparsers(
         dest="export_command", required=True, metavar="WHAT"
     )
     p = export.add_parser("prefs", parents=[common], help="preference pairs (TRL format) or raw votes")
@@ -795,6 +812,14 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="file (.jsonl, .parquet) or folder")
     p.add_argument("--format", default="auto", choices=["auto", "jsonl", "parquet", "dataset"])
     p.set_defaults(func=cmd_export_feedback)
+
+    p = export.add_parser("model", parents=[common], help="a model version as merged weights or GGUF, with a card")
+    p.add_argument("ref", help="'default' or a registered model version")
+    p.add_argument("out", help="a new (or empty) folder")
+    p.add_argument("--format", default="hf", choices=["hf", "gguf"], help="hf: safetensors; gguf: llama.cpp/Ollama")
+    p.add_argument("--quant", default="f16", choices=["f16", "q8_0", "q4_k_m"], help="GGUF weight type")
+    p.add_argument("--allow-noncommercial", action="store_true", help="export a non-commercial base anyway")
+    p.set_defaults(func=cmd_export_model)
 
     p = sub.add_parser("backup", parents=[common], help="a consistent copy of the database and models (live)")
     p.add_argument("out", help="a new, empty folder")
