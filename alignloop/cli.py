@@ -813,10 +813,14 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="auto", choices=["auto", "jsonl", "parquet", "dataset"])
     p.set_defaults(func=cmd_export_feedback)
 
-    p = export.add_parser("model", parents=[common], help="a model version as merged weights or GGUF, with a card")
+    p = export.add_parser(
+        "model", parents=[common], help="a model version as merged weights or GGUF, with a card"
+    )
     p.add_argument("ref", help="'default' or a registered model version")
     p.add_argument("out", help="a new (or empty) folder")
-    p.add_argument("--format", default="hf", choices=["hf", "gguf"], help="hf: safetensors; gguf: llama.cpp/Ollama")
+    p.add_argument(
+        "--format", default="hf", choices=["hf", "gguf"], help="hf: safetensors; gguf: llama.cpp/Ollama"
+    )
     p.add_argument("--quant", default="f16", choices=["f16", "q8_0", "q4_k_m"], help="GGUF weight type")
     p.add_argument("--allow-noncommercial", action="store_true", help="export a non-commercial base anyway")
     p.set_defaults(func=cmd_export_model)

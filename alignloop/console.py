@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import html
 import secrets
+import shlex
+import time
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Form, HTTPException, Path, Request, Response
@@ -13,7 +15,7 @@ from pydantic import BaseModel, Field
 from sqlmodel import col, select
 
 from alignloop import AlignloopError, crud, jobs
-from alignloop.models import ROLES, Run, User
+from alignloop.models import ROLES, ModelVersion, Run, User
 from alignloop.plots import history_png
 from alignloop.web import MAX_INT, SessionDep, page, require_role
 
@@ -22,7 +24,7 @@ AdminDep = Annotated[User, Depends(require_role("admin"))]
 JobId = Annotated[int, Path(ge=1, le=MAX_INT)]
 NAV = ("<p><a href='/admin'>quality</a> · <a href='/admin/rounds'>rounds</a> · <a href='/admin/jobs'>jobs</a> · "
        "<a href='/admin/reward'>reward models</a> · <a href='/admin/rl'>RL</a> · <a href='/admin/users'>users</a> · "
-       "<a href='/admin/keys'>API keys</a></p>")  # fmt: skip
+       "<a href='/admin/keys'>API keys</a> · <a href='/admin/models'>models</a></p>")  # fmt: skip
 
 
 def _e(value) -> str:
@@ -45,7 +47,7 @@ def run_metrics_png(run_id: int, user: AdminDep, session: SessionDep):
 
 
 class JobRequest(BaseModel):
-    kind: Literal["generate", "judge", "reward", "sft", "rl", "round"]
+    kind: Literal["generate", "judge", "reward", "sft", "rl", "round", "export"]
     arguments: str = Field(default="", max_length=2000, description="command-line arguments, as for the CLI")
 
 
@@ -151,6 +153,60 @@ def job_page(job_id: int, user: AdminDep, session: SessionDep):
 def cancel_from_form(job_id: int, request: Request, user: AdminDep, session: SessionDep):
     cancel(job_id, request, user, session)
     return RedirectResponse(f"/admin/jobs/{job_id}", status_code=303)
+
+
+# --- model export --------------------------------------------------------------------------------------------
+
+EXPORT_CHOICES = {"hf": ("hf", "f16"), "gguf-f16": ("gguf", "f16"), "gguf-q8_0": ("gguf", "q8_0"),
+                  "gguf-q4_k_m": ("gguf", "q4_k_m")}  # fmt: skip
+
+
+@router.get("/admin/models", response_class=HTMLResponse, include_in_schema=False)
+def models_page(user: AdminDep, session: SessionDep, request: Request):
+    from serve.export import list_exports
+
+    names = ["default"] + [v.name for v in session.exec(select(ModelVersion).order_by(ModelVersion.id)).all()
+                           if v.kind != "reward"]  # fmt: skip
+    options = "".join(f"<option>{k}</option>" for k in EXPORT_CHOICES)
+    rows = "".join(
+        f"<tr><td>{_e(n)}</td><td><form method='post' action='/admin/models/export'>"
+        f"<input type='hidden' name='ref' value='{_e(n)}'><select name='choice'>{options}</select> "
+        "<button>Export</button></form></td></tr>"
+        for n in names
+    )
+    exports = "".join(
+        f"<tr><td><code>{_e(folder)}</code></td><td>"
+        + "<br>".join(f"{_e(f)}: {size / 2**20:.1f} MiB" for f, size in files.items())
+        + "</td></tr>"
+        for folder, files in list_exports(request.app.state.settings)
+    )
+    body = (f"{NAV}<h2>Models</h2><p>Export a version as merged weights (hf) or GGUF for llama.cpp / Ollama, with "
+            "its model card; it runs as a job and lands in the workspace's <code>exports/</code> folder.</p>"
+            f"<table border=1 cellpadding=4 style='border-collapse:collapse'><tr><th>version</th><th></th></tr>{rows}"
+            f"</table><h3>Exports</h3><table border=1 cellpadding=4 style='border-collapse:collapse'><tr><th>folder"
+            f"</th><th>files</th></tr>{exports or '<tr><td colspan=2>none yet</td></tr>'}</table>")  # fmt: skip
+    return page("Models", body, user)
+
+
+@router.post("/admin/models/export", include_in_schema=False)
+def export_from_form(request: Request, user: AdminDep, session: SessionDep, ref: Annotated[str, Form(max_length=128)],
+                     choice: Annotated[str, Form(max_length=16)]):  # fmt: skip
+    from serve.export import exports_dir
+
+    if choice not in EXPORT_CHOICES:
+        raise HTTPException(status_code=400, detail=f"choice must be one of {', '.join(EXPORT_CHOICES)}")
+    fmt, quant = EXPORT_CHOICES[choice]
+    settings = request.app.state.settings
+    exports_dir(settings).mkdir(parents=True, exist_ok=True)
+    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in ref)
+    out = exports_dir(settings) / f"{safe}-{choice}-{time.strftime('%Y%m%d-%H%M%S')}"
+    session.commit()
+    try:
+        run = jobs.start_job(request.app.state.engine, settings, kind="export", user=user.name,
+                             arguments=shlex.join([ref, str(out), "--format", fmt, "--quant", quant]))  # fmt: skip
+    except AlignloopError as exc:
+        raise HTTPException(status_code=400, detail=str(exc)) from None
+    return RedirectResponse(f"/admin/jobs/{run.id}", status_code=303)
 
 
 # --- users ---------------------------------------------------------------------------------------------------

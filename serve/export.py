@@ -48,7 +48,7 @@ from sqlmodel import Session, col, func, select
 
 from alignloop import AlignloopError
 from alignloop.config import Settings
-from alignloop.models import Comparison, ModelVersion, Run, Vote
+from alignloop.models import ModelVersion, Run, Vote
 from alignloop.registry import DEFAULT_REF, ModelSource, load_causal_lm, locate
 
 log = logging.getLogger(__name__)
@@ -351,7 +351,9 @@ def _version_chain(session: Session | None, ref: str) -> list[ModelVersion]:
 
 def _version_section(session: Session, version: ModelVersion) -> list[str]:
     run = session.get(Run, version.run_id) if version.run_id else None
-    head = f"### {version.name} ({version.kind}" + (f", round {version.round}" if version.round is not None else "")
+    head = f"### {version.name} ({version.kind}" + (
+        f", round {version.round}" if version.round is not None else ""
+    )
     lines = [head + ")", "", f"- from `{version.base}`" + (f", run {run.id} ({run.kind})" if run else "")]
     if run is not None:
         config = dict(run.config)
@@ -365,10 +367,14 @@ def _version_section(session: Session, version: ModelVersion) -> list[str]:
             lines.append(f"- reward model: `{reward}`" + _reward_votes(session, reward))
         comparisons = config.pop("comparison_ids", None)
         if comparisons is not None:
-            lines.append(f"- learned from {len(comparisons)} comparisons, {_count_votes(session, comparisons)} votes")
+            lines.append(
+                f"- learned from {len(comparisons)} comparisons, {_count_votes(session, comparisons)} votes"
+            )
         config.pop("job", None)
         lines += ["- config:", "", "```yaml", yaml.safe_dump(config, sort_keys=True).strip(), "```"]
-    figures = {k: v for k, v in version.metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    figures = {
+        k: v for k, v in version.metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)
+    }
     if figures:
         lines.append("- figures: " + ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(figures.items())))
     return lines + [""]
@@ -435,7 +441,9 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m serve.export install-converter SDIST`: used by `make gguf`."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2 or args[0] != "install-converter":
-        print("usage: python -m serve.export install-converter LLAMA_CPP_PYTHON_SDIST.tar.gz", file=sys.stderr)
+        print(
+            "usage: python -m serve.export install-converter LLAMA_CPP_PYTHON_SDIST.tar.gz", file=sys.stderr
+        )
         return 2
     print(f"llama.cpp converter unpacked into {install_converter(args[1])}")
     return 0
