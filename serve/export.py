@@ -18,6 +18,7 @@
 Invariants:
 - Nothing is written to OUT unless the whole export worked: files go to a hidden folder beside OUT, which is
   renamed into place at the end; a bad reference, format, quant or OUT raises `AlignloopError` first.
+- `session` is only read, and its transaction is ended (rolled back) before the slow part.
 - A base whose licence forbids commercial use is refused unless the same override as loading is given
   (`allow_noncommercial` in the workspace config, or `accept_licence=True` / `--allow-noncommercial`).
 - The converter runs in a subprocess: its vendored `gguf-py` must match it exactly and may differ from the
@@ -118,6 +119,10 @@ def export_model(
         _llama_cpp()  # fails now, before the slow part, if the extra is missing
 
     card = model_card(session, source, fmt=fmt, quant=quant if fmt == "gguf" else None)
+    if session is not None:
+        # The database is done with. On SQLite every transaction holds the write lock (BEGIN IMMEDIATE), so a
+        # read transaction left open through minutes of merging and converting would stall the server.
+        session.rollback()
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         merged = staging / "hf" if fmt == "gguf" else staging
