@@ -21,7 +21,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-QUESTIONS = ROOT.parent / "shared" / "data" / "vicuna_bench_questions.jsonl"
+QUESTIONS = (
+    Path(os.environ.get("ALIGNLOOP_SHARED_DATA") or ROOT.parent / "shared" / "data")
+    / "vicuna_bench_questions.jsonl"
+)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -85,8 +88,8 @@ def llama_cpp_client(gguf: Path, tokenizer, max_tokens: int, temperature: float)
 
     def one(prompt: str) -> dict:
         ids = render(tokenizer, [{"role": "user", "content": prompt}])
+        start, first, tokens = time.perf_counter(), None, 0  # waiting for the lock counts towards TTFT
         with lock:
-            start, first, tokens = time.perf_counter(), None, 0
             for _chunk in llm.create_completion(ids, max_tokens=max_tokens, temperature=temperature, top_p=1.0,
                                                stream=True):  # fmt: skip
                 tokens += 1  # one chunk per generated token
@@ -107,6 +110,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--workspace", default=None, help="an existing workspace (its cached default model)")
     parser.add_argument("--sizes", action="store_true", help="also export hf/f16/q8_0/q4_k_m and print sizes")
     args = parser.parse_args()
     prompts = [json.loads(line)["turns"][0] for line in QUESTIONS.open()][: args.requests]
@@ -117,8 +121,9 @@ def main() -> None:
     from serve.export import export_model
 
     tmp = Path(tempfile.mkdtemp(prefix="export-bench-"))
-    init_workspace(tmp / "ws")
-    settings = load_settings(tmp / "ws")
+    if not args.workspace:
+        init_workspace(tmp / "ws")
+    settings = load_settings(args.workspace or tmp / "ws")
     sizes = {}
     if args.sizes:
         for fmt, quant in (("hf", "f16"), ("gguf", "f16"), ("gguf", "q8_0"), ("gguf", "q4_k_m")):
