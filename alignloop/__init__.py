@@ -1,7 +1,6 @@
-"""alignloop: a self-hosted workbench for prompting, instruction-tuning and aligning your own assistant model."""
+"""alignloop: a self-hosted workbench for prompting, instruction-tuning and aligning your own assistant model.
 
-__version__ = "0.1.0"
-
-
-class AlignloopError(Exception):
-    """An error the user can act on: the CLI prints its message as one line, without a traceback."""
+Three layers, one direction: `alignloop.core` (the kernel), the stages (`annotate`, `sft`, `reward`, `rl`,
+`serve`), and the application (`alignloop.cli`, `parser`, `web`, `console`, `jobs`, `rounds`). This package
+itself imports nothing, so importing any layer does not drag in the others.
+"""

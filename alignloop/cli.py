@@ -6,7 +6,6 @@ unless ALIGNLOOP_DEBUG=1. The hub is offline unless the user set HF_HUB_OFFLINE 
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -22,15 +21,18 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from sqlalchemy.exc import SQLAlchemyError  # noqa: E402
 
-from alignloop import AlignloopError, __version__  # noqa: E402
-from alignloop.config import (  # noqa: E402
+from alignloop.core import (  # noqa: E402
+    AlignloopError,
+    __version__,
+    workspace,  # noqa: E402
+)
+from alignloop.core.config import (
     Settings,
     is_workspace,
-    load_settings,
-    new_settings,
     workspace_path,
-    write_settings,
 )
+from alignloop.core.workspace import init_workspace  # noqa: E402
+from alignloop.parser import make_parser  # noqa: E402
 
 log = logging.getLogger("alignloop")
 
@@ -48,45 +50,14 @@ def cmd_init(args) -> int:
     return 0
 
 
-def init_workspace(path: Path, *, database_url: str = "") -> str:
-    """Create config, database and the admin user; returns the admin's random password."""
-    from alignloop import crud
-    from alignloop.db import create_schema, make_engine, session_scope
-
-    if path.exists() and not path.is_dir():
-        raise AlignloopError(f"{path} exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()):
-        raise AlignloopError(
-            f"{path} is not empty and not an alignloop workspace; choose an empty or new folder"
-        )
-    settings = new_settings(path, database_url=database_url)
-    for folder in (path, settings.cache_dir, settings.runs_dir):
-        folder.mkdir(parents=True, exist_ok=True)
-    engine = make_engine(os.environ.get("ALIGNLOOP_DATABASE_URL") or settings.db_url)
-    create_schema(engine)
-    password = secrets.token_urlsafe(12)
-    with session_scope(engine) as session:
-        if crud.get_user(session, name="admin") is None:
-            crud.create_user(session, name="admin", role="admin", password=password)
-        else:
-            crud.set_password(session, user=crud.get_user(session, name="admin"), password=password)
-    write_settings(settings)  # last: a folder is a workspace only once everything above worked
-    return password
-
-
 def open_workspace(args) -> tuple[Settings, object]:
-    from alignloop.db import create_schema, make_engine
-
-    settings = load_settings(args.workspace)
-    engine = make_engine(settings.db_url)
-    create_schema(engine)
-    return settings, engine
+    return workspace.open_workspace(args.workspace)
 
 
 def cmd_prompts_import(args) -> int:
-    from alignloop import crud
-    from alignloop.db import session_scope
-    from alignloop.prompts import parse_prompt_file
+    from alignloop.core import crud
+    from alignloop.core.db import session_scope
+    from alignloop.core.prompts import parse_prompt_file
 
     settings, engine = open_workspace(args)
     prompts = parse_prompt_file(args.file, fmt=args.format)  # validates everything before any write
@@ -102,14 +73,15 @@ def cmd_prompts_import(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from alignloop.generate import SamplingParams, queue_comparisons
+    from alignloop.core.sampling import SamplingParams
+    from annotate.generate import queue_comparisons
 
     settings, engine = open_workspace(args)
     preset = None
     if args.preset:
         from sqlmodel import Session
 
-        from serve.prompting import get_preset
+        from alignloop.core.presets import get_preset
 
         with Session(engine, expire_on_commit=False) as session:
             preset = get_preset(session, args.preset)
@@ -145,8 +117,8 @@ def cmd_generate(args) -> int:
 
 
 def cmd_users_add(args) -> int:
-    from alignloop import crud
-    from alignloop.db import session_scope
+    from alignloop.core import crud
+    from alignloop.core.db import session_scope
 
     _, engine = open_workspace(args)
     password = sys.stdin.readline().rstrip("\n") if args.password_stdin else secrets.token_urlsafe(12)
@@ -167,8 +139,8 @@ def cmd_users_add(args) -> int:
 
 
 def cmd_users_passwd(args) -> int:
-    from alignloop import crud
-    from alignloop.db import session_scope
+    from alignloop.core import crud
+    from alignloop.core.db import session_scope
 
     _, engine = open_workspace(args)
     password = secrets.token_urlsafe(12)
@@ -182,9 +154,9 @@ def cmd_users_passwd(args) -> int:
 
 
 def cmd_export_prefs(args) -> int:
-    from alignloop import crud
-    from alignloop.db import session_scope
-    from alignloop.export import write_rows
+    from alignloop.core import crud
+    from alignloop.core.db import session_scope
+    from alignloop.core.export import write_rows
 
     _, engine = open_workspace(args)
     with session_scope(engine) as session:
@@ -208,7 +180,7 @@ def cmd_export_prefs(args) -> int:
 def cmd_export_feedback(args) -> int:
     from sqlmodel import Session
 
-    from alignloop.export import write_rows
+    from alignloop.core.export import write_rows
     from serve.chat import feedback_pairs
 
     _, engine = open_workspace(args)
@@ -239,7 +211,7 @@ def cmd_export_model(args) -> int:
 
 
 def cmd_prefs_import(args) -> int:
-    from alignloop.db import session_scope
+    from alignloop.core.db import session_scope
     from annotate.io import import_preferences
 
     _, engine = open_workspace(args)
@@ -264,7 +236,7 @@ def cmd_judge_run(args) -> int:
     else:
         from sqlmodel import Session
 
-        from alignloop import registry
+        from alignloop.core import registry
 
         with Session(engine) as session:
             source = registry.locate(
@@ -457,8 +429,8 @@ def cmd_round_lineage(args) -> int:
 
 
 def cmd_keys(args) -> int:
-    from alignloop import crud
-    from alignloop.db import session_scope
+    from alignloop.core import crud
+    from alignloop.core.db import session_scope
 
     _, engine = open_workspace(args)
     with session_scope(engine) as session:
@@ -481,8 +453,8 @@ def cmd_keys(args) -> int:
 
 
 def cmd_presets(args) -> int:
-    from alignloop.db import session_scope
-    from serve.prompting import list_presets, save_preset
+    from alignloop.core.db import session_scope
+    from alignloop.core.presets import list_presets, save_preset
 
     _, engine = open_workspace(args)
     with session_scope(engine) as session:
@@ -499,7 +471,7 @@ def cmd_presets(args) -> int:
 
 
 def cmd_backup(args) -> int:
-    from alignloop.backup import backup
+    from alignloop.core.backup import backup
 
     settings, _ = open_workspace(args)
     manifest = backup(settings, Path(args.out))
@@ -508,7 +480,7 @@ def cmd_backup(args) -> int:
 
 
 def cmd_restore(args) -> int:
-    from alignloop.backup import restore
+    from alignloop.core.backup import restore
 
     result = restore(Path(args.backup), workspace_path(args.workspace), database_url=args.database_url or "")
     print(f"restored {args.backup} into {result['restored_to']} ({len(result['models'])} model folders)")
@@ -535,10 +507,11 @@ def cmd_serve(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from alignloop import crud
-    from alignloop.db import session_scope
-    from alignloop.generate import SamplingParams, queue_comparisons
-    from alignloop.prompts import parse_prompt_file
+    from alignloop.core import crud
+    from alignloop.core.db import session_scope
+    from alignloop.core.prompts import parse_prompt_file
+    from alignloop.core.sampling import SamplingParams
+    from annotate.generate import queue_comparisons
 
     path = workspace_path(args.workspace)
     if not is_workspace(path):
@@ -579,279 +552,13 @@ def cmd_demo(args) -> int:
     return cmd_serve(args)
 
 
-# --- parser --------------------------------------------------------------------------------------------------
-
-
-def make_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--workspace", default=None, help="workspace folder (default: $ALIGNLOOP_HOME, else ./alignloop-data)"
-    )
-    parser = argparse.ArgumentParser(
-        prog="alignloop", description="Self-hosted human feedback and RLHF: annotate, reward, align, serve."
-    )
-    parser.add_argument("--version", action="version", version=f"alignloop {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("init", parents=[common], help="create a workspace: config, database, admin user")
-    p.add_argument("--database-url", default="", help="SQLAlchemy URL (default: SQLite in the workspace)")
-    p.set_defaults(func=cmd_init)
-
-    p = sub.add_parser("demo", parents=[common], help="init, import sample prompts, generate round 0, serve")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--prompts", type=int, default=40, help="sample prompts to generate for")
-    p.add_argument("--max-new-tokens", type=int, default=96)
-    p.add_argument("--no-serve", action="store_true", help="stop after generating")
-    p.set_defaults(func=cmd_demo)
-
-    prompts = sub.add_parser("prompts", help="manage the prompt pool").add_subparsers(
-        dest="prompts_command", required=True, metavar="ACTION"
-    )
-    p = prompts.add_parser("import", parents=[common], help="import prompts (all or nothing)")
-    p.add_argument("file", help=".jsonl, .json or .csv")
-    p.add_argument(
-        "--format", default="auto", choices=["auto", "chat", "plain", "dolly", "alpaca", "mtbench"]
-    )
-    p.add_argument("--source", default=None, help="label stored with each prompt (default: file name)")
-    p.add_argument("--split", default=None, choices=["train", "eval"], help="override every record's split")
-    p.set_defaults(func=cmd_prompts_import)
-
-    p = sub.add_parser("generate", parents=[common], help="sample responses and queue them as comparisons")
-    p.add_argument("--model", default=None, help="'default', a registered version, a directory or a hub id")
-    p.add_argument("--preset", default=None, help="an L1 prompting preset (name or name@version)")
-    p.add_argument("--prompts", type=int, default=32, help="number of prompts (those not yet in this round)")
-    p.add_argument("--samples", type=int, default=2, help="responses per prompt (K>2 makes ranking items)")
-    p.add_argument("--round", type=int, default=0)
-    p.add_argument("--split", default="train", choices=["train", "eval"])
-    p.add_argument("--target-votes", type=int, default=None, help="votes each comparison needs")
-    p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--allow-noncommercial", action="store_true", help="accept a non-commercial licence")
-    p.set_defaults(func=cmd_generate)
-
-    users = sub.add_parser("users", help="manage users").add_subparsers(
-        dest="users_command", required=True, metavar="ACTION"
-    )
-    p = users.add_parser("add", parents=[common], help="add a user (a random password is printed once)")
-    p.add_argument("name")
-    p.add_argument("--role", required=True, choices=["admin", "annotator", "reviewer"])
-    p.add_argument("--kind", default="human", choices=["human", "ai"])
-    p.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
-    p.set_defaults(func=cmd_users_add)
-    p = users.add_parser("passwd", parents=[common], help="set a new random password (printed once)")
-    p.add_argument("name")
-    p.set_defaults(func=cmd_users_passwd)
-
-    prefs = sub.add_parser("prefs", help="external preference data").add_subparsers(
-        dest="prefs_command", required=True, metavar="ACTION"
-    )
-    p = prefs.add_parser("import", parents=[common], help="import HH-RLHF or TRL preference pairs as votes")
-    p.add_argument("file", help=".jsonl: HH-RLHF chosen/rejected text, or TRL prompt/chosen/rejected")
-    p.add_argument("--round", type=int, default=0)
-    p.set_defaults(func=cmd_prefs_import)
-
-    judge = sub.add_parser("judge", help="RLAIF: an AI annotator").add_subparsers(
-        dest="judge_command", required=True, metavar="ACTION"
-    )
-    p = judge.add_parser("run", parents=[common], help="vote on queued comparisons as an AI judge")
-    p.add_argument("--user", default="ai-judge", help="the judge's (AI) user; created if missing")
-    p.add_argument("--model", default=None, help="local judge model reference (default: the default policy)")
-    p.add_argument("--openai-base-url", default=None, help="use an OpenAI-compatible endpoint instead")
-    p.add_argument("--openai-model", default=None)
-    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
-    p.add_argument("--max-items", type=int, default=None)
-    p.set_defaults(func=cmd_judge_run)
-
-    argilla = sub.add_parser("argilla", help="sync with an Argilla 2.x server").add_subparsers(
-        dest="argilla_command", required=True, metavar="ACTION"
-    )
-    for action, text in (
-        ("push", "send open pairwise comparisons"),
-        ("pull", "record submitted responses as votes"),
-    ):
-        p = argilla.add_parser(action, parents=[common], help=text)
-        p.add_argument("--url", required=True, help="Argilla API URL, e.g. http://argilla.internal:6900")
-        p.add_argument(
-            "--api-key-env", default="ARGILLA_API_KEY", help="environment variable holding the key"
-        )
-        p.add_argument("--dataset", required=True, help="Argilla dataset name")
-        p.add_argument("--argilla-workspace", required=True, help="Argilla workspace name")
-        if action == "push":
-            p.add_argument("--round", type=int, default=None)
-        p.set_defaults(func=cmd_argilla)
-
-    sft = sub.add_parser("sft", help="instruction tuning with PEFT (L2)").add_subparsers(
-        dest="sft_command", required=True, metavar="ACTION"
-    )
-    p = sft.add_parser(
-        "train", parents=[common], help="tune a model on instruction data; registers the result"
-    )
-    p.add_argument("--config", default=None, help="YAML with SFTRunConfig fields (configs/sft/*.yaml)")
-    p.add_argument("--data", nargs="+", default=None, help="dolly / alpaca / chat .jsonl files")
-    p.add_argument("--from-chosen", action="store_true", help="add chosen responses of voted comparisons")
-    p.add_argument("--from-chat-edits", action="store_true", help="add reviewers' edited chat answers")
-    p.add_argument("--method", default=None, choices=["lora", "prefix", "ia3", "full"])
-    p.add_argument(
-        "--base", default=None, help="model reference to tune (default: the config's, else 'default')"
-    )
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--name", default=None, help="name of the registered model version")
-    p.add_argument("--merge", action="store_true", help="save a merged standalone model (lora, ia3)")
-    p.set_defaults(func=cmd_sft_train)
-
-    reward = sub.add_parser("reward", help="reward models: train and evaluate").add_subparsers(
-        dest="reward_command", required=True, metavar="ACTION"
-    )
-    p = reward.add_parser("train", parents=[common], help="train a reward model on preferences; registers it")
-    p.add_argument("--config", default=None, help="YAML with RewardRunConfig fields (configs/reward/*.yaml)")
-    p.add_argument("--data", nargs="+", default=None, help="extra preference files (HH-RLHF, TRL)")
-    p.add_argument("--no-votes", action="store_true", help="leave out the workspace's votes")
-    p.add_argument("--gold-weights", action="store_true", help="weight pairs by voters' gold accuracy")
-    p.add_argument("--eval-data", nargs="+", default=None, help="preference files to evaluate on too")
-    p.add_argument("--base", default=None, help="minilm | default | a model reference")
-    p.add_argument("--method", default=None, choices=["full", "lora"])
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--max-seconds", type=float, default=None, help="stop training after this long")
-    p.add_argument("--name", default=None, help="name of the registered model version")
-    p.set_defaults(func=cmd_reward_train)
-    p = reward.add_parser(
-        "eval", parents=[common], help="accuracy, calibration, length bias of a reward model"
-    )
-    p.add_argument("model", help="a registered reward model")
-    p.add_argument(
-        "--data", nargs="+", default=None, help="preference files (default: the workspace's votes)"
-    )
-    p.add_argument("--out", default=None, help="folder for evaluation.json and report.png")
-    p.set_defaults(func=cmd_reward_eval)
-
-    rl = sub.add_parser("rl", help="reinforcement learning: PPO, GRPO, RLOO, DPO").add_subparsers(
-        dest="rl_command", required=True, metavar="ACTION"
-    )
-    p = rl.add_parser("train", parents=[common], help="optimise a policy; registers the result")
-    p.add_argument("--algo", default="ppo", choices=["ppo", "grpo", "rloo", "dpo"])
-    p.add_argument("--config", default=None, help="YAML with PPOConfig fields (configs/rl/*.yaml)")
-    p.add_argument("--policy", default=None, help="model reference to start from")
-    p.add_argument("--reward-model", default=None, help="registered reward model (ppo, grpo, rloo)")
-    p.add_argument("--prompts", default=None, help="'workspace' (default) or a prompt file")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--name", default=None, help="name of the registered model version")
-    p.add_argument(
-        "--resume", type=int, default=None, metavar="RUN", help="continue a PPO run from its checkpoint"
-    )
-    p.set_defaults(func=cmd_rl_train)
-    p = rl.add_parser("eval", parents=[common], help="reward, KL, length and win rate on held-out prompts")
-    p.add_argument("policy", help="the policy to evaluate")
-    p.add_argument("--baseline", required=True, help="the policy to compare with (e.g. the previous round's)")
-    p.add_argument("--reward-model", required=True, help="the reward model used in training")
-    p.add_argument("--judge", required=True, help="a different reward model, to judge the win rate")
-    p.add_argument("--num-prompts", type=int, default=32)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--preset", default=None, help="an L1 prompting preset for both policies")
-    p.set_defaults(func=cmd_rl_eval)
-
-    round_ = sub.add_parser("round", help="the RLHF loop").add_subparsers(
-        dest="round_command", required=True, metavar="ACTION"
-    )
-    p = round_.add_parser(
-        "next", parents=[common], help="close the round: reward, RL, register, queue the next"
-    )
-    p.add_argument("--reward-config", default=None, help="reward YAML (default configs/reward/default.yaml)")
-    p.add_argument("--rl-config", default=None, help="RL YAML (default configs/rl/default.yaml)")
-    p.add_argument("--algo", default="ppo", choices=["ppo", "grpo", "rloo", "dpo"])
-    p.add_argument("--prompts", type=int, default=32, help="prompts to queue for the next round")
-    p.set_defaults(func=cmd_round_next)
-    p = round_.add_parser("lineage", parents=[common], help="every model a vote influenced")
-    p.add_argument("--vote", type=int, required=True)
-    p.set_defaults(func=cmd_round_lineage)
-
-    keys = sub.add_parser("keys", help="API keys for /v1 (OpenAI-compatible) and scripts").add_subparsers(
-        dest="keys_command", required=True, metavar="ACTION"
-    )
-    p = keys.add_parser("create", parents=[common], help="create a key (printed once)")
-    p.add_argument("name", help="what the key is for")
-    p.add_argument("--user", default="admin", help="the user the key acts as")
-    p.set_defaults(func=cmd_keys)
-    p = keys.add_parser("list", parents=[common], help="list keys (never the keys themselves)")
-    p.set_defaults(func=cmd_keys)
-    p = keys.add_parser("revoke", parents=[common], help="revoke a key")
-    p.add_argument("id", type=int)
-    p.set_defaults(func=cmd_keys)
-
-    presets = sub.add_parser("presets", help="L1 prompting presets").add_subparsers(
-        dest="presets_command", required=True, metavar="ACTION"
-    )
-    p = presets.add_parser("save", parents=[common], help="save a preset (a new version if the name exists)")
-    p.add_argument("name")
-    p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--examples", default=None, help='JSON file: [{"user": ..., "assistant": ...}, ...]')
-    p.add_argument("--cot", default=None, help="chain-of-thought instruction appended to the user's turn")
-    p.set_defaults(func=cmd_presets)
-    p = presets.add_parser("list", parents=[common], help="the latest version of each preset")
-    p.set_defaults(func=cmd_presets)
-
-    export = sub.add_parser("export", help="export data and models").add_subparsers(
-        dest="export_command", required=True, metavar="WHAT"
-    )
-    p = export.add_parser("prefs", parents=[common], help="preference pairs (TRL format) or raw votes")
-    p.add_argument("out", help="file (.jsonl, .parquet) or folder (a `datasets` dataset on disk)")
-    p.add_argument("--raw", action="store_true", help="every vote with its annotator, order, ratings, timing")
-    p.add_argument("--format", default="auto", choices=["auto", "jsonl", "parquet", "dataset"])
-    p.add_argument("--include-ties", action="store_true")
-    p.add_argument("--include-both-bad", action="store_true")
-    p.add_argument("--round", type=int, nargs="+", default=None, help="only these rounds")
-    p.set_defaults(func=cmd_export_prefs)
-
-    p = export.add_parser(
-        "feedback", parents=[common], help="chat feedback (edits, up/down) as preference pairs"
-    )
-    p.add_argument("out", help="file (.jsonl, .parquet) or folder")
-    p.add_argument("--format", default="auto", choices=["auto", "jsonl", "parquet", "dataset"])
-    p.set_defaults(func=cmd_export_feedback)
-
-    p = export.add_parser(
-        "model", parents=[common], help="a model version as merged weights or GGUF, with a card"
-    )
-    p.add_argument("ref", help="'default' or a registered model version")
-    p.add_argument("out", help="a new (or empty) folder")
-    p.add_argument(
-        "--format", default="hf", choices=["hf", "gguf"], help="hf: safetensors; gguf: llama.cpp/Ollama"
-    )
-    p.add_argument("--quant", default="f16", choices=["f16", "q8_0", "q4_k_m"], help="GGUF weight type")
-    p.add_argument("--allow-noncommercial", action="store_true", help="export a non-commercial base anyway")
-    p.set_defaults(func=cmd_export_model)
-
-    p = sub.add_parser("backup", parents=[common], help="a consistent copy of the database and models (live)")
-    p.add_argument("out", help="a new, empty folder")
-    p.set_defaults(func=cmd_backup)
-    p = sub.add_parser("restore", parents=[common], help="fill a new workspace from a backup")
-    p.add_argument("backup", help="a folder written by `alignloop backup`")
-    p.add_argument(
-        "--database-url", default=None, help="an empty PostgreSQL database (for PostgreSQL backups)"
-    )
-    p.set_defaults(func=cmd_restore)
-
-    p = sub.add_parser("serve", parents=[common], help="run the web app")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument(
-        "--workers", type=int, default=1, help="web worker processes (one Python process uses one core)"
-    )
-    p.set_defaults(func=cmd_serve)
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "transformers", "huggingface_hub", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = make_parser().parse_args(argv)
     try:
-        return args.func(args)
+        return globals()[args.handler](args)
     except AlignloopError as exc:
         if os.environ.get("ALIGNLOOP_DEBUG") == "1":
             raise

@@ -9,18 +9,18 @@ import shlex
 import time
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Form, HTTPException, Path, Request, Response
+from fastapi import APIRouter, Form, HTTPException, Path, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 from pydantic import BaseModel, Field
 from sqlmodel import col, select
 
-from alignloop import AlignloopError, crud, jobs
-from alignloop.models import ROLES, ModelVersion, Run, User
-from alignloop.plots import history_png
-from alignloop.web import MAX_INT, SessionDep, page, require_role
+from alignloop import jobs
+from alignloop.core import AlignloopError, crud
+from alignloop.core.http import MAX_INT, AdminDep, SessionDep, page
+from alignloop.core.models import ROLES, ModelVersion, Run, User
+from alignloop.core.plots import history_png
 
 router = APIRouter(tags=["admin"])
-AdminDep = Annotated[User, Depends(require_role("admin"))]
 JobId = Annotated[int, Path(ge=1, le=MAX_INT)]
 NAV = ("<p><a href='/admin'>quality</a> · <a href='/admin/rounds'>rounds</a> · <a href='/admin/jobs'>jobs</a> · "
        "<a href='/admin/reward'>reward models</a> · <a href='/admin/rl'>RL</a> · <a href='/admin/users'>users</a> · "

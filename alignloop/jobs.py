@@ -26,10 +26,10 @@ from pathlib import Path
 
 from sqlmodel import Session, select
 
-from alignloop import AlignloopError, crud
-from alignloop.config import Settings
-from alignloop.db import session_scope
-from alignloop.models import Run
+from alignloop.core import AlignloopError, crud
+from alignloop.core.config import Settings
+from alignloop.core.db import session_scope
+from alignloop.core.models import Run
 
 JOB_KINDS = {  # what the console may start, and the CLI words that start it
     "generate": ["generate"],
@@ -45,7 +45,7 @@ GRACE_SECONDS = 10
 
 def command_for(kind: str, arguments: str) -> list[str]:
     """The CLI words for a job, checked by the CLI's own parser; raises AlignloopError on bad input."""
-    from alignloop.cli import make_parser
+    from alignloop.parser import make_parser
 
     if kind not in JOB_KINDS:
         raise AlignloopError(f"job kind must be one of {', '.join(JOB_KINDS)}, not {kind!r}")

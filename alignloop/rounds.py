@@ -23,11 +23,11 @@ from pathlib import Path
 
 from sqlmodel import Session, col, select
 
-from alignloop import AlignloopError, crud
-from alignloop.config import Settings
-from alignloop.db import session_scope
-from alignloop.export import write_rows
-from alignloop.models import ModelVersion, Round, Run, Vote
+from alignloop.core import AlignloopError, crud
+from alignloop.core.config import Settings
+from alignloop.core.db import session_scope
+from alignloop.core.export import write_rows
+from alignloop.core.models import ModelVersion, Round, Run, Vote
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -122,7 +122,7 @@ def next_round(engine, settings: Settings, plan: RoundPlan) -> dict:
             done["rl_run"] = result["run_id"]
             _record(engine, run_id, rl_run=done["rl_run"])
         # 4. queue the next round: the new policy against this round's
-        from alignloop.generate import queue_comparisons
+        from annotate.generate import queue_comparisons
 
         with session_scope(engine) as session:
             new_id = crud.get_model_version(session, name=policy_name).id

@@ -7,15 +7,14 @@ import html
 from dataclasses import asdict
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Query
+from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import HTMLResponse, RedirectResponse
 
-from alignloop.models import User
-from alignloop.web import MAX_INT, SessionDep, page, require_role
+from alignloop.core.http import MAX_INT, AdminDep, SessionDep, page
+from alignloop.core.models import User
 from annotate.quality import quality_report
 
 router = APIRouter(tags=["quality"])
-AdminDep = Annotated[User, Depends(require_role("admin"))]
 
 
 def _fmt(value, digits: int = 2) -> str:
@@ -107,8 +106,8 @@ def rounds_json(user: AdminDep, session: SessionDep) -> list[dict]:
     """Each round: prompts, comparisons queued/done, votes per annotator, agreement, models and lineage."""
     from sqlmodel import func, select
 
-    from alignloop import crud
-    from alignloop.models import Comparison, ModelVersion, Round, Vote
+    from alignloop.core import crud
+    from alignloop.core.models import Comparison, ModelVersion, Round, Vote
 
     names = {u.id: u.name for u in session.exec(select(User)).all()}
     out = []

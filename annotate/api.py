@@ -8,10 +8,10 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from alignloop import AlignloopError, crud
-from alignloop.limits import retry_after
-from alignloop.models import User
-from alignloop.web import MAX_INT, SessionDep, require_role
+from alignloop.core import AlignloopError, crud
+from alignloop.core.http import MAX_INT, SessionDep, require_role
+from alignloop.core.limits import retry_after
+from alignloop.core.models import User
 from annotate import queue
 
 router = APIRouter(prefix="/api/annotate", tags=["annotate"])

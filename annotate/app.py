@@ -16,10 +16,10 @@ import time
 import gradio as gr
 from sqlmodel import Session
 
-from alignloop import AlignloopError, crud
-from alignloop.config import Settings
-from alignloop.db import session_scope
-from alignloop.models import User
+from alignloop.core import AlignloopError, crud
+from alignloop.core.config import Settings
+from alignloop.core.db import session_scope
+from alignloop.core.models import User
 from annotate import queue
 
 MAX_RESPONSES = 4

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 from sqlmodel import Session, select
 
-from alignloop import AlignloopError, crud
-from alignloop.db import session_scope
-from alignloop.models import Comparison, Prompt
+from alignloop.core import AlignloopError, crud
+from alignloop.core.db import session_scope
+from alignloop.core.models import Comparison, Prompt
 
 LABELS = ["a", "b", "tie", "both_bad"]
 RECORD_PREFIX = "alignloop-comparison-"

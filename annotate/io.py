@@ -25,9 +25,9 @@ from pathlib import Path
 
 from sqlmodel import Session, select
 
-from alignloop import AlignloopError, crud
-from alignloop.models import Comparison, Prompt
-from alignloop.prompts import ImportFileError, RecordError, read_json_records
+from alignloop.core import AlignloopError, crud
+from alignloop.core.models import Comparison, Prompt
+from alignloop.core.prompts import ImportFileError, RecordError, read_json_records
 
 IMPORT_USER = "import"
 HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")

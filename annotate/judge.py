@@ -22,9 +22,9 @@ from typing import Protocol
 import torch
 from sqlmodel import Session
 
-from alignloop import AlignloopError, crud
-from alignloop.db import session_scope
-from alignloop.generate import render
+from alignloop.core import AlignloopError, crud
+from alignloop.core.db import session_scope
+from alignloop.core.sampling import render
 from annotate import queue
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from itertools import combinations
 import numpy as np
 from sqlmodel import Session, select
 
-from alignloop.models import CHOICES, Comparison, User, Vote
+from alignloop.core.models import CHOICES, Comparison, User, Vote
 
 GOLD_THRESHOLD = 0.6
 KAPPA_THRESHOLD = 0.2

@@ -24,8 +24,8 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import and_, bindparam, delete, exists, func, or_, text
 from sqlmodel import Session, col, select
 
-from alignloop import AlignloopError, crud
-from alignloop.models import (
+from alignloop.core import AlignloopError, crud
+from alignloop.core.models import (
     UNSCORED,
     Comparison,
     ComparisonItem,

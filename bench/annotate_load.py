@@ -32,11 +32,11 @@ from pathlib import Path
 import httpx
 from sqlmodel import Session, select
 
-from alignloop import crud
-from alignloop.cli import init_workspace
-from alignloop.config import load_settings
-from alignloop.db import make_engine, session_scope
-from alignloop.models import Comparison, Vote
+from alignloop.core import crud
+from alignloop.core.config import load_settings
+from alignloop.core.db import make_engine, session_scope
+from alignloop.core.models import Comparison, Vote
+from alignloop.core.workspace import init_workspace
 
 PASSWORD = "bench-password"
 

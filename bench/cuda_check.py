@@ -1,6 +1,6 @@
 """A short CUDA check of the GPU paths that CI (CPU only) never runs. Prints one JSON line per check.
 
-1. serve.engine on CUDA: batched greedy decoding equals `alignloop.generate` on the same GPU;
+1. serve.engine on CUDA: batched greedy decoding equals `alignloop.core.sampling` on the same GPU;
 2. reward.score on CUDA: scores equal the CPU's (to float tolerance);
 3. rl.ppo on CUDA, tiny model: the known reward rises;
 4. rl.ppo value-model choice at the default model's size (SmolLM2-135M architecture, random weights, LoRA):
@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import build_tiny_llama, build_tiny_tokenizer  # noqa: E402
 
-from alignloop.generate import SamplingParams, generate  # noqa: E402
+from alignloop.core.sampling import SamplingParams, generate  # noqa: E402
 
 
 def report(check, **values):

@@ -81,7 +81,7 @@ def engine_client(loaded, max_tokens: int, temperature: float):
 def llama_cpp_client(gguf: Path, tokenizer, max_tokens: int, temperature: float):
     import llama_cpp
 
-    from alignloop.generate import render
+    from alignloop.core.sampling import render
 
     llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=2048, n_threads=os.cpu_count(), verbose=False)
     lock = threading.Lock()  # one sequence at a time, as llama_cpp.server does
@@ -115,9 +115,9 @@ def main() -> None:
     args = parser.parse_args()
     prompts = [json.loads(line)["turns"][0] for line in QUESTIONS.open()][: args.requests]
 
-    from alignloop.cli import init_workspace
-    from alignloop.config import load_settings
-    from alignloop.registry import resolve
+    from alignloop.core.config import load_settings
+    from alignloop.core.registry import resolve
+    from alignloop.core.workspace import init_workspace
     from serve.export import export_model
 
     tmp = Path(tempfile.mkdtemp(prefix="export-bench-"))

@@ -1,4 +1,4 @@
-"""Benchmark: tokens/s of `alignloop.generate` (batched, left-padded, KV cache) against a naive loop that calls
+"""Benchmark: tokens/s of `alignloop.core.sampling` (batched, left-padded, KV cache) against a naive loop that calls
 `model.generate` once per prompt, on the default model and 32 Vicuna-bench prompts, both in this run.
 
     .venv/bin/python bench/generate.py [--prompts 32] [--max-new-tokens 64] [--batch-size 32]
@@ -18,9 +18,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from alignloop.config import new_settings  # noqa: E402
-from alignloop.generate import SamplingParams, generate, render, stop_token_ids  # noqa: E402
-from alignloop.registry import resolve  # noqa: E402
+from alignloop.core.config import new_settings  # noqa: E402
+from alignloop.core.registry import resolve  # noqa: E402
+from alignloop.core.sampling import SamplingParams, generate, render, stop_token_ids  # noqa: E402
 
 QUESTIONS = Path(__file__).resolve().parents[2] / "shared" / "data" / "vicuna_bench_questions.jsonl"
 
@@ -91,10 +91,10 @@ def main() -> None:
         batched_tokens = sum(c.num_tokens for samples in results for c in samples)
         batched_tps = batched_tokens / batched_s
         print(
-            f"alignloop.generate (batch {args.batch_size}): {batched_tokens} tokens in {batched_s:.1f}s "
+            f"alignloop.core.sampling (batch {args.batch_size}): {batched_tokens} tokens in {batched_s:.1f}s "
             f"= {batched_tps:.1f} tok/s"
         )
-    print(f"ratio alignloop.generate / naive loop: {batched_tps / naive_tps:.2f}x")
+    print(f"ratio alignloop.core.sampling / naive loop: {batched_tps / naive_tps:.2f}x")
     sys.stdout.flush()
 
 

@@ -15,8 +15,8 @@ LOAD = """
 import os, time
 os.environ["HF_HUB_OFFLINE"] = "1"
 from pathlib import Path
-import alignloop.registry as r
-from alignloop.config import new_settings
+import alignloop.core.registry as r
+from alignloop.core.config import new_settings
 import transformers, torch  # imports are not what we measure
 t = time.perf_counter()
 r.resolve("default", settings=new_settings(Path({ws!r})))

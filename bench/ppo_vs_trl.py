@@ -41,9 +41,9 @@ import json, os, sys, torch
 os.environ["HF_HUB_OFFLINE"] = "1"
 from pathlib import Path
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-from alignloop.config import load_settings
-from alignloop.cli import init_workspace
-from alignloop import registry
+from alignloop.core.config import load_settings
+from alignloop.core.workspace import init_workspace
+from alignloop.core import registry
 out = Path(sys.argv[1]); ws = out / "ws"
 init_workspace(ws)
 default = registry.locate("default", settings=load_settings(ws)).path
@@ -85,7 +85,7 @@ rm = AutoModelForSequenceClassification.from_pretrained(rm_path).eval()
 rm.config.pad_token_id = tok.pad_token_id  # read the score where TRL reads it: the last token before padding/EOS
 from reward.score import RewardModel
 scorer = RewardModel(model=rm, tokenizer=tok, max_length=1024)
-from alignloop.generate import render
+from alignloop.core.sampling import render
 # Scored as TRL scores: the policy's own token ids (prompt + response), read at the last token before EOS.
 reward = lambda p, c: scorer.score_ids([render(tok, q) + x.token_ids for q, x in zip(p, c)])
 config = load_config(None, steps=steps, missing_eos_penalty=0.0, save_every=0, method="full" if setting == "tiny" else "lora",

@@ -35,8 +35,8 @@ MAX_LENGTH = 256
 PRELUDE = """
 import json, os, sys, time
 os.environ["HF_HUB_OFFLINE"] = "1"
-from alignloop.config import load_settings
-from alignloop.db import make_engine
+from alignloop.core.config import load_settings
+from alignloop.core.db import make_engine
 settings = load_settings(sys.argv[1])
 engine = make_engine(settings.db_url)
 """
@@ -63,7 +63,7 @@ THROUGHPUT = (
 import torch
 from datasets import Dataset
 from sqlmodel import Session
-from alignloop import registry
+from alignloop.core import registry
 from reward.data import RewardFormat, split_by_prompt, workspace_pairs
 from reward.score import load_sequence_classifier
 impl, base, steps, held_out = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])

@@ -23,9 +23,9 @@ CHILD = """
 import json, os, resource, sys
 os.environ["HF_HUB_OFFLINE"] = "1"
 from pathlib import Path
-from alignloop.cli import init_workspace
-from alignloop.config import load_settings
-from alignloop.db import make_engine
+from alignloop.core.workspace import init_workspace
+from alignloop.core.config import load_settings
+from alignloop.core.db import make_engine
 from sft.train import load_config, train
 ws = Path(sys.argv[1]) / sys.argv[2]
 init_workspace(ws)

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from sqlmodel import Session, col, select
 
-from alignloop import crud
-from alignloop.models import Comparison, Vote
+from alignloop.core import crud
+from alignloop.core.models import Comparison, Vote
 
 
 @dataclass

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from alignloop import AlignloopError, registry
-from alignloop.config import Settings
+from alignloop.core import AlignloopError, registry
+from alignloop.core.config import Settings
 from reward.data import RewardFormat
 
 META_FILE = "alignloop_reward.json"
@@ -157,9 +157,9 @@ def score_queue(engine, settings: Settings, ref: str, *, batch_size: int = 16) -
     so the annotation queue serves the items the model is least sure about first. Returns how many were scored."""
     from sqlmodel import Session, select
 
-    from alignloop import crud
-    from alignloop.db import session_scope
-    from alignloop.models import Comparison, Prompt
+    from alignloop.core import crud
+    from alignloop.core.db import session_scope
+    from alignloop.core.models import Comparison, Prompt
 
     with Session(engine) as session:
         scorer = RewardModel.load(ref, settings=settings, session=session)

@@ -32,11 +32,11 @@ from sqlmodel import Session
 from trl import RewardConfig, RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
-from alignloop import AlignloopError, crud, distributed, registry
-from alignloop.config import Settings, read_run_config
-from alignloop.db import session_scope
-from alignloop.models import Run
-from alignloop.runlog import StepLog, trainer_callback
+from alignloop.core import AlignloopError, crud, distributed, registry
+from alignloop.core.config import Settings, read_run_config
+from alignloop.core.db import session_scope
+from alignloop.core.models import Run
+from alignloop.core.runlog import StepLog, trainer_callback
 from reward import evaluate as reward_eval
 from reward.data import Pair, RewardFormat, file_pairs, split_by_prompt, workspace_pairs
 from reward.score import RewardModel, default_pooling, load_sequence_classifier, write_meta

@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import html
 from pathlib import Path
-from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException
+from fastapi import APIRouter, HTTPException
 from fastapi.responses import FileResponse, HTMLResponse
 
-from alignloop import crud
-from alignloop.models import ModelVersion, Run, User
-from alignloop.web import SessionDep, page, require_role
+from alignloop.core import crud
+from alignloop.core.http import AdminDep, SessionDep, page
+from alignloop.core.models import ModelVersion, Run
 
 router = APIRouter(tags=["reward"])
-AdminDep = Annotated[User, Depends(require_role("admin"))]
 
 
 def _fmt(value) -> str:

@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 from sqlmodel import Session
 
-from alignloop import AlignloopError, crud
-from alignloop.db import session_scope
-from alignloop.generate import SamplingParams, generate, render
+from alignloop.core import AlignloopError, crud
+from alignloop.core.db import session_scope
+from alignloop.core.sampling import SamplingParams, generate, render
 from reward.score import RewardModel
 from rl.train import load_policy
 
@@ -40,7 +40,7 @@ def evaluate_policy(engine, settings, *, policy: str, baseline: str, reward_mode
                 "no held-out prompts: import some with `alignloop prompts import FILE --split eval`"
             )
         if preset:
-            from serve.prompting import apply_preset, get_preset
+            from alignloop.core.presets import apply_preset, get_preset
 
             chosen_preset = get_preset(session, preset)
             prompts_for_models = [apply_preset(chosen_preset, p) for p in prompts]

@@ -48,9 +48,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alignloop import AlignloopError
-from alignloop.config import read_run_config
-from alignloop.generate import Completion, SamplingParams, generate, render
+from alignloop.core import AlignloopError
+from alignloop.core.config import read_run_config
+from alignloop.core.sampling import Completion, SamplingParams, generate, render
 
 log = logging.getLogger(__name__)
 RewardFn = Callable[[Sequence[list[dict]], Sequence[Completion]], list[float]]
@@ -335,7 +335,7 @@ class PPOTrainer:
         if not prompts:
             raise AlignloopError("PPO needs prompts: import some, or give a prompt file")
         self.config, self.tokenizer, self.prompts, self.reward_fn = config, tokenizer, prompts, reward_fn
-        from alignloop import distributed
+        from alignloop.core import distributed
 
         distributed.state()  # the process group, on the CPU when there is no GPU
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())

@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 from sqlmodel import Session
 
-from alignloop import AlignloopError, crud, distributed, registry
-from alignloop.config import Settings
-from alignloop.db import session_scope
-from alignloop.models import Run
-from alignloop.runlog import StepLog, trainer_callback
+from alignloop.core import AlignloopError, crud, distributed, registry
+from alignloop.core.config import Settings
+from alignloop.core.db import session_scope
+from alignloop.core.models import Run
+from alignloop.core.runlog import StepLog, trainer_callback
 from rl.ppo import PPOConfig, PPOTrainer
 
 ALGOS = ("ppo", "grpo", "rloo", "dpo")
@@ -49,7 +49,7 @@ def load_prompts(engine, config: PPOConfig) -> list[list[dict]]:
         with Session(engine) as session:
             prompts = [p.messages for p in crud.list_prompts(session, split="train")]
     else:
-        from alignloop.prompts import parse_prompt_file
+        from alignloop.core.prompts import parse_prompt_file
 
         prompts = [p.messages for p in parse_prompt_file(config.prompts)]
     if config.max_prompts:
@@ -238,7 +238,7 @@ def _trl(engine, settings, algo, config: PPOConfig, prompts, pairs, run_id, run_
     else:
 
         def reward_func(prompts, completions, **kwargs) -> list[float]:
-            from alignloop.generate import Completion
+            from alignloop.core.sampling import Completion
 
             texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
             return scorer(prompts, [Completion(text=t, token_ids=[], finished=True) for t in texts])

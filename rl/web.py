@@ -4,17 +4,15 @@ Admins only, checked in each handler."""
 from __future__ import annotations
 
 import html
-from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
 from sqlmodel import col, select
 
-from alignloop.models import ModelVersion, Run, User
-from alignloop.web import SessionDep, page, require_role
+from alignloop.core.http import AdminDep, SessionDep, page
+from alignloop.core.models import ModelVersion, Run
 
 router = APIRouter(tags=["rl"])
-AdminDep = Annotated[User, Depends(require_role("admin"))]
 
 
 def _fmt(value) -> str:

@@ -17,11 +17,11 @@ import gradio as gr
 from fastapi import APIRouter, Depends
 from sqlmodel import Session
 
-from alignloop import AlignloopError, crud
-from alignloop.config import Settings
-from alignloop.db import session_scope
-from alignloop.models import User
-from alignloop.web import SessionDep, require_role
+from alignloop.core import AlignloopError, crud
+from alignloop.core.config import Settings
+from alignloop.core.db import session_scope
+from alignloop.core.http import SessionDep, require_role
+from alignloop.core.models import User
 from serve.chat import merge_streams, model_choices, reviewer, stream_text
 from serve.leaderboard import arena_battles, leaderboard
 
@@ -49,15 +49,13 @@ def record_battle(engine, user: User, *, prompt: str, models: tuple[str, str], t
     if choice not in CHOICE_LABELS:
         raise AlignloopError(f"choice must be one of {', '.join(CHOICE_LABELS)}")
     with session_scope(engine) as session:
-        from alignloop.generate import ensure_model_version
-
         messages = [{"role": "user", "content": prompt}]
         existing = crud.get_prompt_by_hash(session, content_hash=crud.prompt_hash(messages))
         if existing is None:
             (existing,), _ = crud.add_prompts(
                 session, prompts=[crud.PromptCreate(messages=messages)], source="arena"
             )
-        versions = [ensure_model_version(session, ref=settings.default_policy if m == "default" else m, licence=None)
+        versions = [crud.ensure_model_version(session, ref=settings.default_policy if m == "default" else m, licence=None)
                     for m in models]  # fmt: skip
         generations = [
             crud.add_generation(

@@ -18,12 +18,12 @@ from collections.abc import Iterator
 import gradio as gr
 from sqlmodel import Session, select
 
-from alignloop import AlignloopError, crud
-from alignloop.config import Settings
-from alignloop.db import session_scope
-from alignloop.models import ChatFeedback, User
+from alignloop.core import AlignloopError, crud
+from alignloop.core.config import Settings
+from alignloop.core.db import session_scope
+from alignloop.core.models import ChatFeedback, User
+from alignloop.core.presets import apply_preset, get_preset, list_presets, save_preset
 from serve.engine import Request, Stream
-from serve.prompting import apply_preset, get_preset, list_presets, save_preset
 
 NO_PRESET = "(no preset)"
 REVIEW_ROLES = ("reviewer", "admin")

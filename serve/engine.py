@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from alignloop.generate import render, stop_token_ids
+from alignloop.core.sampling import render, stop_token_ids
 
 log = logging.getLogger(__name__)
 

@@ -47,10 +47,10 @@ from pathlib import Path
 import yaml
 from sqlmodel import Session, col, func, select
 
-from alignloop import AlignloopError
-from alignloop.config import Settings
-from alignloop.models import ModelVersion, Run, Vote
-from alignloop.registry import DEFAULT_REF, ModelSource, load_causal_lm, locate
+from alignloop.core import AlignloopError
+from alignloop.core.config import Settings
+from alignloop.core.models import ModelVersion, Run, Vote
+from alignloop.core.registry import DEFAULT_REF, ModelSource, load_causal_lm, locate
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ import numpy as np
 from scipy.optimize import minimize
 from sqlmodel import Session, select
 
-from alignloop import crud
-from alignloop.models import Comparison, ModelVersion, Vote
+from alignloop.core import crud
+from alignloop.core.models import Comparison, ModelVersion, Vote
 
 SCALE = 400 / math.log(10)
 

@@ -24,9 +24,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlmodel import Session
 
-from alignloop import AlignloopError, crud
-from alignloop.models import User
-from alignloop.web import SessionDep
+from alignloop.core import AlignloopError, crud
+from alignloop.core.http import SessionDep
+from alignloop.core.models import User
 from serve.engine import Request as EngineRequest
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -142,7 +142,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, user: 
         {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages
     ]
     if body.preset:
-        from serve.prompting import apply_preset, get_preset
+        from alignloop.core.presets import apply_preset, get_preset
 
         try:
             messages = apply_preset(get_preset(session, body.preset), messages)

@@ -22,9 +22,9 @@ from pathlib import Path
 
 from sqlmodel import Session, col, select
 
-from alignloop import crud
-from alignloop.models import ChatFeedback
-from alignloop.prompts import ImportFileError, RecordError, _messages, _text, read_json_records
+from alignloop.core import crud
+from alignloop.core.models import ChatFeedback
+from alignloop.core.prompts import ImportFileError, RecordError, _messages, _text, read_json_records
 
 
 @dataclass

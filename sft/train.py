@@ -27,12 +27,12 @@ from datasets import Dataset
 from sqlmodel import Session
 from trl import SFTConfig, SFTTrainer
 
-from alignloop import AlignloopError, crud, registry
-from alignloop.config import Settings, read_run_config
-from alignloop.db import session_scope
-from alignloop.generate import SamplingParams, generate
-from alignloop.models import Run
-from alignloop.runlog import StepLog, trainer_callback
+from alignloop.core import AlignloopError, crud, registry
+from alignloop.core.config import Settings, read_run_config
+from alignloop.core.db import session_scope
+from alignloop.core.models import Run
+from alignloop.core.runlog import StepLog, trainer_callback
+from alignloop.core.sampling import SamplingParams, generate
 from sft.data import Example, chosen_examples, edited_examples, parse_instruction_file, split_held_out
 
 log = logging.getLogger(__name__)

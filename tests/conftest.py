@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 from sqlalchemy import text  # noqa: E402
 from sqlmodel import Session  # noqa: E402
 
-from alignloop.db import create_schema, make_engine  # noqa: E402
+from alignloop.core.db import create_schema, make_engine  # noqa: E402
 
 # The project's shared data (HH-RLHF and Vicuna-bench samples) lives beside the checkout, never inside it.
 SHARED_DATA = Path(
@@ -209,8 +209,8 @@ def tiny_model_dir(tmp_path_factory, tiny_model, tiny_tokenizer):
 @pytest.fixture
 def workspace(tmp_path, monkeypatch):
     """An initialised SQLite workspace; returns (settings, engine, admin password)."""
-    from alignloop.cli import init_workspace
-    from alignloop.config import load_settings
+    from alignloop.core.config import load_settings
+    from alignloop.core.workspace import init_workspace
 
     monkeypatch.delenv("ALIGNLOOP_DATABASE_URL", raising=False)
     path = tmp_path / "ws"

@@ -6,10 +6,10 @@ import pytest
 from conftest import SHARED_DATA
 from sqlmodel import Session, select
 
-from alignloop import crud
 from alignloop.cli import main
-from alignloop.models import Comparison, Vote
-from alignloop.prompts import ImportFileError
+from alignloop.core import crud
+from alignloop.core.models import Comparison, Vote
+from alignloop.core.prompts import ImportFileError
 from annotate.io import import_preferences, parse_hh, parse_preference_file
 
 
@@ -110,7 +110,7 @@ def test_cli_prefs_import_reports_skips(workspace, tmp_path, capsys):
 def exported_pairs(session, tmp_path):
     from datasets import load_from_disk
 
-    from alignloop.export import write_rows
+    from alignloop.core.export import write_rows
 
     import_preferences(session, path=SHARED_DATA / "hh_harmless_dev.jsonl")
     rows = crud.preference_pairs(session)[:16]

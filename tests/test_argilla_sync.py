@@ -11,9 +11,9 @@ from conftest import serve_in_thread
 from sqlmodel import Session, select
 from test_queue import seed
 
-from alignloop import crud
-from alignloop.db import session_scope
-from alignloop.models import Comparison, Vote
+from alignloop.core import crud
+from alignloop.core.db import session_scope
+from alignloop.core.models import Comparison, Vote
 from annotate.argilla_sync import RECORD_PREFIX, connect, pull, push
 
 API_KEY = "alignloop-test-key"

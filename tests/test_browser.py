@@ -10,8 +10,8 @@ import pytest
 from conftest import running_server
 from sqlmodel import Session, select
 
-from alignloop import crud
-from alignloop.models import Vote
+from alignloop.core import crud
+from alignloop.core.models import Vote
 
 CHROMIUM = "/usr/bin/chromium"
 XSS_PROMPT = (
@@ -183,7 +183,7 @@ def test_reviewer_chats_with_streaming_then_battles_in_the_arena(browser, review
         page.screenshot(path=os.path.join(shots, "leaderboard.png"), full_page=True)
     assert dialogs == []
     with Session(engine) as s:
-        from alignloop.models import ChatFeedback, Comparison
+        from alignloop.core.models import ChatFeedback, Comparison
 
         assert len(s.exec(select(Comparison).where(Comparison.source == "arena")).all()) == 1
         assert len(s.exec(select(ChatFeedback)).all()) == 1

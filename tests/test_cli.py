@@ -8,8 +8,8 @@ import sys
 import pytest
 from sqlmodel import Session
 
-from alignloop import crud
 from alignloop.cli import main
+from alignloop.core import crud
 
 
 def run(*args, workspace=None):

@@ -4,9 +4,10 @@ import pytest
 import torch
 from sqlmodel import Session, select
 
-from alignloop import AlignloopError, crud
-from alignloop.generate import SamplingParams, generate, queue_comparisons, render
-from alignloop.models import Comparison, Generation, ModelVersion, Run
+from alignloop.core import AlignloopError, crud
+from alignloop.core.models import Comparison, Generation, ModelVersion, Run
+from alignloop.core.sampling import SamplingParams, generate, render
+from annotate.generate import queue_comparisons
 
 PROMPTS = [
     [{"role": "user", "content": "Hi"}],

@@ -17,11 +17,11 @@ from fastapi.testclient import TestClient
 from sqlmodel import Session
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from alignloop import AlignloopError, crud
 from alignloop.cli import main
-from alignloop.generate import render
-from alignloop.models import Run
-from alignloop.registry import DEFAULT_GGUF, default_gguf_path, read_licence, resolve
+from alignloop.core import AlignloopError, crud
+from alignloop.core.models import Run
+from alignloop.core.registry import DEFAULT_GGUF, default_gguf_path, read_licence, resolve
+from alignloop.core.sampling import render
 from serve.export import export_model
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]

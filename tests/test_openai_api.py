@@ -7,14 +7,14 @@ import pytest
 from conftest import serve_in_thread
 from sqlmodel import Session
 
-from alignloop import crud
 from alignloop.cli import main
-from alignloop.db import session_scope
-from alignloop.generate import SamplingParams, generate
-from alignloop.registry import resolve
+from alignloop.core import crud
+from alignloop.core.db import session_scope
+from alignloop.core.presets import apply_preset, get_preset, save_preset
+from alignloop.core.registry import resolve
+from alignloop.core.sampling import SamplingParams, generate
 from alignloop.web import create_app
 from serve.engine import BatchingEngine, Request, Stream
-from serve.prompting import apply_preset, get_preset, save_preset
 
 HELLO = [{"role": "user", "content": "Write a short poem about the sea."}]
 
@@ -41,7 +41,7 @@ def test_models_and_completions_with_the_official_client(live, tiny_model_dir):
     assert reply.object == "chat.completion" and reply.choices[0].message.role == "assistant"
     assert reply.usage.completion_tokens <= 8 and reply.usage.prompt_tokens > 0
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
-    # Greedy decoding through the batching engine gives what `alignloop.generate` gives.
+    # Greedy decoding through the batching engine gives what `alignloop.core.sampling` gives.
     with Session(engine) as s:
         loaded = resolve("tiny", settings=settings, session=s)
     expected = generate(loaded.model, loaded.tokenizer, [HELLO], params=SamplingParams(max_new_tokens=8, temperature=0),
@@ -151,7 +151,7 @@ def test_presets_version_and_apply(workspace):
 def test_generate_with_a_preset(workspace, tiny_model_dir, tmp_path, capsys):
     from sqlmodel import select
 
-    from alignloop.models import Generation
+    from alignloop.core.models import Generation
 
     settings, engine, _ = workspace
     ws = ["--workspace", str(settings.workspace)]

@@ -7,9 +7,10 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import Session, select
 
-from alignloop import AlignloopError, crud, jobs
-from alignloop.db import session_scope
-from alignloop.models import Run
+from alignloop import jobs
+from alignloop.core import AlignloopError, crud
+from alignloop.core.db import session_scope
+from alignloop.core.models import Run
 from alignloop.web import create_app
 
 
@@ -147,7 +148,7 @@ def test_user_and_key_management(admin_client):
 
 
 def test_rate_limiter_window():
-    from alignloop.limits import RateLimiter
+    from alignloop.core.limits import RateLimiter
 
     now = [0.0]
     limiter = RateLimiter(2, 10, clock=lambda: now[0])

@@ -6,9 +6,9 @@ import pytest
 from conftest import SHARED_DATA
 from sqlmodel import Session
 
-from alignloop import crud
 from alignloop.cli import main
-from alignloop.prompts import ImportFileError, parse_prompt_file
+from alignloop.core import crud
+from alignloop.core.prompts import ImportFileError, parse_prompt_file
 
 
 def write(path, text: str | bytes):

@@ -7,9 +7,9 @@ from fastapi.testclient import TestClient
 from sqlmodel import Session, select
 from test_queue import seed, users
 
-from alignloop import crud
-from alignloop.db import session_scope
-from alignloop.models import User, Vote
+from alignloop.core import crud
+from alignloop.core.db import session_scope
+from alignloop.core.models import User, Vote
 from alignloop.web import create_app
 from annotate.judge import LocalJudge, OpenAIJudge, decide, run_judge
 from annotate.quality import cohen_kappa, quality_report
@@ -184,7 +184,7 @@ def test_openai_compatible_judge(engine, fake_openai_endpoint):
 def test_judge_refuses_a_human_user(engine):
     with session_scope(engine) as s:
         users(s, 1)
-    from alignloop import AlignloopError
+    from alignloop.core import AlignloopError
 
     with pytest.raises(AlignloopError, match="human annotator"):
         run_judge(engine, judge=LengthJudge(), user_name="a0", progress=False)

@@ -7,9 +7,9 @@ from datetime import timedelta
 import pytest
 from sqlmodel import Session, select
 
-from alignloop import AlignloopError, crud
-from alignloop.db import make_engine, session_scope
-from alignloop.models import Comparison, Lease, Vote, utcnow
+from alignloop.core import AlignloopError, crud
+from alignloop.core.db import make_engine, session_scope
+from alignloop.core.models import Comparison, Lease, Vote, utcnow
 from annotate import queue
 
 

@@ -5,14 +5,8 @@ import json
 import pytest
 from sqlmodel import Session
 
-from alignloop import AlignloopError, crud
-from alignloop.registry import (
-    default_gguf_path,
-    is_noncommercial,
-    locate,
-    read_licence,
-    resolve,
-)
+from alignloop.core import AlignloopError, crud
+from alignloop.core.registry import default_gguf_path, is_noncommercial, locate, read_licence, resolve
 
 
 def test_default_gguf_declares_apache(tmp_path):
@@ -131,7 +125,7 @@ def test_hub_id_resolves_from_the_local_hub_cache(workspace, tmp_path, tiny_mode
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     code = (
-        "from alignloop.config import load_settings; from alignloop.registry import resolve;"
+        "from alignloop.core.config import load_settings; from alignloop.core.registry import resolve;"
         f"m = resolve('acme/tiny-chat', settings=load_settings({str(settings.workspace)!r}));"
         "print(m.licence, type(m.model).__name__, m.path.name)"
     )

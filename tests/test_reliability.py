@@ -13,11 +13,11 @@ import pytest
 from conftest import start_server
 from sqlmodel import Session, func, select
 
-from alignloop import crud
 from alignloop.cli import main
-from alignloop.config import load_settings
-from alignloop.db import make_engine, session_scope
-from alignloop.models import Comparison, Vote
+from alignloop.core import crud
+from alignloop.core.config import load_settings
+from alignloop.core.db import make_engine, session_scope
+from alignloop.core.models import Comparison, Vote
 
 ANNOTATORS = 4
 
@@ -131,7 +131,7 @@ def test_backup_during_load_restores_consistently(loaded_workspace, tiny_model_d
     restored_engine = make_engine(restored.db_url)
     votes = check_consistent(restored_engine)
     assert 20 <= len(votes) <= len(check_consistent(engine))
-    from alignloop.registry import resolve
+    from alignloop.core.registry import resolve
 
     with Session(restored_engine) as s:
         version = crud.get_model_version(s, name="tiny")

@@ -8,10 +8,10 @@ import torch
 from fastapi.testclient import TestClient
 from sqlmodel import Session, select
 
-from alignloop import AlignloopError, crud
 from alignloop.cli import main
-from alignloop.models import ModelVersion, Run
-from alignloop.registry import ModelSource, encoder_path, locate
+from alignloop.core import AlignloopError, crud
+from alignloop.core.models import ModelVersion, Run
+from alignloop.core.registry import ModelSource, encoder_path, locate
 from reward import evaluate as reward_eval
 from reward.data import Pair, RewardFormat, file_pairs, split_by_prompt
 from reward.score import RewardModel, load_sequence_classifier

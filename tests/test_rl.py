@@ -7,10 +7,10 @@ import torch
 from conftest import build_tiny_llama
 from sqlmodel import Session
 
-from alignloop import AlignloopError, crud
 from alignloop.cli import main
-from alignloop.models import Run
-from alignloop.registry import resolve
+from alignloop.core import AlignloopError, crud
+from alignloop.core.models import Run
+from alignloop.core.registry import resolve
 from rl.ppo import PPOTrainer, gae, load_config, masked_whiten
 
 PROMPTS = [[{"role": "user", "content": f"Tell me about item {i}."}] for i in range(16)]

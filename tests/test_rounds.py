@@ -5,9 +5,9 @@ import json
 import pytest
 from sqlmodel import Session, col, select
 
-from alignloop import AlignloopError, crud
 from alignloop.cli import main
-from alignloop.models import Comparison, Generation, Round, Run, Vote
+from alignloop.core import AlignloopError, crud
+from alignloop.core.models import Comparison, Generation, Round, Run, Vote
 from alignloop.rounds import RoundPlan, models_influenced_by_vote, next_round
 from rl.ppo import PPOTrainer
 

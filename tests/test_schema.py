@@ -8,10 +8,10 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from alignloop import crud
-from alignloop.cli import init_workspace
-from alignloop.config import load_settings
-from alignloop.db import make_engine, session_scope
+from alignloop.core import crud
+from alignloop.core.config import load_settings
+from alignloop.core.db import make_engine, session_scope
+from alignloop.core.workspace import init_workspace
 from alignloop.web import create_app
 
 

@@ -6,9 +6,9 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import Session, select
 
-from alignloop import AlignloopError, crud
-from alignloop.db import session_scope
-from alignloop.models import ChatFeedback, Comparison, Vote
+from alignloop.core import AlignloopError, crud
+from alignloop.core.db import session_scope
+from alignloop.core.models import ChatFeedback, Comparison, Vote
 from serve.arena import pick_pair, record_battle
 from serve.chat import feedback_pairs, save_feedback
 from serve.leaderboard import Battle, leaderboard

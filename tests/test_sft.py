@@ -6,12 +6,12 @@ import pytest
 import torch
 from sqlmodel import Session, select
 
-from alignloop import crud
 from alignloop.cli import main
-from alignloop.generate import SamplingParams, generate
-from alignloop.models import ChatFeedback, ModelVersion, Run
-from alignloop.prompts import ImportFileError
-from alignloop.registry import resolve
+from alignloop.core import crud
+from alignloop.core.models import ChatFeedback, ModelVersion, Run
+from alignloop.core.prompts import ImportFileError
+from alignloop.core.registry import resolve
+from alignloop.core.sampling import SamplingParams, generate
 from sft.data import parse_instruction_file, split_held_out
 from sft.train import load_config, train
 
@@ -165,7 +165,7 @@ def test_sft_on_chosen_and_chat_edits_via_cli(workspace, tiny_model_dir, capsys)
 
 
 def test_bad_sft_settings_are_refused():
-    from alignloop import AlignloopError
+    from alignloop.core import AlignloopError
 
     with pytest.raises(AlignloopError, match="method must be one of"):
         load_config(None, method="adapterz")

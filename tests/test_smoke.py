@@ -12,8 +12,8 @@ import pytest
 import torch
 from conftest import free_port
 
-from alignloop.generate import SamplingParams, generate
-from alignloop.registry import DEFAULT_CACHE_NAME, resolve
+from alignloop.core.registry import DEFAULT_CACHE_NAME, resolve
+from alignloop.core.sampling import SamplingParams, generate
 
 pytestmark = pytest.mark.smoke
 

@@ -7,9 +7,9 @@ import pytest
 from sqlalchemy import inspect, text
 from sqlmodel import Session, select
 
-from alignloop import AlignloopError, crud
-from alignloop.db import create_schema, make_engine, schema_version, session_scope
-from alignloop.models import SCHEMA_VERSION, Comparison, SchemaInfo, Vote
+from alignloop.core import AlignloopError, crud
+from alignloop.core.db import create_schema, make_engine, schema_version, session_scope
+from alignloop.core.models import SCHEMA_VERSION, Comparison, SchemaInfo, Vote
 
 
 def make_comparison(

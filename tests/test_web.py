@@ -4,7 +4,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import Session
 
-from alignloop import crud
+from alignloop.core import crud
 from alignloop.web import create_app
 
 XSS = '<script>alert("x")</script><img src=x onerror=alert(1)>'

@@ -21,9 +21,9 @@ import io
 import json
 from pathlib import Path
 
-from alignloop import AlignloopError
-from alignloop.crud import PromptCreate
-from alignloop.models import SPLITS
+from alignloop.core import AlignloopError
+from alignloop.core.crud import PromptCreate
+from alignloop.core.models import SPLITS
 
 FORMATS = ("auto", "chat", "plain", "dolly", "alpaca", "mtbench")
 ROLES = ("system", "user", "assistant")

@@ -7,8 +7,8 @@ import json
 import time
 from pathlib import Path
 
-from alignloop.db import session_scope
-from alignloop.models import Run
+from alignloop.core.db import session_scope
+from alignloop.core.models import Run
 
 
 class StepLog:

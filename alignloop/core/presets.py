@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from sqlmodel import Session, col, func, select
 
-from alignloop import AlignloopError
-from alignloop.models import Preset
+from alignloop.core import AlignloopError
+from alignloop.core.models import Preset
 
 MAX_TEXT = 20_000
 

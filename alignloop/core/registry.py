@@ -28,8 +28,8 @@ from pathlib import Path
 import yaml
 from filelock import FileLock
 
-from alignloop import AlignloopError
-from alignloop.config import Settings
+from alignloop.core import AlignloopError
+from alignloop.core.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ def _find(ref: str, *, settings: Settings, session) -> ModelSource:
         path = encoder_path()
         return ModelSource(ref=ref, path=path, licence=read_licence(path) or "apache-2.0")
     if session is not None:
-        from alignloop import crud
+        from alignloop.core import crud
 
         version = crud.get_model_version(session, name=ref)
         if version is not None and version.path is None and version.base == ref:

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, text
 
-from alignloop import AlignloopError, __version__
-from alignloop.config import CONFIG_NAME, Settings
+from alignloop.core import AlignloopError, __version__
+from alignloop.core.config import CONFIG_NAME, Settings
 
 DB_FILE = "alignloop.db"
 PG_FILE = "alignloop.pgdump"

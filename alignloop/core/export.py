@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from alignloop import AlignloopError
+from alignloop.core import AlignloopError
 
 
 def write_rows(rows: list[dict], out: Path, *, fmt: str = "auto") -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from alignloop import AlignloopError
+from alignloop.core import AlignloopError
 
 CONFIG_NAME = "config.yaml"
 DEFAULT_WORKSPACE = "alignloop-data"

@@ -20,8 +20,8 @@ from sqlalchemy import and_, bindparam, case, exists, func, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, SQLModel, col, select
 
-from alignloop import AlignloopError
-from alignloop.models import (
+from alignloop.core import AlignloopError
+from alignloop.core.models import (
     CHOICES,
     COMPARISON_SOURCES,
     MODEL_KINDS,
@@ -665,3 +665,11 @@ def list_runs(session: Session, *, kind: str | None = None) -> list[Run]:
     if kind is not None:
         query = query.where(Run.kind == kind)
     return list(session.exec(query).all())
+
+
+def ensure_model_version(session: Session, *, ref: str, licence: str | None) -> ModelVersion:
+    """The registered version for `ref`; a base model used for the first time is registered as a policy."""
+    version = get_model_version(session, name=ref)
+    if version is None:
+        version = register_model(session, name=ref, kind="policy", base=ref, licence=licence)
+    return version

@@ -17,8 +17,8 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import StaticPool
 from sqlmodel import Session, SQLModel, create_engine, select
 
-from alignloop import AlignloopError
-from alignloop.models import SCHEMA_VERSION, Comparison, SchemaInfo
+from alignloop.core import AlignloopError
+from alignloop.core.models import SCHEMA_VERSION, Comparison, SchemaInfo
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000  # how long a transaction waits for the write lock in all
 SQLITE_BUSY_POLL_MS = 2  # SQLite's own wait before `_begin_immediate` polls again

@@ -1,0 +1,137 @@
+"""Batched sampling: candidates for annotation and, later, rollouts for RL.
+
+All prompts x samples are rendered with the model's chat template, sorted by length (so each batch carries
+little padding), left-padded and decoded together with the KV cache. A response ends at the first EOS token;
+one that reaches `max_new_tokens` first is returned with `finished=False`. Sampling is seeded per batch, so
+the same prompts, parameters, batch size and seed give the same texts.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from alignloop.core import AlignloopError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 0.8  # 0 = greedy
+    top_p: float = 0.95
+    top_k: int = 0  # 0 = off
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise AlignloopError("max_new_tokens must be at least 1")
+        if self.temperature < 0:
+            raise AlignloopError("temperature cannot be negative")
+        if not 0 < self.top_p <= 1:
+            raise AlignloopError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise AlignloopError("top_k cannot be negative")
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]  # generated ids up to and including EOS
+    finished: bool  # True: ended with EOS; False: cut at max_new_tokens
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a turn: the tokenizer's EOS and whatever the generation config adds."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return sorted(i for i in ids if i is not None)
+
+
+def render(tokenizer, messages: Sequence[dict]) -> list[int]:
+    """Token ids of a conversation ready for the assistant's next turn."""
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+    else:  # a base model without a template: plain turns
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _is_prompt_learning(model) -> bool:
+    config = getattr(model, "active_peft_config", None)
+    return bool(getattr(config, "is_prompt_learning", False))
+
+
+@torch.inference_mode()
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[Sequence[dict]],
+    *,
+    params: SamplingParams | None = None,
+    num_samples: int = 1,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> list[list[Completion]]:
+    """Sample `num_samples` responses for each chat prompt. Returns one list of completions per prompt."""
+    params = params or SamplingParams()
+    if num_samples < 1 or batch_size < 1:
+        raise AlignloopError("num_samples and batch_size must be at least 1")
+    if _is_prompt_learning(model):
+        batch_size = 1  # virtual tokens (prefix tuning) meet left padding in the wrong places: one at a time
+    stops = stop_token_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    device = next(model.parameters()).device
+
+    rendered = [render(tokenizer, messages) for messages in prompts]
+    # Longest first: similar lengths share a batch, and the slowest batch shows up early in the progress bar.
+    jobs = sorted(
+        ((p, s) for p in range(len(prompts)) for s in range(num_samples)),
+        key=lambda job: (-len(rendered[job[0]]), job),
+    )
+    results: list[list[Completion | None]] = [[None] * num_samples for _ in prompts]
+    bar = tqdm(total=len(jobs), desc="generating", unit="seq", disable=not progress)
+    for batch_index, start in enumerate(range(0, len(jobs), batch_size)):
+        batch = jobs[start : start + batch_size]
+        B, T = len(batch), max(len(rendered[p]) for p, _ in batch)  # batch, prompt length
+        input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((B, T), dtype=torch.long)
+        for row, (p, _) in enumerate(batch):
+            ids = rendered[p]
+            input_ids[row, T - len(ids) :] = torch.tensor(
+                ids
+            )  # left padding: every row ends where decoding starts
+            attention_mask[row, T - len(ids) :] = 1
+        torch.manual_seed(params.seed * 1_000_003 + batch_index)
+        out = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            do_sample=params.temperature > 0,
+            temperature=params.temperature if params.temperature > 0 else None,
+            top_p=params.top_p if params.temperature > 0 else None,
+            top_k=params.top_k if params.temperature > 0 else None,
+            max_new_tokens=params.max_new_tokens,
+            eos_token_id=stops,
+            pad_token_id=pad_id,
+            use_cache=True,
+        )
+        new_tokens = out[:, T:].tolist()  # (B, <= max_new_tokens)
+        for row, (p, s) in enumerate(batch):
+            ids = new_tokens[row]
+            end = next((i for i, t in enumerate(ids) if t in stops), None)
+            kept = ids if end is None else ids[: end + 1]
+            text = tokenizer.decode(kept[:-1] if end is not None else kept, skip_special_tokens=True)
+            results[p][s] = Completion(text=text.strip(), token_ids=kept, finished=end is not None)
+        bar.update(B)
+    bar.close()
+    return results  # type: ignore[return-value]
