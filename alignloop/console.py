@@ -7,6 +7,8 @@ to its template, never a request parameter: no URL can put text on an admin's pa
 from __future__ import annotations
 
 import secrets
+import shlex
+import time
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -18,7 +20,7 @@ from sqlmodel import col, select
 from alignloop import jobs
 from alignloop.core import AlignloopError, crud, websec
 from alignloop.core.http import AdminDep, DbId, SessionDep, render, templates_for
-from alignloop.core.models import ROLES, Run, User
+from alignloop.core.models import ROLES, ModelVersion, Run, User
 from alignloop.core.plots import history_png
 
 router = APIRouter(tags=["admin"])
@@ -42,7 +44,7 @@ def run_metrics_png(run_id: DbId, user: AdminDep, session: SessionDep):
 
 
 class JobRequest(BaseModel):
-    kind: Literal["generate", "judge", "reward", "sft", "rl", "round"]
+    kind: Literal["generate", "judge", "reward", "sft", "rl", "round", "export"]
     arguments: str = Field(default="", max_length=2000, description="command-line arguments, as for the CLI")
 
 
@@ -188,6 +190,67 @@ def job_page(job_id: DbId, request: Request, user: AdminDep, session: SessionDep
 def cancel_from_form(job_id: DbId, request: Request, user: AdminDep, session: SessionDep):
     cancel(job_id, request, user, session)
     return RedirectResponse(f"/admin/jobs/{job_id}", status_code=303)
+
+
+# --- model export --------------------------------------------------------------------------------------------
+
+EXPORT_CHOICES = {
+    "hf": ("hf", "f16"),
+    "gguf-f16": ("gguf", "f16"),
+    "gguf-q8_0": ("gguf", "q8_0"),
+    "gguf-q4_k_m": ("gguf", "q4_k_m"),
+}
+
+
+@router.get("/admin/models", response_class=HTMLResponse, include_in_schema=False)
+def models_page(user: AdminDep, session: SessionDep, request: Request):
+    from serve.export import list_exports
+
+    versions = session.exec(select(ModelVersion).order_by(ModelVersion.id)).all()
+    names = ["default"] + [v.name for v in versions if v.kind != "reward" and v.name != "default"]
+    return render(
+        templates,
+        request,
+        "models.html",
+        title="Models",
+        user=user,
+        names=names,
+        choices=list(EXPORT_CHOICES),
+        exports=list_exports(request.app.state.settings),
+    )
+
+
+@router.post("/admin/models/export", include_in_schema=False)
+def export_from_form(
+    request: Request,
+    user: AdminDep,
+    session: SessionDep,
+    ref: Annotated[str, Form(max_length=128)],
+    choice: Annotated[str, Form(max_length=16)],
+):
+    from serve.export import exports_dir
+
+    if choice not in EXPORT_CHOICES:
+        raise HTTPException(status_code=400, detail=f"choice must be one of {', '.join(EXPORT_CHOICES)}")
+    fmt, quant = EXPORT_CHOICES[choice]
+    settings = request.app.state.settings
+    exports_dir(settings).mkdir(parents=True, exist_ok=True)
+    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in ref)
+    out = exports_dir(settings) / f"{safe}-{choice}-{time.strftime('%Y%m%d-%H%M%S')}"
+    session.commit()
+    try:
+        run = jobs.start_job(
+            request.app.state.engine,
+            settings,
+            kind="export",
+            user=user.name,
+            arguments=shlex.join([ref, str(out), "--format", fmt, "--quant", quant]),
+        )
+    except jobs.TooManyJobs as exc:
+        raise HTTPException(status_code=429, detail=str(exc)) from None
+    except AlignloopError as exc:
+        raise HTTPException(status_code=400, detail=str(exc)) from None
+    return RedirectResponse(f"/admin/jobs/{run.id}", status_code=303)
 
 
 # --- users ---------------------------------------------------------------------------------------------------

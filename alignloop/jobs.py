@@ -45,6 +45,7 @@ JOB_KINDS = {  # what the console may start, and the CLI words that start it
     "sft": ["sft", "train"],
     "rl": ["rl", "train"],
     "round": ["round", "next"],
+    "export": ["export", "model"],
 }
 GRACE_SECONDS = 10
 

@@ -466,7 +466,7 @@ def make_parser() -> argparse.ArgumentParser:
     p = presets.add_parser("list", parents=[common], help="the latest version of each preset")
     p.set_defaults(handler="cmd_presets")
 
-    export = sub.add_parser("export", help="export data").add_subparsers(
+    export = sub.add_parser("export", help="export data and models").add_subparsers(
         dest="export_command", required=True, metavar="WHAT"
     )
     p = export.add_parser("prefs", parents=[common], help="preference pairs (TRL format) or raw votes")
@@ -484,6 +484,18 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="file (.jsonl, .parquet) or folder")
     p.add_argument("--format", default="auto", choices=["auto", "jsonl", "parquet", "dataset"])
     p.set_defaults(handler="cmd_export_feedback")
+
+    p = export.add_parser(
+        "model", parents=[common], help="a model version as merged weights or GGUF, with a card"
+    )
+    p.add_argument("ref", help="'default' or a registered model version")
+    p.add_argument("out", help="a new (or empty) folder")
+    p.add_argument(
+        "--format", default="hf", choices=["hf", "gguf"], help="hf: safetensors; gguf: llama.cpp/Ollama"
+    )
+    p.add_argument("--quant", default="f16", choices=["f16", "q8_0", "q4_k_m"], help="GGUF weight type")
+    p.add_argument("--allow-noncommercial", action="store_true", help="export a non-commercial base anyway")
+    p.set_defaults(handler="cmd_export_model")
 
     p = sub.add_parser("backup", parents=[common], help="a consistent copy of the database and models (live)")
     p.add_argument("out", help="a new, empty folder")
