@@ -29,6 +29,20 @@ class RoundModelOut(BaseModel):
     lineage: list[str]  # the model itself first, then its ancestors
 
 
+class VsPredecessorOut(BaseModel):
+    # Human votes on this round's policy against the previous round's (annotate.evidence), Wilson 95% interval.
+    round: int
+    policy: str
+    predecessor: str | None
+    battles: int
+    wins: int
+    losses: int
+    ties: int
+    win_rate: float | None
+    ci_low: float | None
+    ci_high: float | None
+
+
 class RoundOut(BaseModel):
     # One round of the loop: its data, its annotators' work, its models.
     round: int
@@ -40,6 +54,7 @@ class RoundOut(BaseModel):
     krippendorff_alpha: float | None
     policy: str | None
     reward_model: str | None
+    vs_predecessor: VsPredecessorOut | None
     models: list[RoundModelOut]
 
 

@@ -27,6 +27,9 @@ class GRPOConfig:
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator."})
     target_modules: list[str] | str = field(default="all-linear", metadata={"help": "LoRA target modules."})
+    layers_to_transform: list[int] | None = field(
+        default=None, metadata={"help": "Tune only these decoder layers (see sft.layers). Default: all."}
+    )
     # --- data ---
     prompts: str = field(
         default="workspace", metadata={"help": "'workspace' (train split) or a prompt file."}
@@ -69,6 +72,9 @@ class DPOConfig:
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator."})
     target_modules: list[str] | str = field(default="all-linear", metadata={"help": "LoRA target modules."})
+    layers_to_transform: list[int] | None = field(
+        default=None, metadata={"help": "Tune only these decoder layers (see sft.layers). Default: all."}
+    )
     # --- training (on the workspace's preference pairs) ---
     steps: int = field(default=100, metadata={"help": "Optimizer steps."})
     mini_batch_size: int = field(

@@ -47,7 +47,7 @@ from pathlib import Path
 import yaml
 from sqlmodel import Session, col, func, select
 
-from alignloop.core import AlignloopError
+from alignloop.core import AlignloopError, devices
 from alignloop.core.config import Settings
 from alignloop.core.models import ModelVersion, Run, Vote
 from alignloop.core.registry import DEFAULT_REF, ModelSource, load_causal_lm, locate
@@ -152,9 +152,8 @@ def export_model(
 
 
 def _write_hf(source: ModelSource, out: Path, card: str) -> None:
-    import torch
-
-    loaded = load_causal_lm(source, dtype=torch.float32)
+    # Merged weights are written in float32 on the CPU whatever this machine serves with (devices policy).
+    loaded = load_causal_lm(source, placement=devices.Placement(device="cpu", dtype="float32"))
     model = loaded.model
     if hasattr(model, "merge_and_unload"):
         if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):

@@ -206,13 +206,13 @@ def test_k_is_bounded_by_what_the_annotation_page_shows(workspace, capsys):
     settings, engine, _ = workspace
     with pytest.raises(SystemExit):
         main(["generate", "--samples", str(MAX_RESPONSES + 1), "--workspace", str(settings.workspace)])
-    assert f"must be 2 to {MAX_RESPONSES}" in capsys.readouterr().err
+    assert f"must be between 2 and {MAX_RESPONSES}" in capsys.readouterr().err
     with (
         pytest.raises(AlignloopError, match=f"at most {MAX_RESPONSES} responses"),
         session_scope(engine) as s,
     ):
         seed(s, 1, num_items=MAX_RESPONSES + 1)
-    with pytest.raises(AlignloopError, match="--samples must be 2 to"):
+    with pytest.raises(AlignloopError, match="a comparison needs 2 to"):
         queue_comparisons(
             engine, settings=settings, model_ref="unused", num_prompts=1, num_samples=MAX_RESPONSES + 1
         )

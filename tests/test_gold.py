@@ -3,6 +3,7 @@ gold for rankings, measured for people and the AI judge alike."""
 
 import json
 
+from conftest import web_login
 from fastapi.testclient import TestClient
 from sqlmodel import Session, select
 from test_queue import seed, users
@@ -67,14 +68,14 @@ def test_admin_promotes_a_human_consensus_to_gold(workspace):
                 crud.record_vote(s, comparison_id=comparison.id, user_id=user.id, choice=choice)
         crud.record_vote(s, comparison_id=split.id, user_id=judge.id, choice="a")  # an AI is no tie-breaker
     with TestClient(create_app(settings, engine)) as client:
-        client.post("/login", data={"username": "admin", "password": password})
+        web_login(client, "admin", password)
         page = client.get("/admin/gold")
         assert page.status_code == 200 and f"/admin/gold/{agreed.id}/promote" in page.text
         assert f"/admin/gold/{split.id}/promote" not in page.text
         assert client.post(f"/admin/gold/{split.id}/promote").status_code == 400
         assert client.post(f"/admin/gold/{agreed.id}/promote", follow_redirects=False).status_code == 303
         client.post("/logout")
-        client.post("/login", data={"username": "a2", "password": "pass-word"})
+        web_login(client, "a2", "pass-word")
         assert client.post(f"/admin/gold/{split.id}/promote").status_code == 403
     with session_scope(engine) as s:
         promoted = s.get(Comparison, agreed.id)

@@ -1,5 +1,6 @@
 """Guidelines edited on /admin, versioned per round, and the version in force stored with each vote."""
 
+from conftest import web_login
 from fastapi.testclient import TestClient
 from sqlmodel import Session, select
 from test_queue import seed, users
@@ -20,10 +21,10 @@ def test_guidelines_versions_per_round_are_stored_with_each_vote(workspace):
         (ann,) = users(s, 1)
         crud.record_vote(s, comparison_id=round0.id, user_id=ann.id, choice="a")  # before any version
     with TestClient(create_app(settings, engine)) as client:
-        client.post("/login", data={"username": "a0", "password": "pass-word"})
+        web_login(client, "a0", "pass-word")
         assert client.post("/admin/guidelines", data={"text": "x", "round": "0"}).status_code == 403
         client.post("/logout")
-        client.post("/login", data={"username": "admin", "password": password})
+        web_login(client, "admin", password)
         for text, round in (("Prefer the honest answer.", 0), ("Prefer the honest, short answer.", 1)):
             response = client.post(
                 "/admin/guidelines", data={"text": text, "round": str(round)}, follow_redirects=False

@@ -113,9 +113,9 @@ def _config(ws: Path, **changes) -> None:
     ("changes", "message"),
     [
         ({"secret_key": "x"}, "secret_key must be at least"),
-        ({"max_new_tokens": -5}, "max_new_tokens must be in \\["),
+        ({"max_new_tokens": -5}, "max_new_tokens must be between 1 and"),
         ({"temperature": -1}, "temperature must be in \\["),
-        ({"batch_size": 0}, "batch_size must be in \\["),
+        ({"batch_size": 0}, "batch_size must be between 1 and"),
         ({"target_votes": 10**30}, "target_votes must be an integer"),
         ({"lease_minutes": "soon"}, "lease_minutes must be a number"),
         ({"allow_noncommercial": "yes"}, "allow_noncommercial must be true or false"),

@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from conftest import build_tiny_llama
+from conftest import build_tiny_llama, web_login
 from fastapi.testclient import TestClient
 from sqlmodel import Session
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -278,7 +278,7 @@ def test_admin_export_button_runs_a_job_and_shows_sizes(versions, workspace):
     from alignloop.web import create_app
 
     with TestClient(create_app(settings, engine)) as client:
-        client.post("/login", data={"username": "admin", "password": password})
+        web_login(client, "admin", password)
         page = client.get("/admin/models")
         assert page.status_code == 200 and page.text.count("<button>Export</button>") == 4  # default + 3
         response = client.post(

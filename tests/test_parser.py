@@ -57,7 +57,10 @@ def test_no_flag_is_declared_twice_and_every_config_field_has_exactly_one():
         for name, f in fields.items():
             action = by_dest[name]
             assert flag(name) in action.option_strings and action.default is None
-            assert action.help.startswith(f.metadata["help"]), (path, name)  # the dataclass's own help
+            assert action.help.replace("%%", "%").startswith(f.metadata["help"]), (
+                path,
+                name,
+            )  # the dataclass's own help
             if "choices" in f.metadata:
                 assert list(action.choices) == list(f.metadata["choices"])
 
@@ -221,7 +224,7 @@ def test_a_yaml_cannot_bypass_the_bounds(tmp_path):
         (sft_config, "max_steps: 100000000000\n", "max_steps must be between"),
         (reward_config, "per_device_train_batch_size: 99999999\n", "per_device_train_batch_size must be"),
         (reward_config, "rounds: [1, 99999999999999999999]\n", "rounds must be between"),
-        (reward_config, "lora_r: 'many'\n", "lora_r must be a number"),
+        (reward_config, "lora_r: 'many'\n", "lora_r must be an integer"),
         (lambda p: rl_config("ppo", p, reward_model="rm"), "steps: 100000000000\n", "steps must be between"),
         (
             lambda p: rl_config("grpo", p, reward_model="rm"),

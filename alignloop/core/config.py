@@ -146,8 +146,8 @@ def load_settings(workspace: str | os.PathLike | None = None) -> Settings:
     if unknown:
         raise AlignloopError(f"{config_file}: unknown setting(s) {', '.join(unknown)}")
     settings = Settings(workspace=path, **coerce_fields(Settings, raw, where=str(config_file)))
-    check_settings(settings, where=str(config_file))
     check_bounds(settings, where=str(config_file))
+    check_settings(settings, where=str(config_file))
     if url := os.environ.get("ALIGNLOOP_DATABASE_URL"):
         settings.database_url = url
     # `serve --workers N --device/--dtype` hands its choice to the worker processes this way.
@@ -158,14 +158,12 @@ def load_settings(workspace: str | os.PathLike | None = None) -> Settings:
 
 
 # Bounds a workspace's settings must respect: (low, high, what a bad value would do).
+# Counts that COUNT_BOUNDS (alignloop.core.limits) bounds are checked there first, with the parser's bounds.
 _SETTING_BOUNDS = {
-    "target_votes": (1, 1000),
     "gold_share": (0, 1),
     "lease_minutes": (1 / 60, 7 * 24 * 60),
-    "max_new_tokens": (1, 1_000_000),
     "temperature": (0, 100),
     "top_p": (1e-9, 1),
-    "batch_size": (1, 65_536),
     "login_attempts": (1, 10_000),
     "votes_per_minute": (1, 1_000_000),
 }

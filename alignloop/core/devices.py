@@ -101,6 +101,8 @@ def pick(
 ) -> Placement:
     """The placement for these (possibly "auto") choices on a machine with `caps`; bad choices are refused."""
     device, dtype, quantize = device or "auto", dtype or "auto", quantize or "none"
+    if device.startswith("cpu:"):  # Accelerate names a process's CPU "cpu:0" in a multi-process group
+        device = "cpu"
     if dtype not in DTYPES:
         raise AlignloopError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     if quantize not in QUANTIZE:
