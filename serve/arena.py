@@ -40,7 +40,10 @@ ReviewerDep = Annotated[User, Depends(require_role("reviewer", "admin"))]
 
 
 class LeaderboardOut(BaseModel):
+    # The ranking and what it was fitted on: arena battles plus the round-over-round human votes.
     battles: int
+    arena_battles: int
+    round_battles: int
     models: list[LeaderboardRow]
 
 

@@ -231,7 +231,7 @@ def test_a_yaml_cannot_bypass_the_bounds(tmp_path):
             "max_new_tokens: 10000000\n",
             "max_new_tokens must",
         ),
-        (lambda p: rl_config("dpo", p), "mini_batch_size: 1.5\n", "mini_batch_size must be a whole number"),
+        (lambda p: rl_config("dpo", p), "mini_batch_size: 1.5\n", "mini_batch_size must be an integer"),
     ]
     for i, (load, text, message) in enumerate(cases):
         path = tmp_path / f"c{i}.yaml"
