@@ -372,42 +372,21 @@ def _trl(engine, settings, algo, config: GRPOConfig | DPOConfig, prompts, pairs,
         max_grad_norm=config.max_grad_norm,
     )
     start = time.perf_counter()
-    if algo == "dpo":
-        from trl import DPOConfig as TRLDPOConfig
-        from trl import DPOTrainer
+    if algo in OFFLINE:  # TRL's offline trainers: DPO on preference pairs, KTO on unpaired thumbs up/down
+        import trl
 
-        data = Dataset.from_list(
-            [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs]
-        )
-        args = TRLDPOConfig(
-            per_device_train_batch_size=min(config.mini_batch_size, len(pairs)),
-            beta=config.beta,
-            max_length=config.max_length,
-            **common,
-        )
-        trainer = DPOTrainer(
-            model=model,
-            args=args,
-            train_dataset=data,
-            processing_class=tokenizer,
-            peft_config=peft,
-            callbacks=[logger],
-        )
-    elif algo == "kto":
-        from trl import KTOConfig as TRLKTOConfig
-        from trl import KTOTrainer
-
-        data = Dataset.from_list(
-            [{"prompt": p["prompt"], "completion": p["completion"], "label": p["label"]} for p in pairs]
-        )
+        columns = ("prompt", "chosen", "rejected") if algo == "dpo" else ("prompt", "completion", "label")
+        data = Dataset.from_list([{k: p[k] for k in columns} for p in pairs])
+        batch = min(config.mini_batch_size, len(pairs))
         # KTO estimates its reference point from mismatched pairs within a batch: it needs two or more rows.
-        args = TRLKTOConfig(
-            per_device_train_batch_size=max(2, min(config.mini_batch_size, len(pairs))),
-            beta=config.beta,
-            max_length=config.max_length,
-            **common,
+        batch = batch if algo == "dpo" else max(2, batch)
+        TRLConfig, Trainer = (
+            (trl.DPOConfig, trl.DPOTrainer) if algo == "dpo" else (trl.KTOConfig, trl.KTOTrainer)
         )
-        trainer = KTOTrainer(
+        args = TRLConfig(
+            per_device_train_batch_size=batch, beta=config.beta, max_length=config.max_length, **common
+        )
+        trainer = Trainer(
             model=model,
             args=args,
             train_dataset=data,
