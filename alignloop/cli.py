@@ -534,6 +534,29 @@ def cmd_keys(args) -> int:
     return 0
 
 
+def cmd_licences(args) -> int:
+    from alignloop.core import licences, registry
+    from alignloop.core.db import session_scope
+
+    settings, engine = open_workspace(args)
+    with session_scope(engine) as session:
+        if args.licences_command == "accept":
+            row, new, source = registry.accept_licence(
+                args.ref, settings=settings, session=session, user=args.user, licence=args.licence
+            )
+            what = repr(source.licence) if row.licence else "no declared licence"
+            verb = "accepted" if new else "already accepted"
+            print(f"{verb}: {row.model_ref} ({what}) by {args.user} at {row.accepted_at:%Y-%m-%d %H:%M} UTC")
+        else:
+            rows = licences.list_acceptances(session)
+            if not rows:
+                print("no licence acceptances recorded")
+            for row, name in rows:
+                what = row.licence or f"(none declared{': ' + row.note if row.note else ''})"
+                print(f"{row.model_ref}\t{what}\t{name}\t{row.accepted_at:%Y-%m-%d %H:%M} UTC")
+    return 0
+
+
 def cmd_presets(args) -> int:
     from alignloop.core.db import session_scope
     from alignloop.core.presets import list_presets, save_preset

@@ -446,6 +446,24 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("id", type=count("id", 1, MAX_ID))
     p.set_defaults(handler="cmd_keys")
 
+    licences = sub.add_parser(
+        "licences", help="licence review: restricted or undeclared licences"
+    ).add_subparsers(dest="licences_command", required=True, metavar="ACTION")
+    p = licences.add_parser("list", parents=[common], help="the licence acceptances admins have recorded")
+    p.set_defaults(handler="cmd_licences")
+    p = licences.add_parser(
+        "accept", parents=[common], help="record an admin's acceptance of a model's licence terms"
+    )
+    p.add_argument("ref", help="the model reference, as you load it (a version name, a folder, a hub id)")
+    p.add_argument(
+        "--licence",
+        default=None,
+        help="the licence you accept: must be the one the model declares; for a model that declares none, "
+        "a note of the terms you found",
+    )
+    p.add_argument("--user", default="admin", help="the admin who accepts (recorded with the time)")
+    p.set_defaults(handler="cmd_licences")
+
     presets = sub.add_parser("presets", help="L1 prompting presets").add_subparsers(
         dest="presets_command", required=True, metavar="ACTION"
     )

@@ -38,6 +38,13 @@ class Settings:
     allow_noncommercial: bool = field(
         default=False, metadata={"help": "Load models whose licence forbids commercial use."}
     )
+    commercial_use: bool = field(
+        default=True,
+        metadata={
+            "help": "This workspace's work is commercial: a model that declares no licence loads only once an "
+            "admin accepts it by name (`alignloop licences accept REF`); false loads it with a warning."
+        },
+    )
     device: str = field(
         default="auto", metadata={"help": "Where models run: auto (the GPU if any), cpu, cuda, cuda:N."}
     )

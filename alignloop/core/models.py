@@ -280,3 +280,14 @@ class Guidelines(SQLModel, table=True):
     text: str = Field(sa_column=Column(Text, nullable=False))
     created_by: int | None = Field(default=None, foreign_key="user.id")
     created_at: datetime = Field(default_factory=utcnow)
+
+
+class LicenceAcceptance(SQLModel, table=True):
+    # An admin's recorded acceptance of a model's restricted (or undeclared) licence; checked before each load.
+    __table_args__ = (UniqueConstraint("model_ref", "licence", name="uq_licenceacceptance_ref_licence"),)
+    id: int | None = Field(default=None, primary_key=True)
+    model_ref: str = Field(index=True, max_length=512)  # as `registry.licence_key` names it (paths absolute)
+    licence: str = Field(max_length=128)  # what the model declares; "" when it declares none
+    note: str | None = Field(default=None, max_length=256)  # for an undeclared licence: what the admin found
+    user_id: int = Field(foreign_key="user.id")
+    accepted_at: datetime = Field(default_factory=utcnow)

