@@ -57,6 +57,30 @@ print("RESULT " + json.dumps({"accuracy": s["accuracy"], "ece": s["ece"], "train
 """
 )
 
+# One fold of k-fold cross-validation by prompt: the shipped config (plus overrides), every member's held-out
+# scores kept, so one run gives the single model (mean over members) and the ensembles of its first m members.
+KFOLD = (
+    PRELUDE
+    + """
+import resource
+import numpy as np
+from reward.train import load_config, train
+overrides = json.loads(sys.argv[4])
+config = load_config(sys.argv[2], cv_fold=sys.argv[3], logging_steps=50, name="cv-" + sys.argv[3].replace("/", "of")
+                     + "-" + sys.argv[5], **overrides)
+cpu = resource.getrusage(resource.RUSAGE_SELF)
+start = time.perf_counter()
+s = train(engine, settings, config, progress=False)
+after = resource.getrusage(resource.RUSAGE_SELF)
+scores = json.loads((settings.runs_dir / f"run{s['run_id']}" / "held_out_scores.json").read_text())
+members = scores.get("members", {"chosen": [scores["chosen"]], "rejected": [scores["rejected"]]})
+print("RESULT " + json.dumps({"chosen": members["chosen"], "rejected": members["rejected"], "ece": s["ece"],
+      "train_seconds": s["train_seconds"], "wall_seconds": time.perf_counter() - start,
+      "cpu_seconds": after.ru_utime + after.ru_stime - cpu.ru_utime - cpu.ru_stime,
+      "held_out_pairs": s["held_out_pairs"], "train_pairs": s["train_pairs"], "steps": s["steps"]}))
+"""
+)
+
 THROUGHPUT = (
     PRELUDE
     + """
@@ -105,6 +129,69 @@ def child(script: str, *args) -> dict:
     return json.loads(lines[-1][len("RESULT ") :])
 
 
+def cross_validate(workspace: Path, folds: int, members: int, variants: dict[str, dict]) -> dict:
+    """Mean held-out accuracy over the folds, with its standard error (std over folds / sqrt(k)), for one
+    member and for ensembles of 2..members; training minutes per fold (the whole ensemble)."""
+    import numpy as np
+
+    table = {}
+    for name, overrides in variants.items():
+        runs = []
+        for fold in range(1, folds + 1):
+            run = child(
+                KFOLD,
+                workspace,
+                CONFIGS["minilm"],
+                f"{fold}/{folds}",
+                json.dumps({"ensemble": members, **overrides}),
+                name,
+            )
+            runs.append(run)
+            print(
+                f"{name} fold {fold}/{folds}: {run['train_seconds']:.0f} s, "
+                f"{run['cpu_seconds'] / 60:.1f} CPU-min",
+                flush=True,
+            )
+        rows = {}
+        for m in range(1, members + 1):
+            if m == 1:  # each member alone, averaged over members: the single model's expected accuracy
+                per_fold = [
+                    np.mean(
+                        [
+                            np.mean(np.array(c) > np.array(r))
+                            for c, r in zip(run["chosen"], run["rejected"], strict=True)
+                        ]
+                    )
+                    for run in runs
+                ]
+            else:
+                per_fold = [
+                    np.mean(np.mean(run["chosen"][:m], 0) > np.mean(run["rejected"][:m], 0)) for run in runs
+                ]
+            rows[m] = (float(np.mean(per_fold)), float(np.std(per_fold, ddof=1) / np.sqrt(folds)))
+        minutes = np.mean([run["train_seconds"] for run in runs]) / 60
+        cpu = np.mean([run["cpu_seconds"] for run in runs]) / 60
+        table[name] = {
+            "accuracy": rows,
+            "minutes_per_member": minutes / members,
+            "cpu_minutes_per_member": cpu / members,
+            "pairs": sum(run["held_out_pairs"] for run in runs),
+        }
+    print(
+        f"\n{folds}-fold cross-validation by prompt over {next(iter(table.values()))['pairs']} pairs "
+        "(mean held-out accuracy +- standard error over folds):\n"
+    )
+    print("| variant | members | accuracy | train min (wall) | CPU-min |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, row in table.items():
+        for m, (acc, se) in row["accuracy"].items():
+            print(
+                f"| {name} | {m} | {acc:.3f} +- {se:.3f} | {row['minutes_per_member'] * m:.1f} | "
+                f"{row['cpu_minutes_per_member'] * m:.1f} |"
+            )
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -113,6 +200,15 @@ def main() -> None:
     parser.add_argument("--bases", nargs="+", default=["minilm", "default"], choices=sorted(CONFIGS))
     parser.add_argument("--steps", type=int, default=40, help="steps per throughput run (MiniLM)")
     parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument("--folds", type=int, default=0, help="k-fold cross-validation of the default config")
+    parser.add_argument("--members", type=int, default=1, help="ensemble members trained per fold")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="NAME=JSON overrides of the default config, cross-validated beside it",
+    )
+    parser.add_argument("--skip-default", action="store_true", help="cross-validate the variants only")
     args = parser.parse_args()
 
     from alignloop.cli import main as cli
@@ -120,6 +216,14 @@ def main() -> None:
     workspace = Path(tempfile.mkdtemp(prefix="reward-bench-")) / "ws"
     cli(["init", "--workspace", str(workspace)])
     cli(["prefs", "import", str(HH), "--workspace", str(workspace)])
+
+    if args.folds:
+        variants = {} if args.skip_default else {"default": {}}
+        for spec in args.variant:
+            name, _, overrides = spec.partition("=")
+            variants[name] = json.loads(overrides)
+        cross_validate(workspace, args.folds, args.members, variants)
+        return
 
     results = {}
     if not args.skip_accuracy:

@@ -108,6 +108,20 @@ def split_by_prompt(
     return train, [p for p in pairs if p.key in held]
 
 
+def fold_by_prompt(
+    pairs: list[Pair], *, fold: int, folds: int, seed: int = 0
+) -> tuple[list[Pair], list[Pair]]:
+    """Cross-validation by prompt: hold out fold `fold` (1-based) of `folds`. Prompts are dealt round-robin in
+    a seeded hash order, so the folds partition the prompts and their sizes differ by at most one prompt."""
+    if not 1 <= fold <= folds or folds < 2:
+        raise ValueError(f"fold must be 1..{folds} of at least 2 folds, not {fold}/{folds}")
+    keys = sorted({p.key for p in pairs}, key=lambda k: hashlib.sha256(f"{seed}:{k}".encode()).hexdigest())
+    held = set(keys[fold - 1 :: folds])
+    train = [p for p in pairs if p.key not in held]
+    random.Random(seed).shuffle(train)
+    return train, [p for p in pairs if p.key in held]
+
+
 # --- encoding ------------------------------------------------------------------------------------------------
 
 

@@ -31,6 +31,30 @@ def pair_scores(reward_model, pairs: list[Pair], *, batch_size: int = 16) -> tup
     return np.array(scores[: len(pairs)]), np.array(scores[len(pairs) :])
 
 
+def member_pair_scores(
+    reward_model, pairs: list[Pair], *, batch_size: int = 16
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each member's scores of the chosen and the rejected sides, as arrays [members, pairs]."""
+    prompts = [p.prompt for p in pairs]
+    scores = reward_model.member_scores(
+        prompts + prompts, [p.chosen for p in pairs] + [p.rejected for p in pairs], batch_size=batch_size
+    )
+    return scores[:, : len(pairs)], scores[:, len(pairs) :]
+
+
+def evaluate_members(pairs: list[Pair], chosen: np.ndarray, rejected: np.ndarray) -> dict:
+    """`evaluate_scores` of the members' mean; for an ensemble also each member's accuracy and ECE, and the
+    members' disagreement: the mean standard deviation of their margins r_chosen - r_rejected across members."""
+    metrics = evaluate_scores(pairs, chosen.mean(0), rejected.mean(0))
+    if len(chosen) > 1 and pairs:
+        metrics["members"] = [
+            {"accuracy": _accuracy(c, r), "ece": calibration(c, r)["ece"]}
+            for c, r in zip(chosen, rejected, strict=True)
+        ]
+        metrics["disagreement"] = float((chosen - rejected).std(0).mean())
+    return metrics
+
+
 def _accuracy(chosen: np.ndarray, rejected: np.ndarray) -> float:
     return float(np.mean((chosen > rejected) + 0.5 * (chosen == rejected))) if len(chosen) else math.nan
 

@@ -9,9 +9,10 @@ Batches are length-sorted and right-padded; scores come back in the caller's ord
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from alignloop.core import AlignloopError, devices, registry
@@ -112,10 +113,14 @@ def load_sequence_classifier(
 
 @dataclass
 class RewardModel:
+    """One reward model, or an ensemble: `members` holds every member (`model` is the first), all sharing one
+    tokenizer and format; an ensemble scores the mean of its members, and `member_scores` gives each one's."""
+
     model: object
     tokenizer: object
     max_length: int
     ref: str = ""
+    members: list = field(default_factory=list)
 
     @classmethod
     def load(
@@ -135,22 +140,63 @@ class RewardModel:
         if not meta_file.is_file():
             raise AlignloopError(f"{ref!r} is not a reward model ({META_FILE} missing in {source.path})")
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
-        model, tokenizer = load_sequence_classifier(
-            source, pooling=meta.get("pooling", "last"), placement=placement, settings=settings
+        return cls.from_source(
+            source,
+            meta.get("members") or [None],
+            pooling=meta.get("pooling", "last"),
+            max_length=meta["max_length"],
+            placement=placement,
+            settings=settings,
         )
-        model.eval()
-        return cls(model=model, tokenizer=tokenizer, max_length=meta["max_length"], ref=ref)
+
+    @classmethod
+    def from_source(
+        cls,
+        source: registry.ModelSource,
+        member_names: list,
+        *,
+        pooling: str,
+        max_length: int,
+        placement: devices.Placement | None = None,
+        settings: Settings | None = None,
+    ) -> RewardModel:
+        """`member_names`: [None] for one model in `source.path`, else the members' subfolders."""
+        models = []
+        for name in member_names:
+            if name is not None and (Path(name).name != name or name in ("", ".", "..")):
+                raise AlignloopError(f"{source.ref!r}: member {str(name)[:40]!r} is not a plain folder name")
+            member = source if name is None else replace(source, path=source.path / name)
+            model, tokenizer = load_sequence_classifier(
+                member, pooling=pooling, placement=placement, settings=settings
+            )
+            models.append(model.eval())
+        return cls(
+            model=models[0],
+            tokenizer=tokenizer,
+            max_length=max_length,
+            ref=source.ref,
+            members=models if len(models) > 1 else [],
+        )
+
+    @property
+    def size(self) -> int:
+        return len(self.members) or 1
 
     @property
     def format(self) -> RewardFormat:
         return RewardFormat(self.tokenizer, self.max_length)
 
-    @torch.inference_mode()
     def score_ids(self, sequences: list[list[int]], *, batch_size: int = 16) -> list[float]:
+        return self.member_scores_ids(sequences, batch_size=batch_size).mean(0).tolist()
+
+    @torch.inference_mode()
+    def member_scores_ids(self, sequences: list[list[int]], *, batch_size: int = 16) -> np.ndarray:
+        """Scores as an array [members, sequences] (one row for a single model)."""
+        models = self.members or [self.model]
         device = next(self.model.parameters()).device
         pad = self.tokenizer.pad_token_id
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-        out = [0.0] * len(sequences)
+        out = np.zeros((len(models), len(sequences)))
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             width = max(len(sequences[i]) for i in chunk)
@@ -159,18 +205,23 @@ class RewardModel:
             for row, i in enumerate(chunk):
                 ids[row, : len(sequences[i])] = torch.tensor(sequences[i])
                 mask[row, : len(sequences[i])] = 1
-            logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0]
-            for row, i in enumerate(chunk):
-                out[i] = float(logits[row])
+            ids, mask = ids.to(device), mask.to(device)
+            for m, model in enumerate(models):
+                out[m, chunk] = model(input_ids=ids, attention_mask=mask).logits[:, 0].float().cpu().numpy()
         return out
 
-    def score(self, prompts: list, responses: list[str], *, batch_size: int = 16) -> list[float]:
-        """One reward per (prompt, response); a prompt is a list of chat messages or a plain string."""
+    def member_scores(self, prompts: list, responses: list[str], *, batch_size: int = 16) -> np.ndarray:
+        """Each member's reward per (prompt, response), as an array [members, responses]."""
         if len(prompts) != len(responses):
             raise AlignloopError(f"{len(prompts)} prompts but {len(responses)} responses")
         fmt = self.format
         sequences = [fmt.encode(_messages(p), r) for p, r in zip(prompts, responses, strict=True)]
-        return self.score_ids(sequences, batch_size=batch_size)
+        return self.member_scores_ids(sequences, batch_size=batch_size)
+
+    def score(self, prompts: list, responses: list[str], *, batch_size: int = 16) -> list[float]:
+        """One reward per (prompt, response) (an ensemble's mean); a prompt is a list of chat messages or a
+        plain string."""
+        return self.member_scores(prompts, responses, batch_size=batch_size).mean(0).tolist()
 
     def score_tokens(
         self, policy_tokenizer, prompts: list, response_ids: list[list[int]], **kwargs
@@ -188,9 +239,21 @@ def write_meta(out: Path, **meta) -> None:
     (out / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
 
 
+def queue_keys(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The annotation queue's order key per comparison, smaller first, from member scores [members, items] of
+    its two responses. One model: the margin |r_a - r_b| (nearest a tie first). An ensemble: the margin over
+    the members' disagreement, |mean(r_a - r_b)| / std(r_a - r_b): near a tie *or* in dispute among members
+    (the order `bench/active_learning.py` compares with plain disagreement, margin and random)."""
+    margin = a - b
+    if len(margin) == 1:
+        return np.abs(margin[0])
+    return np.abs(margin.mean(0)) / (margin.std(0, ddof=1) + 1e-6)
+
+
 def score_queue(engine, settings: Settings, ref: str, *, batch_size: int = 16) -> int:
-    """Score every queued pairwise comparison with a reward model and store |r_a - r_b| as its `reward_margin`,
-    so the annotation queue serves the items the model is least sure about first. Returns how many were scored."""
+    """Score every queued pairwise comparison with a reward model and store its `queue_keys` value as the
+    comparison's `reward_margin`, so the annotation queue serves the items the model is least sure about first.
+    Returns how many were scored."""
     from sqlmodel import Session, select
 
     from alignloop.core import crud
@@ -209,14 +272,14 @@ def score_queue(engine, settings: Settings, ref: str, *, batch_size: int = 16) -
     if not items:
         return 0
     prompts = [p for _, p, _, _ in items]
-    scores = scorer.score(
+    scores = scorer.member_scores(
         prompts + prompts, [a for *_, a, _ in items] + [b for *_, b in items], batch_size=batch_size
     )
-    margins = {cid: abs(scores[i] - scores[i + len(items)]) for i, (cid, *_) in enumerate(items)}
+    keys = queue_keys(scores[:, : len(items)], scores[:, len(items) :])
     with session_scope(engine) as session:  # one short write after all the model work
-        for cid, margin in margins.items():
+        for (cid, *_), key in zip(items, keys, strict=True):
             row = session.get(Comparison, cid)
             if row.status == "queued":
-                row.reward_margin = margin
+                row.reward_margin = float(key)
                 session.add(row)
-    return len(margins)
+    return len(items)

@@ -38,7 +38,7 @@ from alignloop.core.db import session_scope
 from alignloop.core.models import Run
 from alignloop.core.runlog import StepLog, trainer_callback
 from reward import evaluate as reward_eval
-from reward.data import Pair, RewardFormat, file_pairs, split_by_prompt, workspace_pairs
+from reward.data import Pair, RewardFormat, file_pairs, fold_by_prompt, split_by_prompt, workspace_pairs
 from reward.score import RewardModel, default_pooling, load_sequence_classifier, write_meta
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,12 @@ class RewardRunConfig:
     gold_weights: bool = field(default=False, metadata={"help": "Weight pairs by voters' gold accuracy."})
     margin_scale: float = field(default=0.0, metadata={"help": "TRL margin for unanimous votes (0 = off)."})
     held_out: float = field(default=0.1, metadata={"help": "Held-out prompts: a share (<1) or a count."})
+    cv_fold: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hold out fold i of k prompt folds, as 'i/k' (cross-validation); replaces held_out."
+        },
+    )
     eval_data: list[str] = field(
         default_factory=list, metadata={"help": "Extra preference files to evaluate on."}
     )
@@ -67,6 +73,12 @@ class RewardRunConfig:
     )
     pooling: str = field(
         default="auto", metadata={"help": "See reward.score.", "choices": ("auto", "mean", "last")}
+    )
+    ensemble: int = field(
+        default=1,
+        metadata={
+            "help": "Members trained with different seeds; scores are their mean, their spread the queue's order."
+        },
     )
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator."})
@@ -114,7 +126,20 @@ def load_config(path: str | Path | None, **overrides) -> RewardRunConfig:
         raise AlignloopError("max_length must be >= 32, batch size >= 1 and learning_rate > 0")
     if not (0 <= config.held_out < 1 or float(config.held_out).is_integer()):
         raise AlignloopError("held_out is a share in [0, 1) or a whole number of prompts")
+    if config.cv_fold is not None:
+        parse_fold(config.cv_fold)
     return config
+
+
+def parse_fold(text: str) -> tuple[int, int]:
+    """'2/5' -> (2, 5): fold 2 of 5, counted from 1."""
+    try:
+        fold, folds = (int(part) for part in str(text).split("/"))
+    except ValueError:
+        raise AlignloopError(f"cv_fold is 'i/k' (e.g. 2/5), not {str(text)[:30]!r}") from None
+    if not 2 <= folds <= 100 or not 1 <= fold <= folds:
+        raise AlignloopError(f"cv_fold {fold}/{folds}: need 2 <= k <= 100 and 1 <= i <= k")
+    return fold, folds
 
 
 def collect_pairs(engine, config: RewardRunConfig) -> tuple[list[Pair], dict]:
@@ -200,8 +225,12 @@ def _shared_run_id(engine, config: RewardRunConfig, comparison_ids: list[int]) -
 def train(engine, settings: Settings, config: RewardRunConfig, *, progress: bool = True) -> dict:
     # 1. Read and check everything before writing anything.
     pairs, skipped = collect_pairs(engine, config)
-    held = int(config.held_out) if config.held_out >= 1 else config.held_out
-    train_pairs, held_out = split_by_prompt(pairs, held_out=held, seed=config.seed)
+    if config.cv_fold is not None:
+        fold, folds = parse_fold(config.cv_fold)
+        train_pairs, held_out = fold_by_prompt(pairs, fold=fold, folds=folds, seed=config.seed)
+    else:
+        held = int(config.held_out) if config.held_out >= 1 else config.held_out
+        train_pairs, held_out = split_by_prompt(pairs, held_out=held, seed=config.seed)
     if config.max_pairs:
         train_pairs = train_pairs[: config.max_pairs]
     eval_sets = {Path(p).name: file_pairs(p)[0] for p in config.eval_data}
@@ -242,95 +271,79 @@ def train(engine, settings: Settings, config: RewardRunConfig, *, progress: bool
 def _fit(
     engine, config, run_id, run_dir, source, base_version, train_pairs, held_out, eval_sets, skipped, progress
 ) -> dict:
-    torch.manual_seed(config.seed)
-    # 2. The base with a scalar head; pairs encoded for its tokenizer.
+    # 2. The base with a scalar head; pairs encoded once for its tokenizer; then each member trains with its
+    # own seed (head initialisation and batch order), in turn, sharing the time budget.
     pooling = (
         default_pooling(source.base.path if source.base else source.path)
         if config.pooling == "auto"
         else config.pooling
     )
-    model, tokenizer = load_sequence_classifier(source, pooling=pooling)
-    fmt = RewardFormat(tokenizer, config.max_length)
-    rows, encode_report = fmt.encode_pairs(train_pairs)
-    train_dataset = Dataset.from_list(rows)
-    if all(r["weight"] == 1 for r in rows):
-        train_dataset = train_dataset.remove_columns("weight")
-    if all(r["margin"] == 0 for r in rows):
-        train_dataset = train_dataset.remove_columns("margin")
-
-    cuda = torch.cuda.is_available()
-    args = RewardConfig(
-        output_dir=str(run_dir / "trainer"),
-        num_train_epochs=config.num_train_epochs,
-        max_steps=config.max_steps,
-        learning_rate=config.learning_rate,
-        lr_scheduler_type="linear",
-        warmup_steps=config.warmup_ratio,
-        weight_decay=config.weight_decay,
-        per_device_train_batch_size=config.per_device_train_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
-        length_column_name="length",
-        remove_unused_columns=False,  # the sampler needs `length`; the collator ignores what it does not use
-        max_length=None,  # encoded and truncated above, nothing for TRL to drop
-        center_rewards_coefficient=config.center_rewards_coefficient,
-        activation_checkpointing=False,
-        bf16=native_bf16() if config.bf16 is None else config.bf16,
-        use_cpu=not cuda,
-        logging_steps=config.logging_steps,
-        save_strategy="no",
-        report_to=[],
-        seed=config.seed,
-        disable_tqdm=not progress,
-    )
-    trainer = PairRewardTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_dataset,
-        processing_class=tokenizer,
-        peft_config=peft_config(config, model),
-        data_collator=PairCollator(pad_token_id=tokenizer.pad_token_id),
-        callbacks=[
-            trainer_callback(
-                StepLog(engine, run_id, run_dir / "metrics.jsonl") if distributed.is_main() else None,
-                max_seconds=config.max_seconds,
-            )
-        ],
+    out = run_dir / "model"
+    member_names = [None] if config.ensemble == 1 else [f"member{i}" for i in range(config.ensemble)]
+    budget = config.max_seconds / config.ensemble if config.max_seconds else None
+    log_steps = StepLog(engine, run_id, run_dir / "metrics.jsonl") if distributed.is_main() else None
+    train_dataset = encode_report = None
+    members, train_seconds = [], 0.0
+    for index, member in enumerate(member_names):
+        seed = config.seed + index
+        torch.manual_seed(seed)
+        model, tokenizer = load_sequence_classifier(source, pooling=pooling)
+        if train_dataset is None:
+            train_dataset, encode_report = _encode(RewardFormat(tokenizer, config.max_length), train_pairs)
+        fields = {"member": index} if member else None
+        trainer = _trainer(
+            config, run_dir, model, tokenizer, train_dataset, seed, progress, log_steps, budget, fields
+        )
+        start = time.perf_counter()
+        trainer.train()
+        train_seconds += time.perf_counter() - start
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        members.append(
+            {
+                "steps": trainer.state.global_step,
+                "first_loss": losses[0] if losses else None,
+                "final_loss": losses[-1] if losses else None,
+            }
+        )
+        if distributed.is_main():  # an adapter keeps its score head via modules_to_save
+            member_dir = out / member if member else out
+            trainer.model.save_pretrained(member_dir)
+            tokenizer.save_pretrained(member_dir)
+    if not distributed.is_main():
+        return {"run_id": run_id}
+    tokenizer.save_pretrained(out)
+    write_meta(
+        out,
+        max_length=config.max_length,
+        base=config.base,
+        method=config.method,
+        pooling=pooling,
+        **({"members": member_names} if config.ensemble > 1 else {}),
     )
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
-    start = time.perf_counter()
-    trainer.train()
-    train_seconds = time.perf_counter() - start
-    if not distributed.is_main():
-        return {"run_id": run_id}
 
-    # 3. Save (an adapter keeps its score head via modules_to_save), then evaluate what was saved.
-    out = run_dir / "model"
-    trainer.model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    write_meta(out, max_length=config.max_length, base=config.base, method=config.method, pooling=pooling)
-    # Evaluate the saved files, loaded back (float32 on the CPU, no training-time autocast): the figures then
+    # 3. Evaluate the saved files, loaded back (float32 on the CPU, no training-time autocast): the figures then
     # describe exactly the weights that get registered, the same on every machine. Scoring elsewhere follows
     # the device policy (bf16 on a GPU), which moves scores by rounding only.
     saved = registry.ModelSource(
         ref=str(out), path=out, licence=source.licence, base=source if config.method == "lora" else None
     )
-    model, _ = load_sequence_classifier(saved, pooling=pooling)
-    scorer = RewardModel(model=model.eval(), tokenizer=tokenizer, max_length=config.max_length, ref=str(out))
+    scorer = RewardModel.from_source(saved, member_names, pooling=pooling, max_length=config.max_length)
     evaluation = {}
     if held_out:
-        chosen, rejected = reward_eval.pair_scores(scorer, held_out)
-        evaluation["held_out"] = reward_eval.evaluate_scores(held_out, chosen, rejected)
-        scores = {"chosen": chosen.tolist(), "rejected": rejected.tolist()}
+        chosen, rejected = reward_eval.member_pair_scores(scorer, held_out)
+        evaluation["held_out"] = reward_eval.evaluate_members(held_out, chosen, rejected)
+        scores = {"chosen": chosen.mean(0).tolist(), "rejected": rejected.mean(0).tolist()}
+        if config.ensemble > 1:
+            scores["members"] = {"chosen": chosen.tolist(), "rejected": rejected.tolist()}
         (run_dir / "held_out_scores.json").write_text(json.dumps(scores), encoding="utf-8")
     for name, pairs in eval_sets.items():
-        evaluation[name] = reward_eval.evaluate(scorer, pairs)
+        evaluation[name] = reward_eval.evaluate_members(pairs, *reward_eval.member_pair_scores(scorer, pairs))
     if held_out:
         reward_eval.save_report(evaluation["held_out"], run_dir / "report.png", title=f"reward run {run_id}")
 
-    steps = trainer.state.global_step
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    steps = sum(m["steps"] for m in members)
     rounds = sorted({p.round for p in train_pairs if p.round is not None})
     metrics = {
         "base": config.base,
@@ -338,6 +351,7 @@ def _fit(
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "train_pairs": len(train_pairs),
         "processes": trainer.accelerator.num_processes,
+        "ensemble": config.ensemble,
         "held_out_pairs": len(held_out),
         "trainable_params": trainable,
         "total_params": total,
@@ -345,12 +359,13 @@ def _fit(
         "train_seconds": round(train_seconds, 2),
         "train_tokens": int(getattr(trainer, "_total_train_tokens", 0)),
         "pairs_per_second": round(
-            steps * args.train_batch_size * config.gradient_accumulation_steps / train_seconds, 3
+            steps * trainer.args.train_batch_size * config.gradient_accumulation_steps / train_seconds, 3
         )
         if steps
         else None,
-        "first_loss": losses[0] if losses else None,
-        "final_loss": losses[-1] if losses else None,
+        "first_loss": members[0]["first_loss"],
+        "final_loss": members[-1]["final_loss"],
+        **({"members": members} if config.ensemble > 1 else {}),
         "encoding": encode_report.as_dict(),
         "skipped_in_files": skipped,
         "rounds": rounds,
@@ -387,6 +402,53 @@ def _fit(
     }
 
 
+def _encode(fmt: RewardFormat, train_pairs: list[Pair]):
+    rows, encode_report = fmt.encode_pairs(train_pairs)
+    train_dataset = Dataset.from_list(rows)
+    if all(r["weight"] == 1 for r in rows):
+        train_dataset = train_dataset.remove_columns("weight")
+    if all(r["margin"] == 0 for r in rows):
+        train_dataset = train_dataset.remove_columns("margin")
+    return train_dataset, encode_report
+
+
+def _trainer(config, run_dir, model, tokenizer, train_dataset, seed, progress, log_steps, budget, fields):
+    cuda = torch.cuda.is_available()
+    args = RewardConfig(
+        output_dir=str(run_dir / "trainer"),
+        num_train_epochs=config.num_train_epochs,
+        max_steps=config.max_steps,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type="linear",
+        warmup_steps=config.warmup_ratio,
+        weight_decay=config.weight_decay,
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
+        length_column_name="length",
+        remove_unused_columns=False,  # the sampler needs `length`; the collator ignores what it does not use
+        max_length=None,  # encoded and truncated above, nothing for TRL to drop
+        center_rewards_coefficient=config.center_rewards_coefficient,
+        activation_checkpointing=False,
+        bf16=native_bf16() if config.bf16 is None else config.bf16,
+        use_cpu=not cuda,
+        logging_steps=config.logging_steps,
+        save_strategy="no",
+        report_to=[],
+        seed=seed,
+        disable_tqdm=not progress,
+    )
+    return PairRewardTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config(config, model),
+        data_collator=PairCollator(pad_token_id=tokenizer.pad_token_id),
+        callbacks=[trainer_callback(log_steps, max_seconds=budget, fields=fields)],
+    )
+
+
 def _compact(evaluation: dict) -> dict:
     """Evaluation figures for the database row, without the curves and histograms."""
     keep = (
@@ -398,5 +460,7 @@ def _compact(evaluation: dict) -> dict:
         "humans_prefer_longer",
         "by_source",
         "by_round",
+        "members",
+        "disagreement",
     )
     return {name: {k: v for k, v in m.items() if k in keep} for name, m in evaluation.items()}

@@ -260,3 +260,71 @@ def test_embedded_encoder_trains_on_hh_pairs(workspace, tmp_path):
     summary = train(engine, settings, config, progress=False)
     assert summary["steps"] == 4 and summary["held_out_pairs"] >= 16 and 0 <= summary["accuracy"] <= 1
     assert summary["encoding"]["prompt_truncated"] > 0 and summary["encoding"]["dropped"] == 0
+
+
+def test_folds_partition_the_prompts(separable_file):
+    from reward.data import fold_by_prompt
+
+    pairs, _ = file_pairs(separable_file)
+    held = [fold_by_prompt(pairs, fold=i, folds=4, seed=3)[1] for i in range(1, 5)]
+    keys = [p.key for fold in held for p in fold]
+    assert sorted(keys) == sorted(p.key for p in pairs)  # every pair held out exactly once
+    train_pairs, test = fold_by_prompt(pairs, fold=2, folds=4, seed=3)
+    assert not {p.key for p in train_pairs} & {p.key for p in test}
+    with pytest.raises(ValueError):
+        fold_by_prompt(pairs, fold=5, folds=4)
+
+
+@pytest.mark.parametrize("fold", ["5/4", "0/3", "1/1", "two/5", "1/2/3"])
+def test_bad_cv_fold_is_refused_before_anything_is_written(workspace, separable_file, fold):
+    settings, engine, _ = workspace
+    with pytest.raises(AlignloopError, match="cv_fold"):
+        load_config("configs/reward/tiny.yaml", data=[str(separable_file)], cv_fold=fold)
+    with Session(engine) as s:
+        assert s.exec(select(Run)).all() == []
+
+
+def test_queue_keys_put_disputed_and_tied_pairs_first():
+    from reward.score import queue_keys
+
+    single = queue_keys(np.array([[1.0, 0.2, -3.0]]), np.array([[0.0, 0.0, 0.0]]))
+    assert single.tolist() == pytest.approx([1.0, 0.2, 3.0])
+    # Three members, three pairs: agreed and clear; same mean margin but disputed; near a tie.
+    a = np.array([[1.0, 3.0, 0.05], [1.0, -1.0, 0.0], [1.0, 1.0, -0.05]])
+    keys = queue_keys(a, np.zeros_like(a))
+    assert keys[1] < keys[0] and keys[2] < keys[0]
+
+
+def test_ensemble_trains_members_and_scores_their_mean(workspace, tiny_model_dir, separable_file):
+    settings, engine, _ = workspace
+    config = load_config(
+        "configs/reward/tiny.yaml",
+        data=[str(separable_file)],
+        base=str(tiny_model_dir),
+        cv_fold="2/4",
+        ensemble=2,
+        max_steps=6,
+        learning_rate=3e-3,
+        per_device_train_batch_size=8,
+        name="rm-ensemble",
+    )
+    summary = train(engine, settings, config, progress=False)
+    assert summary["ensemble"] == 2 and len(summary["members"]) == 2
+    assert summary["steps"] == 12 and summary["held_out_pairs"] == 10  # fold 2 of 4 over 10 prompts x 4
+    held = summary["evaluation"]["held_out"]
+    assert len(held["members"]) == 2 and held["disagreement"] > 0
+    model_dir = settings.runs_dir / f"run{summary['run_id']}" / "model"
+    assert json.loads((model_dir / "alignloop_reward.json").read_text())["members"] == ["member0", "member1"]
+    with Session(engine) as s:
+        scorer = RewardModel.load("rm-ensemble", settings=settings, session=s)
+        history = s.get(Run, summary["run_id"]).metrics["history"]
+    assert {h.get("member") for h in history if "loss" in h} == {0, 1}
+    assert scorer.size == 2
+    first, second = (dict(m.named_parameters())["score.weight"] for m in scorer.members)
+    assert not torch.equal(first, second)  # own seeds, own heads
+    prompts, responses = ["Tell me about rivers."] * 2, ["Thank you! Here is a summary about rivers.", "No."]
+    members = scorer.member_scores(prompts, responses)
+    assert members.shape == (2, 2)
+    assert scorer.score(prompts, responses) == pytest.approx(members.mean(0).tolist())
+    scores = json.loads((model_dir.parent / "held_out_scores.json").read_text())
+    assert np.array(scores["members"]["chosen"]).shape == (2, 10)

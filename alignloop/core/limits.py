@@ -86,6 +86,7 @@ COUNT_BOUNDS: dict[str, tuple[float, float]] = {
     # models
     "lora_r": (1, 4096),
     "lora_alpha": (1, 65_536),
+    "ensemble": (1, 16),  # reward models trained and scored together: each one costs a full training
     # bookkeeping
     "round": (0, MAX_ID),
     "rounds": (0, MAX_ID),

@@ -30,9 +30,9 @@ class StepLog:
             session.add(run)
 
 
-def trainer_callback(log: StepLog | None, *, max_seconds: float | None = None):
+def trainer_callback(log: StepLog | None, *, max_seconds: float | None = None, fields: dict | None = None):
     """A `transformers.TrainerCallback` that feeds `log` from the main process (None: log nothing) and stops
-    training once `max_seconds` have passed."""
+    training once `max_seconds` have passed; `fields` are added to every entry (an ensemble's member index)."""
     from transformers import TrainerCallback
 
     class StepLogCallback(TrainerCallback):
@@ -45,6 +45,6 @@ def trainer_callback(log: StepLog | None, *, max_seconds: float | None = None):
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if log is not None and state.is_world_process_zero:
-                log({"step": state.global_step, **(logs or {})})
+                log({"step": state.global_step, **(fields or {}), **(logs or {})})
 
     return StepLogCallback()
