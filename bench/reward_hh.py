@@ -192,6 +192,40 @@ def cross_validate(workspace: Path, folds: int, members: int, variants: dict[str
     return table
 
 
+def scoring_throughput(members: int, pairs: int = 256, ppo_batch: int = 16) -> None:
+    """Reward scoring speed, one model against an ensemble (the baseline in the same run): HH pairs with their
+    full context (prompt cut from the left at the default config's max length), batches of 16 as PPO and the
+    queue score. Heads are untrained: the speed does not depend on the weights."""
+    import torch
+
+    from alignloop.core import registry
+    from reward.data import file_pairs
+    from reward.score import RewardModel, load_sequence_classifier
+
+    torch.manual_seed(0)
+    source = registry.ModelSource(ref="minilm", path=registry.encoder_path(), licence="apache-2.0")
+    models = [load_sequence_classifier(source, pooling="mean") for _ in range(members)]
+    tokenizer = models[0][1]
+    data = file_pairs(HH)[0][:pairs]
+    prompts = [p.prompt for p in data] * 2
+    responses = [p.chosen for p in data] + [p.rejected for p in data]
+    rates = {}
+    for size in (1, members):
+        chosen = [m.eval() for m, _ in models[:size]]
+        scorer = RewardModel(
+            model=chosen[0], tokenizer=tokenizer, max_length=MAX_LENGTH, members=chosen if size > 1 else []
+        )
+        scorer.score(prompts[:16], responses[:16])  # warm-up
+        start = time.perf_counter()
+        scorer.score(prompts, responses)
+        rates[size] = len(data) / (time.perf_counter() - start)
+    print(f"\n| reward model | pairs/s | s per PPO batch of {ppo_batch} responses | ratio |")
+    print("| --- | --- | --- | --- |")
+    for size, rate in rates.items():
+        name = "one MiniLM (the default)" if size == 1 else f"ensemble of {size}"
+        print(f"| {name} | {rate:.1f} | {ppo_batch / 2 / rate:.2f} | {rates[1] / rate:.2f}x |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -209,7 +243,11 @@ def main() -> None:
         help="NAME=JSON overrides of the default config, cross-validated beside it",
     )
     parser.add_argument("--skip-default", action="store_true", help="cross-validate the variants only")
+    parser.add_argument("--scoring", type=int, default=0, help="scoring speed of one model vs N members")
     args = parser.parse_args()
+    if args.scoring:
+        scoring_throughput(args.scoring)
+        return
 
     from alignloop.cli import main as cli
 
