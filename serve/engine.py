@@ -8,7 +8,8 @@ two steps, waiting requests are encoded together (prefill) and join the batch (t
 batch's length, masked out), and rows that hit EOS, a stop string or their token limit leave it (their cache
 rows are dropped, and leading columns nobody uses any more are trimmed). A new request therefore waits one
 step, not for the longest reply in flight; `bench/serve_load.py` measures the whole against one request at a
-time.
+time. Versions with a GGUF file may be served by llama.cpp instead (`serve/backend.py`, `gguf_backend`): it
+takes the same `Request` and ends replies through the same `advance` step.
 """
 
 from __future__ import annotations
