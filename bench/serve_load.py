@@ -33,7 +33,10 @@ import openai
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-QUESTIONS = ROOT.parent / "shared" / "data" / "vicuna_bench_questions.jsonl"
+QUESTIONS = (
+    Path(os.environ.get("ALIGNLOOP_SHARED_DATA") or ROOT.parent / "shared" / "data")
+    / "vicuna_bench_questions.jsonl"
+)
 
 
 def free_port() -> int:
