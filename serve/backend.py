@@ -30,8 +30,9 @@ Invariants:
 
 Trade-offs: a context decodes one reply at a time (llama-cpp-python has no batched sampling API); the torch engine's
 continuous batching is what narrows the gap under many clients. More contexts decode more replies at once, at
-the cost of splitting the cores between them (`gguf_threads`) and one KV cache each; the default, one context
-with every core, is what the benchmark measured. Sampling follows the torch engine's (temperature, top-p, no
+the cost of splitting the cores between them (`gguf_threads`) and one KV cache each. By default one context
+uses every core but one (`default_threads`): the web server needs that one, and llama.cpp's threads, which
+wait for each other after every op, collapse when the server preempts one of them. Sampling follows the torch engine's (temperature, top-p, no
 top-k, min-p or repeat penalty), but llama.cpp's sampler draws its own random numbers: a seed repeats a reply
 within one backend, not across them.
 Sources: llama-cpp-python `Llama.generate` and `llama_cpp.server` (one lock per `Llama`); llama.cpp
@@ -163,6 +164,16 @@ def open_engine(ref: str, *, settings: Settings, db) -> BatchingEngine | LlamaCp
 # --- the llama.cpp engine ------------------------------------------------------------------------------------
 
 
+def default_threads(contexts: int) -> int:
+    """Threads per context when `gguf_threads` is 0: the cores this process may use, less one, shared out.
+
+    The core left over is the web server's (event loop, tokenizer, SSE). llama.cpp's threads meet at a barrier
+    after every op, so one of them preempted stalls them all: in `alignloop serve` on 2 cores, 2 threads gave
+    2.2-2.6 tokens/s and 1 thread 22-31 (bench/serve_load.py, README)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, (cores - 1) // contexts)
+
+
 class LlamaCppEngine:
     """Replies decoded by llama.cpp from a GGUF file: up to `contexts` at once, one per worker thread."""
 
@@ -177,7 +188,7 @@ class LlamaCppEngine:
         from transformers import AutoTokenizer
 
         self.gguf, self.contexts = Path(gguf), max(1, contexts)
-        self.threads = threads or max(1, (os.cpu_count() or 1) // self.contexts)
+        self.threads = threads or default_threads(self.contexts)
         fields = GGUFReader(self.gguf).fields
         arch = fields["general.architecture"].contents()
         trained = fields.get(f"{arch}.context_length")

@@ -127,7 +127,10 @@ class Settings:
         },
     )
     gguf_threads: int = field(
-        default=0, metadata={"help": "CPU threads per llama.cpp context; 0 = the cores / gguf_contexts."}
+        default=0,
+        metadata={
+            "help": "CPU threads per llama.cpp context; 0 = (the cores - 1) / gguf_contexts, at least 1."
+        },
     )
     # --- jobs ---
     max_jobs: int = field(
