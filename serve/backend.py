@@ -1,8 +1,9 @@
 """Which engine serves a model version, and the llama.cpp engine that serves GGUF files.
 
 `bench/export_serve.py` measured an exported GGUF in llama.cpp at 5.6x the tokens/s of `serve/engine.py`
-single-stream and 2.15x with 8 clients on a CPU (README, "Take it home"), so `alignloop serve` runs a version
-that has a GGUF file in llama.cpp when the `gguf` extra (llama-cpp-python) is installed. `gguf_backend` in
+single-stream and 2.15x with 8 clients on a CPU, and through this module the server itself gives 3.5x and 1.3x
+(`bench/serve_load.py --gguf q8_0`; README, "Take it home"), so `alignloop serve` runs a version that has a
+GGUF file in llama.cpp when the `gguf` extra (llama-cpp-python) is installed. `gguf_backend` in
 config.yaml decides:
 
 - ``auto``: llama.cpp when llama_cpp is importable and the version has a GGUF, else torch. The embedded
@@ -28,13 +29,13 @@ Invariants:
   is first asked for, so a bad file fails that request; the others when concurrency first needs them).
 - The licence is reviewed as for loading (`registry.review_licence`), from the GGUF's `general.license`.
 
-Trade-offs: a context decodes one reply at a time (llama-cpp-python has no batched sampling API); the torch engine's
-continuous batching is what narrows the gap under many clients. More contexts decode more replies at once, at
+Trade-offs: a context decodes one reply at a time (llama-cpp-python has no batched sampling API); the torch
+engine's continuous batching is what narrows the gap under many clients. More contexts decode more replies at once, at
 the cost of splitting the cores between them (`gguf_threads`) and one KV cache each. By default one context
 uses every core but one (`default_threads`): the web server needs that one, and llama.cpp's threads, which
-wait for each other after every op, collapse when the server preempts one of them. Sampling follows the torch engine's (temperature, top-p, no
-top-k, min-p or repeat penalty), but llama.cpp's sampler draws its own random numbers: a seed repeats a reply
-within one backend, not across them.
+wait for each other after every op, collapse when the server preempts one of them. Sampling follows the torch
+engine's (temperature, top-p; no top-k, min-p or repeat penalty), but llama.cpp's sampler draws its own random
+numbers: a seed repeats a reply within one backend, not across them.
 Sources: llama-cpp-python `Llama.generate` and `llama_cpp.server` (one lock per `Llama`); llama.cpp
 `llama_vocab_is_eog`.
 """
