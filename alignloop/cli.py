@@ -192,7 +192,8 @@ def cmd_export_feedback(args) -> int:
 def cmd_export_model(args) -> int:
     from sqlmodel import Session
 
-    from serve.export import export_model
+    from alignloop.core.db import session_scope
+    from serve.export import export_model, record_export
 
     settings, engine = open_workspace(args)
     with Session(engine) as session:
@@ -205,6 +206,8 @@ def cmd_export_model(args) -> int:
             quant=args.quant,
             accept_licence=args.allow_noncommercial,
         )
+    with session_scope(engine) as session:
+        record_export(session, result)  # `alignloop serve` may run a GGUF export in llama.cpp
     print(
         f"exported {args.ref} ({result.fmt}{f', {result.quant}' if result.quant else ''}, licence "
         f"{result.licence}) to {result.out}:"

@@ -143,18 +143,14 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
 
 
 def _model_pool(settings: Settings, engine):
-    """Loaded chat models (the OpenAI endpoint, /chat, /arena), by reference; adapters merged for speed."""
+    """Loaded chat models (the OpenAI endpoint, /chat, /arena), by reference: torch (adapters merged for
+    speed) or llama.cpp for versions with a GGUF, as `gguf_backend` says (serve/backend.py)."""
+    from functools import partial
+
+    from serve.backend import open_engine
     from serve.engine import ModelPool
 
-    def load(ref: str):
-        from alignloop.core import registry
-
-        with Session(engine) as session:
-            loaded = registry.resolve(ref, settings=settings, session=session)
-        model = loaded.model.merge_and_unload() if hasattr(loaded.model, "merge_and_unload") else loaded.model
-        return model, loaded.tokenizer
-
-    return ModelPool(load)
+    return ModelPool(partial(open_engine, settings=settings, db=engine))
 
 
 def app_from_env() -> FastAPI:

@@ -2,7 +2,8 @@
 
 Exports `default` as GGUF (or takes `--gguf FILE`), then for the same Vicuna-bench prompts, `max_tokens` and
 temperature measures generated tokens/s and time to first token for
-- `serve/engine.py`'s BatchingEngine over the registry's float32 model (what `alignloop serve` runs), and
+- `serve/engine.py`'s BatchingEngine over the registry's float32 model (what `alignloop serve` runs for
+  versions without a GGUF), and
 - llama-cpp-python's `Llama` over the GGUF, with one lock around it: a `Llama` decodes one sequence at a time
   and is not thread-safe, which is also how `llama_cpp.server` serves concurrent requests,
 each with one client at a time and with N concurrent clients (default 8). In-process on both sides, so HTTP

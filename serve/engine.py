@@ -8,7 +8,8 @@ two steps, waiting requests are encoded together (prefill) and join the batch (t
 batch's length, masked out), and rows that hit EOS, a stop string or their token limit leave it (their cache
 rows are dropped, and leading columns nobody uses any more are trimmed). A new request therefore waits one
 step, not for the longest reply in flight; `bench/serve_load.py` measures the whole against one request at a
-time.
+time. Versions with a GGUF file may be served by llama.cpp instead (`serve/backend.py`, `gguf_backend`): it
+takes the same `Request` and ends replies through the same `advance` step.
 """
 
 from __future__ import annotations
@@ -83,11 +84,16 @@ class BatchingEngine:
         parameters = inspect.signature(model.forward).parameters
         self.cache_arg = "cache" if "cache" in parameters else "past_key_values"
         self.keep_last_logits = "logits_to_keep" in parameters
+        self.context_length: int | None = getattr(model.config, "max_position_embeddings", None)
         self.closed = False
         threading.Thread(target=self._worker, name="alignloop-engine", daemon=True).start()
 
     def render(self, messages: list[dict]) -> list[int]:
         return render(self.tokenizer, messages)
+
+    def encode(self, text: str) -> list[int]:
+        """A raw prompt (/v1/completions): the text as is, with the special tokens the tokenizer adds."""
+        return self.tokenizer(text)["input_ids"]
 
     def submit(self, request: Request) -> Request:
         self.pending.put(request)
@@ -207,32 +213,51 @@ class BatchingEngine:
         """Sample the row's next token, send any new text; True when the row is finished."""
         r = row.request
         if r.cancelled.is_set():
-            r.emit(
-                (
-                    "done",
-                    "cancelled",
-                    {"prompt_tokens": len(r.prompt_ids), "completion_tokens": len(row.generated)},
-                )
-            )
+            cancelled(r, len(row.generated))
             return True
         token = _sample(row.logits, r.temperature, r.top_p, row.generator)
-        finish = "stop" if token in self.stops else None
-        row.generated.append(token)
-        text_ids = row.generated[:-1] if finish else row.generated
-        text = self.tokenizer.decode(text_ids, skip_special_tokens=True)
-        cut = _stop_at(text, r.stop)
-        if cut is not None:
-            text, finish = text[:cut], "stop"
-        elif finish is None and len(row.generated) >= r.max_tokens:
-            finish = "length"
-        safe = len(text) if finish else _safe_prefix(text, r.stop)
-        if safe > row.emitted:
-            r.emit(("text", text[row.emitted : safe]))
-            row.emitted = safe
-        if finish:
-            usage = {"prompt_tokens": len(r.prompt_ids), "completion_tokens": len(row.generated)}
-            r.emit(("done", finish, usage))
-        return finish is not None
+        row.emitted, finished = advance(
+            r, row.generated, row.emitted, token, self.tokenizer, is_stop=token in self.stops
+        )
+        return finished
+
+
+def advance(
+    r: Request,
+    generated: list[int],
+    emitted: int,
+    token: int,
+    tokenizer,
+    *,
+    is_stop: bool,
+    max_tokens: int | None = None,
+) -> tuple[int, bool]:
+    """Append one sampled token to a reply and send what can be sent: the text not yet emitted (held back where
+    it may start a stop string), then ("done", finish_reason, usage) once it ends by EOS, a stop string or
+    `max_tokens` (the request's own unless a backend lowers it). Returns (characters emitted, finished?).
+    Shared by every backend, so replies end and stream the same whichever engine decoded them."""
+    finish = "stop" if is_stop else None
+    generated.append(token)
+    text_ids = generated[:-1] if finish else generated
+    text = tokenizer.decode(text_ids, skip_special_tokens=True)
+    cut = _stop_at(text, r.stop)
+    if cut is not None:
+        text, finish = text[:cut], "stop"
+    elif finish is None and len(generated) >= (max_tokens or r.max_tokens):
+        finish = "length"
+    safe = len(text) if finish else _safe_prefix(text, r.stop)
+    if safe > emitted:
+        r.emit(("text", text[emitted:safe]))
+        emitted = safe
+    if finish:
+        usage = {"prompt_tokens": len(r.prompt_ids), "completion_tokens": len(generated)}
+        r.emit(("done", finish, usage))
+    return emitted, finish is not None
+
+
+def cancelled(r: Request, num_generated: int) -> None:
+    """The last event of a reply its consumer gave up on."""
+    r.emit(("done", "cancelled", {"prompt_tokens": len(r.prompt_ids), "completion_tokens": num_generated}))
 
 
 # --- the KV cache of a batch whose rows come and go -----------------------------------------------------------
@@ -306,10 +331,13 @@ def _safe_prefix(text: str, stops: list[str]) -> int:
 
 
 class ModelPool:
-    """Loaded engines by model reference, the least recently used unloaded past `capacity`."""
+    """Loaded engines by model reference, the least recently used unloaded past `capacity`.
 
-    def __init__(self, loader: Callable[[str], tuple], *, capacity: int = 3, max_batch: int = 16):
-        self.loader, self.capacity, self.max_batch = loader, capacity, max_batch
+    `open_engine(ref)` returns what serves `ref`: a `BatchingEngine`, or another backend with the same surface
+    (`render`, `encode`, `submit`, `close`, `context_length`; `serve/backend.py` picks which)."""
+
+    def __init__(self, open_engine: Callable[[str], BatchingEngine], *, capacity: int = 3):
+        self.open_engine, self.capacity = open_engine, capacity
         self.engines: OrderedDict[str, BatchingEngine] = OrderedDict()
         self.lock = threading.Lock()
 
@@ -318,8 +346,7 @@ class ModelPool:
             if ref in self.engines:
                 self.engines.move_to_end(ref)
                 return self.engines[ref]
-            model, tokenizer = self.loader(ref)
-            engine = BatchingEngine(model, tokenizer, max_batch=self.max_batch)
+            engine = self.open_engine(ref)
             self.engines[ref] = engine
             while len(self.engines) > self.capacity:
                 self.engines.popitem(last=False)[1].close()

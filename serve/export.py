@@ -47,7 +47,7 @@ from pathlib import Path
 import yaml
 from sqlmodel import Session, col, func, select
 
-from alignloop.core import AlignloopError, devices
+from alignloop.core import AlignloopError, crud, devices
 from alignloop.core.config import Settings
 from alignloop.core.models import ModelVersion, Run, Vote
 from alignloop.core.registry import DEFAULT_REF, ModelSource, load_causal_lm, locate
@@ -451,6 +451,21 @@ def _eval_lines(session: Session | None, ref: str) -> list[str]:
 
 def _fmt(value) -> str:
     return "–" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+# --- recording, for serving --------------------------------------------------------------------------------
+
+
+def record_export(session: Session, result: ExportResult) -> Run:
+    """Record a finished export as a `Run` of kind "export": `alignloop serve` runs a version from its recorded
+    GGUF in llama.cpp (`serve/backend.py`). The caller commits."""
+    run = crud.create_run(
+        session, kind="export", config={"ref": result.ref, "format": result.fmt, "quant": result.quant}
+    )
+    metrics = {"out": str(result.out), "files": result.files}
+    if result.gguf is not None:
+        metrics["gguf"] = str(result.gguf)
+    return crud.finish_run(session, run=run, status="succeeded", metrics=metrics)
 
 
 # --- listing (for /admin) ------------------------------------------------------------------------------------

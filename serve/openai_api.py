@@ -1,4 +1,5 @@
-"""The OpenAI-compatible API: `GET /v1/models`, `POST /v1/chat/completions` (streaming SSE or not).
+"""The OpenAI-compatible API: `GET /v1/models`, `POST /v1/chat/completions` and the legacy `POST /v1/completions`
+(streaming SSE or not).
 
 Any OpenAI client works against it (`base_url=http://HOST:PORT/v1`, `api_key=` a key from `alignloop keys
 create` or /admin/keys). `model` is a registered policy/SFT version's name or `default`; `temperature`,
@@ -6,7 +7,7 @@ create` or /admin/keys). `model` is a registered policy/SFT version's name or `d
 counted; one extra field, `preset`, applies an L1 prompting preset (`alignloop.core.presets`; when the preset
 defines an answer delimiter, the reasoning before it is left out of the reply). Errors come back in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with its status codes (400 invalid request,
 401 bad key, 404 unknown model), never a traceback. Concurrent requests for one model are decoded together
-(`serve.engine`).
+(`serve.engine`), or run in llama.cpp for versions with a GGUF file (`serve.backend`); the endpoints are the same.
 """
 
 from __future__ import annotations
@@ -53,6 +54,13 @@ class OpenAIError(Exception):
         return JSONResponse(body, status_code=self.status)
 
 
+def _stop_list(value) -> list[str]:
+    stops = [value] if isinstance(value, str) else (value or [])
+    if len(stops) > 4 or any(not s or len(s) > 100 for s in stops):
+        raise ValueError("stop: at most 4 non-empty strings of at most 100 characters")
+    return stops
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "developer"]
@@ -82,10 +90,7 @@ class ChatCompletionRequest(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stops(cls, value):
-        stops = [value] if isinstance(value, str) else (value or [])
-        if len(stops) > 4 or any(not s or len(s) > 100 for s in stops):
-            raise ValueError("stop: at most 4 non-empty strings of at most 100 characters")
-        return stops
+        return _stop_list(value)
 
     @field_validator("messages")
     @classmethod
@@ -93,6 +98,35 @@ class ChatCompletionRequest(BaseModel):
         if value[-1].role != "user":
             raise ValueError("the last message must be the user's")
         return value
+
+
+class CompletionRequest(BaseModel):
+    """The legacy text completion: the prompt is continued as written, no chat template."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(min_length=1, max_length=200)
+    prompt: str | list[str] = Field(description="one prompt (a list of one is accepted)")
+    temperature: float = Field(default=1.0, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    max_tokens: int | None = Field(default=16, ge=1, le=MAX_TOKENS)  # OpenAI's default for this endpoint
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: dict | None = None
+    n: int = Field(default=1, ge=1, le=1, description="only n=1 is supported")
+    seed: int | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value):
+        return _stop_list(value)
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value):
+        prompts = [value] if isinstance(value, str) else value
+        if len(prompts) != 1 or not prompts[0] or len(prompts[0]) > 100_000:
+            raise ValueError("one non-empty prompt of at most 100000 characters (batches are not supported)")
+        return prompts[0]
 
 
 # OpenAI's response shapes, as much of them as alignloop fills in (the official client parses these).
@@ -132,6 +166,22 @@ class ChatCompletion(BaseModel):
     created: int
     model: str
     choices: list[Choice]
+    usage: Usage
+
+
+class TextChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: str
+    logprobs: None = None
+
+
+class TextCompletion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[TextChoice]
     usage: Usage
 
 
@@ -214,6 +264,90 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, user: 
         except AlignloopError as exc:
             raise OpenAIError(400, str(exc), param="preset") from None
     session.commit()
+    job, events = await _start(
+        state,
+        ref,
+        body,
+        lambda engine: engine.render(messages),
+        body.max_completion_tokens or body.max_tokens,
+    )
+    completion_id, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+    if body.stream:
+        include_usage = bool((body.stream_options or {}).get("include_usage"))
+        return StreamingResponse(
+            _sse(events, job, completion_id, created, body.model, include_usage, ReasoningFilter(delimiter)),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-store"},
+        )
+    text, finish, usage = await _collect(events, job)
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": body.model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": _visible(text, delimiter)},
+                "finish_reason": finish,
+                "logprobs": None,
+            }
+        ],
+        "usage": _total(usage),
+    }
+
+
+@router.post("/completions", response_model=TextCompletion, responses=STREAMED)
+async def completions(body: CompletionRequest, request: Request, user: ApiUser, session: SessionDep):
+    """The legacy completions endpoint: `prompt` is continued as written (no chat template)."""
+    state = request.app.state
+    ref = model_ref(session, body.model, state.settings.default_policy)
+    session.commit()
+    job, events = await _start(state, ref, body, lambda engine: engine.encode(body.prompt), body.max_tokens)
+    completion_id, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+
+    def chunk(text: str, finish: str | None = None) -> dict:
+        return {
+            "id": completion_id,
+            "object": "text_completion",
+            "created": created,
+            "model": body.model,
+            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
+        }
+
+    if body.stream:
+        include_usage = bool((body.stream_options or {}).get("include_usage"))
+
+        async def stream():
+            try:
+                while True:
+                    event = await events.get()
+                    if event[0] == "text":
+                        yield f"data: {json.dumps(chunk(event[1]))}\n\n"
+                    elif event[0] == "error":
+                        failed = {"error": {"message": "generation failed", "type": "server_error"}}
+                        yield f"data: {json.dumps(failed)}\n\n"
+                        break
+                    else:
+                        _, finish, usage = event
+                        yield f"data: {json.dumps(chunk('', _finish(finish)))}\n\n"
+                        if include_usage:
+                            yield f"data: {json.dumps({**chunk(''), 'choices': [], 'usage': _total(usage)})}\n\n"
+                        break
+                yield "data: [DONE]\n\n"
+            finally:
+                job.cancelled.set()
+
+        return StreamingResponse(
+            stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"}
+        )
+    text, finish, usage = await _collect(events, job)
+    return {**chunk(text, finish), "usage": _total(usage)}
+
+
+async def _start(state, ref: str, body, prompt_of, asked: int | None) -> tuple[EngineRequest, asyncio.Queue]:
+    """Load the model (whichever backend serves it), tokenize the prompt, check it fits, submit the request;
+    returns it and the queue its events arrive on."""
     try:
         engine = await run_in_threadpool(state.model_pool.get, ref)
     except AlignloopError as exc:
@@ -221,10 +355,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, user: 
             500, f"model {body.model!r} could not be loaded: {exc}", type="server_error"
         ) from None
     loop, events = asyncio.get_running_loop(), asyncio.Queue()
-    prompt_ids = await run_in_threadpool(engine.render, messages)
-    asked = body.max_completion_tokens or body.max_tokens
+    prompt_ids = await run_in_threadpool(prompt_of, engine)
     max_tokens = asked or MAX_TOKENS // 8
-    context = getattr(engine.model.config, "max_position_embeddings", None)
+    context = engine.context_length
     if context is not None:
         # OpenAI's own answer to an over-long request; the engine would otherwise decode past the positions the
         # model knows. Without an explicit max_tokens the reply may use whatever room the prompt leaves.
@@ -249,14 +382,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, user: 
         emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
     )
     engine.submit(job)
-    completion_id, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-    if body.stream:
-        include_usage = bool((body.stream_options or {}).get("include_usage"))
-        return StreamingResponse(
-            _sse(events, job, completion_id, created, body.model, include_usage, ReasoningFilter(delimiter)),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-store"},
-        )
+    return job, events
+
+
+async def _collect(events: asyncio.Queue, job: EngineRequest) -> tuple[str, str, dict]:
+    """A whole reply: (text, finish_reason, usage)."""
     parts, finish, usage = [], "stop", {}
     try:
         while True:
@@ -270,21 +400,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, user: 
                 break
     finally:
         job.cancelled.set()
-    return {
-        "id": completion_id,
-        "object": "chat.completion",
-        "created": created,
-        "model": body.model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": _visible("".join(parts), delimiter)},
-                "finish_reason": finish,
-                "logprobs": None,
-            }
-        ],
-        "usage": {**usage, "total_tokens": usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0)},
-    }
+    return "".join(parts), finish, usage
+
+
+def _total(usage: dict) -> dict:
+    return {**usage, "total_tokens": usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0)}
+
+
+def _finish(finish: str) -> str:
+    return "length" if finish == "length" else "stop"
 
 
 def _visible(text: str, delimiter: str | None) -> str:
@@ -327,7 +451,7 @@ async def _sse(
                 _, finish, usage = event
                 if rest := shown.flush():  # a reply that never wrote the delimiter is shown whole
                     yield chunk({"content": rest})
-                yield chunk({}, finish="length" if finish == "length" else "stop")
+                yield chunk({}, finish=_finish(finish))
                 if include_usage:
                     total = usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0)
                     yield chunk({}, usage={**usage, "total_tokens": total})

@@ -22,6 +22,11 @@ from alignloop.core.limits import check_bound
 
 CONFIG_NAME = "config.yaml"
 DEFAULT_WORKSPACE = "alignloop-data"
+GGUF_BACKENDS = (
+    "auto",
+    "llama_cpp",
+    "torch",
+)  # what serves a version that has a GGUF file (serve/backend.py)
 
 
 @dataclass
@@ -106,6 +111,27 @@ class Settings:
         default=False,
         metadata={"help": "Mark the login cookie Secure and send HSTS: set it when served over HTTPS."},
     )
+    # --- serving ---
+    gguf_backend: str = field(
+        default="auto",
+        metadata={
+            "help": "What `alignloop serve` runs a version with: auto (llama.cpp when llama-cpp-python is "
+            "installed and the version has a GGUF file, else torch; the embedded default stays on torch), "
+            "llama_cpp (every version from its GGUF; one without is an error), torch (serve/engine.py)."
+        },
+    )
+    gguf_contexts: int = field(
+        default=1,
+        metadata={
+            "help": "llama.cpp contexts per served GGUF version: replies decoded at once (each alone)."
+        },
+    )
+    gguf_threads: int = field(
+        default=0,
+        metadata={
+            "help": "CPU threads per llama.cpp context; 0 = (the cores - 1) / gguf_contexts, at least 1."
+        },
+    )
     # --- jobs ---
     max_jobs: int = field(
         default=2, metadata={"help": "Background jobs (console) that may run at once; more are refused."}
@@ -173,6 +199,8 @@ _SETTING_BOUNDS = {
     "top_p": (1e-9, 1),
     "login_attempts": (1, 10_000),
     "votes_per_minute": (1, 1_000_000),
+    "gguf_contexts": (1, 64),
+    "gguf_threads": (0, 1024),
 }
 MIN_SECRET_KEY_CHARS = 32
 
@@ -194,6 +222,10 @@ def check_settings(settings: Settings, *, where: str) -> None:
         or not all(a and len(a) <= 64 for a in settings.aspects)
     ):
         raise AlignloopError(f"{where}: aspects must be a list of 1 to 6 names")
+    if settings.gguf_backend not in GGUF_BACKENDS:
+        raise AlignloopError(
+            f"{where}: gguf_backend must be one of {', '.join(GGUF_BACKENDS)}, not {settings.gguf_backend!r}"
+        )
     for entry in settings.judge_endpoints:
         if (
             not isinstance(entry, dict)
