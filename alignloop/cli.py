@@ -626,6 +626,8 @@ def cmd_serve(args) -> int:
     from alignloop.web import create_app
 
     settings, engine = open_workspace(args)
+    if getattr(args, "gguf_backend", None):
+        settings.gguf_backend = args.gguf_backend
     workers = getattr(args, "workers", 1)
     print(f"alignloop {__version__} serving {settings.workspace} on http://{args.host}:{args.port}")
     # Browsers hold Gradio's event streams open; without a bound, a shutdown waits for them indefinitely.
@@ -635,6 +637,7 @@ def cmd_serve(args) -> int:
     if workers > 1:  # separate processes, each building the app from the workspace named in the environment
         os.environ["ALIGNLOOP_HOME"] = str(settings.workspace)
         os.environ["ALIGNLOOP_DEVICE"], os.environ["ALIGNLOOP_DTYPE"] = settings.device, settings.dtype
+        os.environ["ALIGNLOOP_GGUF_BACKEND"] = settings.gguf_backend
         uvicorn.run("alignloop.web:app_from_env", factory=True, workers=workers, **options)
     else:
         uvicorn.run(create_app(settings, engine), **options)

@@ -23,6 +23,7 @@ import types
 import typing
 
 from alignloop.core import __version__
+from alignloop.core.config import GGUF_BACKENDS
 from alignloop.core.limits import MAX_BATCH, MAX_ID, MAX_NEW_TOKENS, MAX_PROMPTS, MAX_RESPONSES, check_bound
 
 # Flags of the train subcommands that are not run-config fields.
@@ -533,6 +534,12 @@ def make_parser() -> argparse.ArgumentParser:
         type=count("workers", 1, 64),
         default=1,
         help="web worker processes (one Python process uses one core)",
+    )
+    p.add_argument(
+        "--gguf-backend",
+        choices=GGUF_BACKENDS,
+        default=None,
+        help="who serves GGUF versions (default: the workspace's gguf_backend setting)",
     )
     p.set_defaults(handler="cmd_serve")
     return parser

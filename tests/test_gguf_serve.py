@@ -271,3 +271,11 @@ def test_gguf_settings_are_validated(tmp_path, monkeypatch):
     config.write_text(yaml.safe_dump({**original, "gguf_backend": "torch", "gguf_contexts": 2}))
     settings = load_settings(tmp_path / "ws")
     assert settings.gguf_backend == "torch" and settings.gguf_contexts == 2 and settings.gguf_threads == 0
+    # `serve --gguf-backend` overrides the setting, and reaches `--workers` processes through the environment.
+    monkeypatch.setenv("ALIGNLOOP_GGUF_BACKEND", "llama_cpp")
+    assert load_settings(tmp_path / "ws").gguf_backend == "llama_cpp"
+    monkeypatch.setenv("ALIGNLOOP_GGUF_BACKEND", "vllm")
+    with pytest.raises(AlignloopError, match="ALIGNLOOP_GGUF_BACKEND must be one of"):
+        load_settings(tmp_path / "ws")
+    with pytest.raises(SystemExit):  # argparse refuses an unknown backend before anything runs
+        main(["serve", "--workspace", str(tmp_path / "ws"), "--gguf-backend", "vllm"])

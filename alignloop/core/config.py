@@ -186,6 +186,11 @@ def load_settings(workspace: str | os.PathLike | None = None) -> Settings:
     # `serve --workers N --device/--dtype` hands its choice to the worker processes this way.
     settings.device = os.environ.get("ALIGNLOOP_DEVICE") or settings.device
     settings.dtype = os.environ.get("ALIGNLOOP_DTYPE") or settings.dtype
+    settings.gguf_backend = (
+        os.environ.get("ALIGNLOOP_GGUF_BACKEND") or settings.gguf_backend
+    )  # --gguf-backend
+    if settings.gguf_backend not in GGUF_BACKENDS:
+        raise AlignloopError(f"ALIGNLOOP_GGUF_BACKEND must be one of {', '.join(GGUF_BACKENDS)}")
     _check_placement_settings(settings, config_file)
     return settings
 
