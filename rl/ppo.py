@@ -17,7 +17,8 @@ adapter switched off (`disable_adapter`), so there is no second copy in memory. 
 Measured (`bench/cuda_check.py`, H100, the default model's architecture): "shared" takes 0.78x the time per
 step (its update half as long) at the same peak memory, and both learn the test task equally fast. "adapter" is
 the default anyway: it keeps value regression from pulling on the policy's weights, the failure the PPO
-literature warns about with shared trunks, for about a quarter more time per step.
+literature warns about with shared trunks, for about a quarter more time per step. (Those figures predate a
+fix: peft's `set_adapter` froze the value adapter again before its backward, so only the head learned.)
 
 Memory and speed (issue #12: on full-context HH prompts the first version reached 20.7 GB and was OOM-killed):
 prompts are capped at `max_prompt_length` tokens once, up front (oldest turns first, cuts counted: see
@@ -48,9 +49,12 @@ log-probs, values) through the unwrapped module, under `accelerator.autocast()` 
   `gradient_accumulation_steps` (which also divides every loss by that count) does not fit: the micro-batches
   but the last run under `accelerator.no_sync`, and `accelerator.sync_gradients` is True only for the
   minibatch's last backward (where DeepSpeed steps its engine). The losses keep their token-share scaling;
-- every process runs the same number of forward/backward passes per minibatch (DDP and ZeRO communicate in
-  the backward, so a rank with fewer micro-batches would hang the others): the count is the maximum over
-  processes, and a rank short of it repeats its smallest micro-batch with weight 0;
+- every process runs the same number of forward/backward passes per minibatch: the count is the maximum over
+  processes (one small all-gather), and a rank short of it repeats its smallest micro-batch with weight 0.
+  DDP alone would survive unequal counts (it communicates only in the synchronising backward), but ZeRO-2
+  reduces gradients in every backward, where a rank with fewer micro-batches would hang the others; one
+  padded path for both keeps the tested path the shipped one. The filler runs while that rank would
+  otherwise wait for the slowest one;
 - "adapter" value models take turns in the forward pass (policy pass and its backward, then value pass and its
   backward, so one graph at a time), so half the trainable parameters are unused in each pass: DDP runs with
   `find_unused_parameters` there, and both adapters stay `requires_grad` (peft's `set_adapter` toggles it) so

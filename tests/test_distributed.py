@@ -4,10 +4,12 @@ one Run and one registered model, replicas identical at the end."""
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
 import pytest
+import torch
 from sqlmodel import Session
 
 from alignloop.cli import main
@@ -129,3 +131,42 @@ def test_reward_and_ppo_train_in_two_processes(workspace, tiny_model_dir, tmp_pa
     assert single.returncode == 0, single.stderr[-3000:]
     with Session(engine) as s:
         assert crud.get_model_version(s, name="rm-cpu-flag").metrics["processes"] == 1
+
+
+def test_ppo_step_under_ddp_with_different_micro_batch_counts_per_rank(tmp_path):
+    """PPO through `accelerator.prepare` in two processes: rank 0 splits its minibatches into fewer
+    micro-batches than rank 1 (short vs long prompts under the token budget), which must not hang DDP's
+    collectives (a hang fails on the timeout); after the update both ranks hold the same trainable weights,
+    changed from the start, both adapters and the head included."""
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or "accelerate"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    script = os.path.join(os.path.dirname(__file__), "ppo_ranks.py")
+    command = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", script, str(tmp_path)]
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+    try:
+        _, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and the ranks it started: one process group
+        proc.communicate()
+        pytest.fail("two-process PPO hung (ranks out of step in DDP's collectives?)")
+    assert proc.returncode == 0, err[-3000:]
+
+    for value_model in ("adapter", "shared"):
+        ranks = [torch.load(tmp_path / f"rank{r}-{value_model}.pt", weights_only=False) for r in (0, 1)]
+        for saved in ranks:
+            assert saved["wrapper"] == "DistributedDataParallel"  # went through accelerator.prepare
+            assert saved["find_unused"] == (value_model == "adapter") and saved["replicas_in_sync"]
+        counts = [saved["counts"] for saved in ranks]
+        assert len(counts[0]) == len(counts[1]) == 2 and all(a < b for a, b in zip(*counts, strict=True)), (
+            counts
+        )
+        assert ranks[0]["backwards"] == ranks[1]["backwards"]  # padded to the same number of passes
+        start, a, b = ranks[0]["start"], ranks[0]["end"], ranks[1]["end"]
+        assert start.keys() == a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), value_model
+        # Every trainable tensor moved (AdamW skips a tensor that never got a gradient, decay included).
+        assert [k for k in a if torch.equal(a[k], start[k])] == [], value_model
+        if value_model == "adapter":
+            assert any(".value." in k and not torch.equal(a[k], start[k]) for k in a)
