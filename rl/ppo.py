@@ -59,9 +59,10 @@ log-probs, values) through the unwrapped module, under `accelerator.autocast()` 
   backward, so one graph at a time), so half the trainable parameters are unused in each pass: DDP runs with
   `find_unused_parameters` there, and both adapters stay `requires_grad` (peft's `set_adapter` toggles it) so
   DDP registers them all.
-Each process averages its own minibatch (token means); DDP then averages over processes. Not covered: ZeRO-3
-(generation merges the adapter into weights it would have sharded) and checkpoints under DeepSpeed (the
-optimizer state is sharded; `save_every` must be 0 there).
+Each process averages its own minibatch (token means); DDP then averages over processes. Refused with a
+one-line error: ZeRO-3 (generation merges the adapter into weights it would have sharded) and checkpoints
+under DeepSpeed (the optimizer state is sharded; `save_every` must be 0 there). The DeepSpeed path is written
+to Accelerate's contract but has not run: no DeepSpeed and no second GPU where it was written.
 """
 
 from __future__ import annotations
@@ -551,7 +552,13 @@ class PPOTrainer:
         if deepspeed:
             # No dataloader goes through prepare, so DeepSpeed learns its batch size and clipping here (TRL's
             # PPOTrainer does the same); its optimizer state is sharded, which this trainer cannot checkpoint.
-            ds_config = self.accelerator.state.deepspeed_plugin.deepspeed_config
+            plugin = self.accelerator.state.deepspeed_plugin
+            if plugin.zero_stage == 3:
+                raise AlignloopError(
+                    "PPO under DeepSpeed supports ZeRO stages 0-2 (its rollouts generate with weights ZeRO-3 "
+                    "shards): use configs/accelerate/deepspeed_zero2.yaml"
+                )
+            ds_config = plugin.deepspeed_config
             ds_config["train_micro_batch_size_per_gpu"] = config.mini_batch_size
             ds_config["gradient_clipping"] = config.max_grad_norm
             if config.save_every:

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -170,3 +171,58 @@ def test_ppo_step_under_ddp_with_different_micro_batch_counts_per_rank(tmp_path)
         assert [k for k in a if torch.equal(a[k], start[k])] == [], value_model
         if value_model == "adapter":
             assert any(".value." in k and not torch.equal(a[k], start[k]) for k in a)
+
+
+def test_accelerate_configs_parse_and_ppo_hands_its_model_and_optimizer_to_prepare(tiny_tokenizer):
+    """The shipped launcher configs load with Accelerate's own loader (the DeepSpeed ones are labelled examples:
+    DeepSpeed cannot run here), and PPO's trainer gives its actor-critic and optimizer to `accelerator.prepare`
+    (what a ZeRO config shards), then trains through what prepare returned."""
+    from accelerate import Accelerator
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.optimizer import AcceleratedOptimizer
+    from conftest import build_tiny_llama
+
+    from rl.ppo import ActorCritic, PPOTrainer, load_config
+
+    configs = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
+    kinds = {}
+    for path in sorted(configs.glob("*.yaml")):
+        loaded = load_config_from_file(str(path))
+        kinds[path.name] = (loaded.distributed_type.value, loaded.num_processes)
+        if loaded.distributed_type == "DEEPSPEED":
+            assert path.read_text().startswith("# EXAMPLE, not tested"), path.name
+            stage = int(path.stem[-1])
+            assert loaded.deepspeed_config["zero_stage"] == stage and loaded.mixed_precision == "bf16"
+    assert kinds == {
+        "cpu_2proc.yaml": ("MULTI_GPU", 2),
+        "deepspeed_zero2.yaml": ("DEEPSPEED", 8),
+        "deepspeed_zero3.yaml": ("DEEPSPEED", 8),
+        "multi_gpu.yaml": ("MULTI_GPU", 8),
+    }
+
+    accelerator, prepared = Accelerator(cpu=True), []
+    prepare = accelerator.prepare
+
+    def recording(*objects):
+        prepared.append(objects)
+        return prepare(*objects)
+
+    accelerator.prepare = recording
+    config = load_config(
+        None, steps=1, batch_size=4, mini_batch_size=2, max_new_tokens=4, lora_r=4, lora_alpha=8, save_every=0
+    )
+    prompts = [[{"role": "user", "content": f"Question {i}?"}] for i in range(4)]
+    reward = lambda prompts, completions: [1.0 for _ in completions]  # noqa: E731
+    trainer = PPOTrainer(
+        config, build_tiny_llama(tiny_tokenizer), tiny_tokenizer, prompts, reward, accelerator=accelerator
+    )
+    ((model, optimizer),) = prepared
+    assert isinstance(model, ActorCritic) and trainer.model is model and trainer.ac is model  # one process
+    assert isinstance(trainer.optimizer, AcceleratedOptimizer) and trainer.optimizer.optimizer is optimizer
+    assert {id(p) for group in optimizer.param_groups for p in group["params"]} == {
+        id(p) for p in trainer.ac.trainable_parameters()
+    }
+    before = trainer.ac.trainable_state()
+    trainer.train(progress=False)
+    after = trainer.ac.trainable_state()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
