@@ -97,6 +97,7 @@ def test_reward_and_ppo_train_in_two_processes(workspace, tiny_model_dir, tmp_pa
         policy = crud.get_model_version(s, name="ppo-ddp")
         assert rm.metrics["processes"] == 2 and policy.metrics["processes"] == 2
         assert policy.metrics["replicas_in_sync"] is True and policy.metrics["steps"] == 3
+        assert policy.metrics["prepared"] == "DistributedDataParallel"  # PPO went through accelerator.prepare
         runs = [r for r in crud.list_runs(s) if r.kind in ("reward", "rl")]
         assert [(r.kind, r.status) for r in runs] == [("reward", "succeeded"), ("rl", "succeeded")]
 
