@@ -12,11 +12,14 @@ and config from `--default-dir` but random weights, since the weights do not tra
 3. judge: `alignloop judge run` (the local judge) votes on the queued comparisons;
 4. reward: `alignloop reward train` on synthetic pairs (bf16 autocast where native), then scoring through
    `RewardModel.load` (placed by the policy);
-5. ppo: `alignloop rl train --algo ppo`: the reward model must be loaded on the policy's device;
-then, once: PPO on the tiny model raises a known reward on the GPU; the default-size model in 4 bit
-(bitsandbytes) loads and generates; a model above `memory_limit_gb` is refused before loading; a ZeRO-2
-two-process reward step when two GPUs and DeepSpeed are present (skipped otherwise, and said so); with
-`--value-models`, seconds per PPO step for the value adapter vs the shared head at the default size.
+5. ppo: `alignloop rl train --algo ppo`: the reward model must be loaded on the policy's device, and the
+   actor-critic trains through `accelerator.prepare` (the run records the wrapper and the mixed precision);
+then, once: PPO on the tiny model raises a known reward on the GPU through the prepared model and optimizer;
+the default-size model in 4 bit (bitsandbytes) loads and generates; a model above `memory_limit_gb` is refused
+before loading; a ZeRO-2 two-process reward step and PPO step when two GPUs and DeepSpeed are present
+(skipped otherwise, and said so); with `--value-models`, seconds per PPO step for the value adapter vs the
+shared head at the default size. The PPO rows changed with the prepared path (2026-11-27) and have not run on
+a GPU since: the README's table predates them.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from conftest import build_tiny_llama, build_tiny_tokenizer  # noqa: E402
 
 from alignloop.cli import main as cli  # noqa: E402
 from alignloop.core import (  # noqa: E402
+    crud,
     devices,
     registry,
 )
@@ -255,11 +259,7 @@ def check_size(size: str, model_dir: Path, settings, ws: list[str], expected: de
 
         with Session(make_engine(settings.db_url)) as session:
             scorer = RewardModel.load(f"rm-{size}", settings=settings, session=session)
-            metrics = (
-                __import__("alignloop.crud", fromlist=["x"])
-                .get_model_version(session, name=f"rm-{size}")
-                .metrics
-            )
+            metrics = crud.get_model_version(session, name=f"rm-{size}").metrics
         placed = param_placement(scorer.model)
         start = time.perf_counter()
         scores = scorer.score(
@@ -315,7 +315,11 @@ def check_size(size: str, model_dir: Path, settings, ws: list[str], expected: de
         scorer_device = seen["scorer"].split()[0]
         return {
             "scorer_placement": seen["scorer"],
-            "ok": code == 0 and scorer_device == torch.device(expected.device).type,
+            "prepared": metrics.get("prepared"),
+            "mixed_precision": metrics.get("mixed_precision"),
+            "ok": code == 0
+            and scorer_device == torch.device(expected.device).type
+            and bool(metrics.get("prepared")),
             "s_per_step": round(metrics["train_seconds"] / metrics["steps"], 2),
             "reward_start": round(metrics["reward_start"], 3),
             "reward_end": round(metrics["reward_end"], 3),
@@ -362,6 +366,9 @@ def ppo_learns_tiny(device: str):
     last = sum(h["raw_score"] for h in history[-5:]) / 5
     return {
         "device": str(trainer.accelerator.device),
+        "prepared": type(trainer.model).__name__,  # DistributedDataParallel under a multi-GPU launch
+        "optimizer": type(trainer.optimizer).__name__,
+        "mixed_precision": trainer.accelerator.mixed_precision,
         "reward_first": round(first, 3),
         "reward_last": round(last, 3),
         "ok": last > first and trainer.accelerator.device.type == torch.device(device).type,
@@ -501,8 +508,33 @@ def zero2_two_process(root: Path, ws: list[str], model_dir: Path):
         *ws,
     ]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    if done.returncode:
+        return {"ok": False, "tail": done.stderr.strip().splitlines()[-1:]}
+    # PPO's own trainer under the same ZeRO-2 config: its actor-critic and optimizer go through prepare.
+    ppo = [
+        *cmd[: cmd.index("alignloop.cli") + 1],
+        "rl",
+        "train",
+        "--algo",
+        "ppo",
+        "--config",
+        "configs/rl/tiny.yaml",
+        "--policy",
+        str(model_dir),
+        "--reward-model",
+        "rm-zero2",
+        "--steps",
+        "2",
+        "--save-every",
+        "0",
+        "--name",
+        "ppo-zero2",
+        *ws,
+    ]
+    done = subprocess.run(ppo, cwd=ROOT, capture_output=True, text=True, timeout=300)
     return {
         "ok": done.returncode == 0,
+        "ppo": "trained" if done.returncode == 0 else "failed",
         "tail": done.stderr.strip().splitlines()[-1:] if done.returncode else [],
     }
 

@@ -17,7 +17,8 @@ adapter switched off (`disable_adapter`), so there is no second copy in memory. 
 Measured (`bench/cuda_check.py`, H100, the default model's architecture): "shared" takes 0.78x the time per
 step (its update half as long) at the same peak memory, and both learn the test task equally fast. "adapter" is
 the default anyway: it keeps value regression from pulling on the policy's weights, the failure the PPO
-literature warns about with shared trunks, for about a quarter more time per step.
+literature warns about with shared trunks, for about a quarter more time per step. (Those figures predate a
+fix: peft's `set_adapter` froze the value adapter again before its backward, so only the head learned.)
 
 Memory and speed (issue #12: on full-context HH prompts the first version reached 20.7 GB and was OOM-killed):
 prompts are capped at `max_prompt_length` tokens once, up front (oldest turns first, cuts counted: see
@@ -36,9 +37,32 @@ masked after the end of each response; advantages whitened over valid tokens; re
 default; `missing_eos_penalty` is subtracted from the score of a response that never emits EOS; the KL
 estimate is the sum over tokens of `log pi - log pi_ref` (k1).
 Departures: sampling is seeded per step (`seed + step`) rather than from one running generator, so a run
-resumed from a checkpoint replays exactly the rollouts of the run it continues; gradients are averaged across
-processes by one all-reduce per optimizer step instead of DDP hooks (two adapters take turns in the forward
-pass, which DDP's bucketing does not expect).
+resumed from a checkpoint replays exactly the rollouts of the run it continues.
+
+Accelerate (`accelerate launch ... -m alignloop.cli rl train --algo ppo`). The actor-critic (adapters, value head,
+frozen base) and the optimizer go through `accelerator.prepare`, so DDP averages gradients in its backward hooks
+and a DeepSpeed ZeRO config shards optimizer state and gradients; every gradient-carrying forward pass goes
+through the prepared wrapper (`ActorCritic.forward`), every no-grad pass (generation, old and reference
+log-probs, values) through the unwrapped module, under `accelerator.autocast()` (bf16 per the device policy or
+`bf16`). Invariants the token budget adds:
+- one optimizer step per minibatch whatever its micro-batch count, so Accelerate's fixed
+  `gradient_accumulation_steps` (which also divides every loss by that count) does not fit: the micro-batches
+  but the last run under `accelerator.no_sync`, and `accelerator.sync_gradients` is True only for the
+  minibatch's last backward (where DeepSpeed steps its engine). The losses keep their token-share scaling;
+- every process runs the same number of forward/backward passes per minibatch: the count is the maximum over
+  processes (one small all-gather), and a rank short of it repeats its smallest micro-batch with weight 0.
+  DDP alone would survive unequal counts (it communicates only in the synchronising backward), but ZeRO-2
+  reduces gradients in every backward, where a rank with fewer micro-batches would hang the others; one
+  padded path for both keeps the tested path the shipped one. The filler runs while that rank would
+  otherwise wait for the slowest one;
+- "adapter" value models take turns in the forward pass (policy pass and its backward, then value pass and its
+  backward, so one graph at a time), so half the trainable parameters are unused in each pass: DDP runs with
+  `find_unused_parameters` there, and both adapters stay `requires_grad` (peft's `set_adapter` toggles it) so
+  DDP registers them all.
+Each process averages its own minibatch (token means); DDP then averages over processes. Refused with a
+one-line error: ZeRO-3 (generation merges the adapter into weights it would have sharded) and checkpoints
+under DeepSpeed (the optimizer state is sharded; `save_every` must be 0 there). The DeepSpeed path is written
+to Accelerate's contract but has not run: no DeepSpeed and no second GPU where it was written.
 """
 
 from __future__ import annotations
@@ -58,7 +82,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alignloop.core import AlignloopError
+from alignloop.core import AlignloopError, devices
 from alignloop.core.config import read_run_config
 from alignloop.core.sampling import Completion, SamplingParams, generate, render
 from rl.budget import fit_prompts, padded_tokens, peak_rss_mb, plan_micro_batches, row_lengths, rss_mb
@@ -251,14 +275,6 @@ def pad_batch(prompts, completions, tokenizer, pad_id: int, device=None) -> Roll
 # --- the models ----------------------------------------------------------------------------------------------
 
 
-def native_bf16() -> bool:
-    """The rule of `reward.train.native_bf16` (not imported: that module pulls in TRL): bf16 where the hardware
-    multiplies in bf16 natively (recent GPUs; CPUs with AVX512-BF16 or AMX); elsewhere it is emulated, slower."""
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    return bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
-
-
 class ValueHead(nn.Module):
     def __init__(self, hidden_size: int):
         super().__init__()
@@ -291,7 +307,6 @@ class ActorCritic(nn.Module):
             model = get_peft_model(model, LoraConfig(**lora))  # adapter "default": the policy
             if config.value_model == "adapter":
                 model.add_adapter("value", LoraConfig(**lora))
-            model.set_adapter("default")
             self.reference = None
         else:
             import copy
@@ -310,11 +325,23 @@ class ActorCritic(nn.Module):
                 lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
             else:
                 lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        self.bf16 = False  # set by the trainer once the device is known
+        self._set_adapter("default")
 
-    def autocast(self):
-        device = next(self.model.parameters()).device.type
-        return torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=self.bf16)
+    def forward(self, batch: Rollouts, role: str = "policy", *, with_values: bool = False):
+        """The one entry point of the prepared (DDP / DeepSpeed) wrapper, whose hooks see only `forward`.
+        role "policy" -> (log-probs, entropy, values from the policy's hidden state if `with_values` else None),
+        "reference" -> the same with the adapter off; "value" -> V(s_t) from the value adapter. All (B, R)."""
+        if role == "value":
+            return self.value_forward(batch)
+        logprobs, entropy, hidden = self.policy_forward(
+            batch, reference=role == "reference", want_hidden=with_values
+        )
+        return logprobs, entropy, self.values_from(hidden) if with_values else None
+
+    def values_from(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The scalar head in float32 even under bf16 autocast: value targets need the precision."""
+        with torch.autocast(hidden.device.type, enabled=False):
+            return self.value_head(hidden.float())
 
     @contextmanager
     def merged_policy(self):
@@ -348,15 +375,27 @@ class ActorCritic(nn.Module):
     def causal_lm(self):
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
+    def _set_adapter(self, name: str) -> None:
+        """peft's `set_adapter` freezes the inactive adapter; both stay trainable here, so DDP (which registers
+        only parameters that require grad when it wraps the model) averages both adapters' gradients."""
+        if self.config.method == "lora":
+            self.model.set_adapter(name)
+            for n, p in self.model.named_parameters():
+                if "lora_" in n:
+                    p.requires_grad_(True)
+
     @contextmanager
     def adapter(self, name: str):
-        if self.config.method == "lora" and name != "default":
-            self.model.set_adapter(name)
+        """`name` active inside, the previous adapter again after (nests: the value pass's backward runs
+        inside one too, since activation checkpointing recomputes the forward there)."""
+        previous = self.model.active_adapter if self.config.method == "lora" else name
+        if name != previous:
+            self._set_adapter(name)
         try:
             yield
         finally:
-            if self.config.method == "lora" and name != "default":
-                self.model.set_adapter("default")
+            if name != previous:
+                self._set_adapter(previous)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Every adapter's weights (set_adapter toggles requires_grad, so select by name) and the head."""
@@ -389,7 +428,7 @@ class ActorCritic(nn.Module):
         P, R = batch.queries.shape[1], batch.responses.shape[1]
         # Only the positions that predict response tokens need the (vocabulary-sized) output layer.
         keep = {"logits_to_keep": R + 1} if self.keeps_logits else {}
-        with ctx, self.autocast():
+        with ctx:
             out = model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -410,12 +449,12 @@ class ActorCritic(nn.Module):
         """V(s_t) for each response position (B, R), from the value adapter's last hidden state."""
         input_ids, attention_mask, position_ids = self._inputs(batch)
         decoder = getattr(self.causal_lm, self.causal_lm.base_model_prefix)
-        with self.adapter("value"), self.autocast():
+        with self.adapter("value"):
             hidden = decoder(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
             ).last_hidden_state
         P, R = batch.queries.shape[1], batch.responses.shape[1]
-        return self.value_head(hidden[:, P - 1 : P + R - 1].float())
+        return self.values_from(hidden[:, P - 1 : P + R - 1])
 
 
 class _nullcontext:
@@ -492,15 +531,45 @@ class PPOTrainer:
                 config.max_prompt_length,
                 self.prompt_report.as_dict(),
             )
+        from accelerate.utils import DistributedDataParallelKwargs, DistributedType
+
         from alignloop.core import distributed
 
         distributed.state()  # the process group, on the CPU when there is no GPU
-        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        bf16 = devices.native_bf16() if config.bf16 is None else config.bf16
+        # The adapters take turns in the forward pass ("adapter" value model): DDP must look for unused
+        # parameters then. Buffers (rotary tables) are the same everywhere: no broadcast per forward pass.
+        ddp = DistributedDataParallelKwargs(
+            find_unused_parameters=config.value_model == "adapter", broadcast_buffers=False
+        )
+        self.accelerator = accelerator or Accelerator(
+            cpu=not torch.cuda.is_available(),
+            mixed_precision="bf16" if bf16 else "no",
+            kwargs_handlers=[ddp],
+        )
         self.run_dir, self.on_step = run_dir, on_step
+        deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
+        if deepspeed:
+            # No dataloader goes through prepare, so DeepSpeed learns its batch size and clipping here (TRL's
+            # PPOTrainer does the same); its optimizer state is sharded, which this trainer cannot checkpoint.
+            plugin = self.accelerator.state.deepspeed_plugin
+            if plugin.zero_stage == 3:
+                raise AlignloopError(
+                    "PPO under DeepSpeed supports ZeRO stages 0-2 (its rollouts generate with weights ZeRO-3 "
+                    "shards): use configs/accelerate/deepspeed_zero2.yaml"
+                )
+            ds_config = plugin.deepspeed_config
+            ds_config["train_micro_batch_size_per_gpu"] = config.mini_batch_size
+            ds_config["gradient_clipping"] = config.max_grad_norm
+            if config.save_every:
+                raise AlignloopError("PPO checkpoints are not supported under DeepSpeed: set save_every: 0")
         torch.manual_seed(config.seed)  # the same adapter and head initialisation on every process
-        self.ac = ActorCritic(model, config).to(self.accelerator.device)
-        self.ac.bf16 = native_bf16() if config.bf16 is None else config.bf16
-        self.optimizer = torch.optim.AdamW(self.ac.trainable_parameters(), lr=config.learning_rate, eps=1e-5)
+        ac = ActorCritic(model, config).to(self.accelerator.device)
+        optimizer = torch.optim.AdamW(ac.trainable_parameters(), lr=config.learning_rate, eps=1e-5)
+        # `self.model` is what the gradients flow through (DDP, a DeepSpeed engine, or `ac` itself on one
+        # process); `self.ac` is the unwrapped module for generation, no-grad passes, saving and checkpoints.
+        self.model, self.optimizer = self.accelerator.prepare(ac, optimizer)
+        self.ac = self.accelerator.unwrap_model(self.model)
         self.kl = AdaptiveKL(config.kl_coef, config.target_kl, config.kl_horizon)
         self.step, self.history = 0, []
         self.largest_micro_batch = (
@@ -530,7 +599,7 @@ class PPOTrainer:
             seed=self.config.seed * 1_000_033 + step * 97 + self.accelerator.process_index,
         )
         self.ac.eval()
-        with self.ac.merged_policy(), self.ac.autocast():
+        with self.ac.merged_policy(), self.accelerator.autocast():
             completions = [
                 c[0]
                 for c in generate(
@@ -595,24 +664,24 @@ class PPOTrainer:
         shared = self.config.value_model == "shared"
         for index, mb in self.micro_batches(batch):
             width = mb.responses.shape[1]
-            lp, _, hidden = self.ac.policy_forward(mb, want_hidden=shared)
-            logprobs[index, :width] = lp
-            ref_logprobs[index, :width] = self.ac.policy_forward(mb, reference=True)[0]
-            values[index, :width] = (
-                self.ac.value_head(hidden.float()) if shared else self.ac.value_forward(mb)
-            )
+            with self.accelerator.autocast():  # no graph: the unwrapped module, no DDP hooks
+                lp, _, v = self.ac(mb, "policy", with_values=shared)
+                logprobs[index, :width] = lp
+                ref_logprobs[index, :width] = self.ac(mb, "reference")[0]
+                values[index, :width] = v if shared else self.ac(mb, "value")
         mask = batch.response_mask.float()
         return logprobs * mask, ref_logprobs * mask, values * mask
 
     # 2. updates
-    def losses(self, mb: Rollouts, tokens: float) -> dict:
+    def losses(self, mb: Rollouts, tokens: float, *, weight: float = 1.0, last: bool = True) -> dict:
         """Backward pass for one micro-batch. Token sums are divided by the whole minibatch's `tokens`, so the
-        gradients accumulated over its micro-batches equal one pass over the minibatch (masked means)."""
+        gradients accumulated over its micro-batches equal one pass over the minibatch (masked means).
+        `weight` 0 makes a filler pass (see `accumulate`); `last` marks the minibatch's last micro-batch."""
         mask = mb.response_mask.float()
         shared = self.config.value_model == "shared"
         total = lambda x: (x * mask).sum() / tokens  # noqa: E731  (this micro-batch's share of a masked mean)
-        logprobs, entropy, hidden = self.ac.policy_forward(mb, want_hidden=shared)
-        vpred = self.ac.value_head(hidden.float()) if shared else None
+        with self.accelerator.autocast():
+            logprobs, entropy, vpred = self.model(mb, "policy", with_values=shared)
         ratio = torch.exp(logprobs - mb.logprobs)
         pg_losses = torch.max(
             -mb.advantages * ratio,
@@ -621,12 +690,15 @@ class PPOTrainer:
         pg_loss = total(pg_losses)
         if shared:
             vf_loss, vf_clip = self._value_loss(vpred, mb, total)
-            (pg_loss + self.config.vf_coef * vf_loss).backward()
-        else:
-            pg_loss.backward()
-            vpred = self.ac.value_forward(mb)
-            vf_loss, vf_clip = self._value_loss(vpred, mb, total)
-            (self.config.vf_coef * vf_loss).backward()
+            self._backward((pg_loss + self.config.vf_coef * vf_loss) * weight, boundary=last)
+        else:  # two passes, one graph at a time; only the value pass may end the accumulation
+            self._backward(pg_loss * weight, boundary=False)
+            # The value adapter stays active through its backward: checkpointing recomputes the forward there.
+            with self.ac.adapter("value"):
+                with self.accelerator.autocast():
+                    vpred = self.model(mb, "value")
+                vf_loss, vf_clip = self._value_loss(vpred, mb, total)
+                self._backward(self.config.vf_coef * vf_loss * weight, boundary=last)
         with torch.no_grad():
             return {
                 "policy_loss": pg_loss.item(),
@@ -637,6 +709,12 @@ class PPOTrainer:
                 "entropy": total(entropy).item(),
             }
 
+    def _backward(self, loss: torch.Tensor, *, boundary: bool) -> None:
+        """`sync_gradients` True only on the backward that ends the minibatch: DeepSpeed reduces and steps its
+        engine there, and Accelerate's optimizer wrapper skips `step` while it is False."""
+        self.accelerator.sync_gradients = boundary
+        self.accelerator.backward(loss)
+
     def _value_loss(self, vpred, mb: Rollouts, total) -> tuple[torch.Tensor, float]:
         clipped = mb.values + (vpred - mb.values).clamp(
             -self.config.cliprange_value, self.config.cliprange_value
@@ -645,25 +723,29 @@ class PPOTrainer:
         frac = total(((clipped - mb.returns) ** 2 > (vpred - mb.returns) ** 2).float()).item()
         return 0.5 * total(losses), frac
 
-    def _sync_and_clip(self) -> None:
-        params = [p for p in self.ac.trainable_parameters()]
-        if self.accelerator.num_processes > 1:  # average gradients across processes: one all-reduce
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            flat = self.accelerator.reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
-            offset = 0
-            for p in params:
-                p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
-                offset += p.numel()
-        torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
-
     def accumulate(self, minibatch: Rollouts) -> dict:
-        """One minibatch's gradients, accumulated over its micro-batches; its stats (masked means)."""
+        """One minibatch's gradients, accumulated over its micro-batches (synchronised across processes on the
+        last one); its stats (masked means, over the real micro-batches)."""
         tokens = float(minibatch.response_mask.sum().clamp(min=1))
-        parts = [self.losses(mb, tokens) for _, mb in self.micro_batches(minibatch)]
-        return {k: sum(p[k] for p in parts) for k in parts[0]}  # each part is its share of the mean
+        parts = [mb for _, mb in self.micro_batches(minibatch)]
+        count = self._max_over_processes(len(parts))
+        # A rank with fewer micro-batches than another repeats its smallest with weight 0: same number of
+        # forward/backward passes everywhere (the collectives in the backward must pair up), no effect.
+        filler = min(parts, key=lambda mb: padded_tokens(mb.query_mask, mb.response_mask))
+        stats = []
+        for i in range(count):
+            real = i < len(parts)
+            last = i == count - 1
+            with _nullcontext() if last else self.accelerator.no_sync(self.model):
+                part = self.losses(
+                    parts[i] if real else filler, tokens, weight=1.0 if real else 0.0, last=last
+                )
+            if real:
+                stats.append(part)
+        return {k: sum(p[k] for p in stats) for k in stats[0]}  # each part is its share of the mean
 
     def update(self, batch: Rollouts, step: int) -> dict:
-        self.ac.train()
+        self.model.train()
         generator = torch.Generator().manual_seed(self.config.seed * 31 + step)
         stats: list[dict] = []
         n = batch.queries.shape[0]
@@ -672,7 +754,8 @@ class PPOTrainer:
             for start in range(0, n, self.config.mini_batch_size):
                 self.optimizer.zero_grad(set_to_none=True)
                 stats.append(self.accumulate(batch.rows(order[start : start + self.config.mini_batch_size])))
-                self._sync_and_clip()
+                # Gradients are averaged over processes by now (DDP's hooks; DeepSpeed clips and steps itself).
+                self.accelerator.clip_grad_norm_(self.ac.trainable_parameters(), self.config.max_grad_norm)
                 self.optimizer.step()
         return {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
 
@@ -732,6 +815,11 @@ class PPOTrainer:
         )
         sums = self.accelerator.gather(total)
         return bool(torch.allclose(sums, sums[0].expand_as(sums), rtol=0, atol=1e-6))
+
+    def _max_over_processes(self, value: int) -> int:
+        if self.accelerator.num_processes == 1:
+            return value
+        return int(self.accelerator.gather(torch.tensor([value], device=self.accelerator.device)).max())
 
     def _mean_over_processes(self, value: float) -> float:
         if self.accelerator.num_processes == 1:

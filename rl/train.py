@@ -291,6 +291,10 @@ def _ppo(engine, settings, config, prompts, run_id, run_dir, resume, progress):
         "processes": trainer.accelerator.num_processes,
         "replicas_in_sync": trainer.replicas_in_sync,
         "device": "cuda" if torch.cuda.is_available() else "cpu",
+        # What accelerator.prepare wrapped the actor-critic in (the class itself on one process) and the
+        # autocast precision it trained under.
+        "prepared": type(trainer.model).__name__,
+        "mixed_precision": trainer.accelerator.mixed_precision,
         "prompt_truncation": trainer.prompt_report.as_dict(),
         "peak_rss_mb": max((h.get("peak_rss_mb", 0) for h in history), default=None),
     }

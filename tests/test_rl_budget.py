@@ -144,7 +144,9 @@ def test_micro_batches_and_checkpointing_leave_the_gradients_unchanged(tiny_toke
         grads.append(({n: p.grad for n, p in named}, stats))
     assert len(split.micro_batches(batch)) > 2  # really split
     assert grads[0][0].keys() == grads[1][0].keys()
-    assert sum(g is not None for g in grads[0][0].values()) > 6  # both adapters and the head learn
+    # Both adapters and the head learn: the value adapter used to be frozen again (peft's set_adapter) before
+    # its backward, so it never got a gradient, and checkpointing recomputed its pass with the policy's.
+    assert len(grads[0][0]) > 6 and all(g is not None for g in grads[0][0].values())
     for name, a in grads[0][0].items():
         b = grads[1][0][name]
         assert (a is None and b is None) or torch.allclose(a, b, atol=1e-6, rtol=1e-4), name
