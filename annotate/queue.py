@@ -7,7 +7,7 @@ Rules (each one tested with concurrent threads and processes on SQLite and Postg
 - leases expire (default 10 minutes), so an abandoned item returns to the pool;
 - order: a gold item when the annotator's gold share is due (default 5% of their items), then priority, then
   reward-model uncertainty (`reward.score.queue_keys`: smallest |r_a - r_b| first; for an ensemble reward model,
-  smallest margin over the members' disagreement) when a reward model has scored the item, then oldest.
+  the members' largest disagreement) when a reward model has scored the item, then oldest.
 
 Votes (the same rules for the page, the JSON API and the judge, all through `submit_vote`):
 - a vote needs the voter's live lease on that comparison, or a gold item they were assigned: nobody chooses

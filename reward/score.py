@@ -241,13 +241,15 @@ def write_meta(out: Path, **meta) -> None:
 
 def queue_keys(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """The annotation queue's order key per comparison, smaller first, from member scores [members, items] of
-    its two responses. One model: the margin |r_a - r_b| (nearest a tie first). An ensemble: the margin over
-    the members' disagreement, |mean(r_a - r_b)| / std(r_a - r_b): near a tie *or* in dispute among members
-    (the order `bench/active_learning.py` compares with plain disagreement, margin and random)."""
+    its two responses. One model: the margin |r_a - r_b| (nearest a tie first). An ensemble: minus the
+    members' disagreement, the standard deviation of r_a - r_b across members (most disputed first).
+    Measured by `bench/active_learning.py` (simulated annotation rounds on HH, 20 splits): disagreement gains
+    about +0.01 to +0.02 held-out accuracy over random order at 300-700 labels (standard error 0.005); one
+    model's margin, and the ensemble's margin over its disagreement, do no better than random."""
     margin = a - b
     if len(margin) == 1:
         return np.abs(margin[0])
-    return np.abs(margin.mean(0)) / (margin.std(0, ddof=1) + 1e-6)
+    return -margin.std(0, ddof=1)
 
 
 def score_queue(engine, settings: Settings, ref: str, *, batch_size: int = 16) -> int:

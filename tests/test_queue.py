@@ -4,6 +4,7 @@ import multiprocessing as mp
 import threading
 from datetime import timedelta
 
+import numpy as np
 import pytest
 from sqlmodel import Session, select
 
@@ -102,6 +103,23 @@ def test_order_priority_then_uncertainty_then_oldest(session):
         seen.append(item.comparison_id)
         queue.submit_vote(session, user_id=ann.id, comparison_id=item.comparison_id, choice="tie")
     assert seen == [urgent.id, scored_unsure.id, scored_sure.id, old.id]
+
+
+def test_ensemble_keys_put_the_most_disputed_first(session):
+    """An ensemble stores minus its disagreement (reward.score.queue_keys): negative keys, largest spread first."""
+    from reward.score import queue_keys
+
+    (ann,) = users(session, 1)
+    calm, disputed, unscored = seed(session, 3, prefix="e")
+    members = np.array([[1.0, 2.0], [1.1, -2.0], [0.9, 0.5]])  # two pairs, three members' r_a - r_b
+    calm.reward_margin, disputed.reward_margin = map(float, queue_keys(members, np.zeros_like(members)))
+    session.add_all([calm, disputed])
+    session.flush()
+    served = []
+    while (item := queue.next_item(session, user_id=ann.id, gold_share=0)) is not None:
+        served.append(item.comparison_id)
+        queue.submit_vote(session, user_id=ann.id, comparison_id=item.comparison_id, choice="tie")
+    assert served == [disputed.id, calm.id, unscored.id]
 
 
 def test_gold_share_and_gold_items_for_everyone(session):

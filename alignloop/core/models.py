@@ -150,7 +150,7 @@ class Comparison(SQLModel, table=True):
     gold: str | None = Field(default=None, max_length=16)
     source: str = Field(default="queue", max_length=16)
     priority: int = 0
-    # reward.score.queue_keys: the model's margin (an ensemble's, over its disagreement); small = ask first
+    # reward.score.queue_keys: the model's margin (an ensemble: minus its disagreement); small = ask first
     reward_margin: float | None = None
     created_at: datetime = Field(default_factory=utcnow)
 
