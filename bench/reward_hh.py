@@ -12,7 +12,15 @@ import`), then split by prompt: 300 prompts held out, the rest (about 1,200 pair
    process. Both use max length 256 (TRL's default of 1024 exceeds MiniLM's 512 positions). Training pairs per
    second, from the trainers' own `train_runtime`. The ratio is printed last.
 
+3. Cross-validation (`--folds K --members M`): the default config, and any `--variant NAME=JSON` overrides,
+   trained once per fold of K prompt folds (`reward train --cv-fold i/K`) as an ensemble of M; every member's
+   held-out scores are kept, so one run reports mean accuracy +- standard error over folds for one member
+   (averaged over members) and for ensembles of 2..M, with training wall and CPU minutes.
+4. Scoring cost (`--scoring N`): one MiniLM against an ensemble of N on full-context HH pairs, same run.
+
     .venv/bin/python bench/reward_hh.py [--minutes 14] [--bases minilm default] [--steps 40]
+    .venv/bin/python bench/reward_hh.py --folds 5 --members 2 [--variant 'lr3e-5={"learning_rate": 3e-5}']
+    .venv/bin/python bench/reward_hh.py --scoring 3
 """
 
 import argparse
