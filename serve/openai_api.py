@@ -54,11 +54,14 @@ class OpenAIError(Exception):
         return JSONResponse(body, status_code=self.status)
 
 
+# In the schema, not only in a validator: clients (and the schema fuzzer) see what is accepted.
+StopString = Annotated[str, Field(min_length=1, max_length=100)]
+Stops = StopString | Annotated[list[StopString], Field(max_length=4)] | None
+
+
 def _stop_list(value) -> list[str]:
-    stops = [value] if isinstance(value, str) else (value or [])
-    if len(stops) > 4 or any(not s or len(s) > 100 for s in stops):
-        raise ValueError("stop: at most 4 non-empty strings of at most 100 characters")
-    return stops
+    """At most 4 non-empty strings of at most 100 characters (the schema checks it), as a list."""
+    return [value] if isinstance(value, str) else (value or [])
 
 
 class ChatMessage(BaseModel):
@@ -80,7 +83,7 @@ class ChatCompletionRequest(BaseModel):
     top_p: float = Field(default=1.0, gt=0, le=1)
     max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
-    stop: str | list[str] | None = None
+    stop: Stops = None
     stream: bool = False
     stream_options: dict | None = None
     n: int = Field(default=1, ge=1, le=1, description="only n=1 is supported")
@@ -100,16 +103,22 @@ class ChatCompletionRequest(BaseModel):
         return value
 
 
+OnePrompt = Annotated[str, Field(min_length=1, max_length=100_000)]
+
+
 class CompletionRequest(BaseModel):
     """The legacy text completion: the prompt is continued as written, no chat template."""
 
     model_config = ConfigDict(extra="ignore")
     model: str = Field(min_length=1, max_length=200)
-    prompt: str | list[str] = Field(description="one prompt (a list of one is accepted)")
+    # The schema says what the validator enforces (one non-empty prompt), so clients and fuzzers see the rule.
+    prompt: OnePrompt | Annotated[list[OnePrompt], Field(min_length=1, max_length=1)] = Field(
+        description="one prompt (a list of one is accepted; batches are not supported)"
+    )
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
     max_tokens: int | None = Field(default=16, ge=1, le=MAX_TOKENS)  # OpenAI's default for this endpoint
-    stop: str | list[str] | None = None
+    stop: Stops = None
     stream: bool = False
     stream_options: dict | None = None
     n: int = Field(default=1, ge=1, le=1, description="only n=1 is supported")
@@ -123,10 +132,7 @@ class CompletionRequest(BaseModel):
     @field_validator("prompt")
     @classmethod
     def _one_prompt(cls, value):
-        prompts = [value] if isinstance(value, str) else value
-        if len(prompts) != 1 or not prompts[0] or len(prompts[0]) > 100_000:
-            raise ValueError("one non-empty prompt of at most 100000 characters (batches are not supported)")
-        return prompts[0]
+        return value if isinstance(value, str) else value[0]
 
 
 # OpenAI's response shapes, as much of them as alignloop fills in (the official client parses these).
