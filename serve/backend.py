@@ -55,8 +55,7 @@ from sqlmodel import Session, col, select
 from alignloop.core import AlignloopError, crud, registry
 from alignloop.core.config import Settings
 from alignloop.core.models import Run
-from alignloop.core.sampling import render
-from serve.engine import BatchingEngine, Request, advance, cancelled
+from serve.engine import BatchingEngine, EngineFront, Request, advance, cancelled
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +174,7 @@ def default_threads(contexts: int) -> int:
     return max(1, (cores - 1) // contexts)
 
 
-class LlamaCppEngine:
+class LlamaCppEngine(EngineFront):
     """Replies decoded by llama.cpp from a GGUF file: up to `contexts` at once, one per worker thread."""
 
     def __init__(self, gguf: Path, *, contexts: int = 1, threads: int = 0, max_context: int = MAX_CONTEXT):
@@ -211,16 +210,6 @@ class LlamaCppEngine:
                 name=f"alignloop-llama-{i}",
                 daemon=True,
             ).start()
-
-    def render(self, messages: list[dict]) -> list[int]:
-        return render(self.tokenizer, messages)
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text)["input_ids"]
-
-    def submit(self, request: Request) -> Request:
-        self.pending.put(request)
-        return request
 
     def close(self) -> None:
         self.pending.put(None)  # each worker ends after its reply in flight and passes the None on

@@ -71,7 +71,26 @@ class _Row:
     logits: torch.Tensor | None = None  # for its next token
 
 
-class BatchingEngine:
+class EngineFront:
+    """What callers use on every backend (this engine, `serve.backend.LlamaCppEngine`): prompts are tokenized
+    here, requests go into `self.pending`, which the backend's worker threads drain."""
+
+    tokenizer: object
+    pending: queue.Queue
+
+    def render(self, messages: list[dict]) -> list[int]:
+        return render(self.tokenizer, messages)
+
+    def encode(self, text: str) -> list[int]:
+        """A raw prompt (/v1/completions): the text as is, with the special tokens the tokenizer adds."""
+        return self.tokenizer(text)["input_ids"]
+
+    def submit(self, request: Request) -> Request:
+        self.pending.put(request)
+        return request
+
+
+class BatchingEngine(EngineFront):
     def __init__(self, model, tokenizer, *, max_batch: int = 16, gather_ms: float = 15.0):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch, self.gather_s = max_batch, gather_ms / 1000
@@ -87,17 +106,6 @@ class BatchingEngine:
         self.context_length: int | None = getattr(model.config, "max_position_embeddings", None)
         self.closed = False
         threading.Thread(target=self._worker, name="alignloop-engine", daemon=True).start()
-
-    def render(self, messages: list[dict]) -> list[int]:
-        return render(self.tokenizer, messages)
-
-    def encode(self, text: str) -> list[int]:
-        """A raw prompt (/v1/completions): the text as is, with the special tokens the tokenizer adds."""
-        return self.tokenizer(text)["input_ids"]
-
-    def submit(self, request: Request) -> Request:
-        self.pending.put(request)
-        return request
 
     def close(self) -> None:
         self.pending.put(None)  # the worker ends once the requests in flight are done

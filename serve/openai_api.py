@@ -75,25 +75,30 @@ class ChatMessage(BaseModel):
         return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
 
 
-class ChatCompletionRequest(BaseModel):
+class SamplingRequest(BaseModel):
+    """What chat and text completions share: the model, sampling, stops, streaming."""
+
     model_config = ConfigDict(extra="ignore")
     model: str = Field(min_length=1, max_length=200)
-    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
-    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
     stop: Stops = None
     stream: bool = False
     stream_options: dict | None = None
     n: int = Field(default=1, ge=1, le=1, description="only n=1 is supported")
     seed: int | None = None
-    preset: str | None = Field(default=None, max_length=80, description="alignloop: an L1 prompting preset")
 
     @field_validator("stop")
     @classmethod
     def _stops(cls, value):
         return _stop_list(value)
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
+    preset: str | None = Field(default=None, max_length=80, description="alignloop: an L1 prompting preset")
 
     @field_validator("messages")
     @classmethod
@@ -106,28 +111,14 @@ class ChatCompletionRequest(BaseModel):
 OnePrompt = Annotated[str, Field(min_length=1, max_length=100_000)]
 
 
-class CompletionRequest(BaseModel):
+class CompletionRequest(SamplingRequest):
     """The legacy text completion: the prompt is continued as written, no chat template."""
 
-    model_config = ConfigDict(extra="ignore")
-    model: str = Field(min_length=1, max_length=200)
     # The schema says what the validator enforces (one non-empty prompt), so clients and fuzzers see the rule.
     prompt: OnePrompt | Annotated[list[OnePrompt], Field(min_length=1, max_length=1)] = Field(
         description="one prompt (a list of one is accepted; batches are not supported)"
     )
-    temperature: float = Field(default=1.0, ge=0, le=2)
-    top_p: float = Field(default=1.0, gt=0, le=1)
     max_tokens: int | None = Field(default=16, ge=1, le=MAX_TOKENS)  # OpenAI's default for this endpoint
-    stop: Stops = None
-    stream: bool = False
-    stream_options: dict | None = None
-    n: int = Field(default=1, ge=1, le=1, description="only n=1 is supported")
-    seed: int | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, value):
-        return _stop_list(value)
 
     @field_validator("prompt")
     @classmethod
