@@ -1,6 +1,12 @@
 """The RLHF recipe end to end on real preference data, graded by a judge that never saw the training data.
 
     .venv/bin/python bench/rlhf_recipe.py [--config configs/rl/default.yaml] [--steps N] [--eval-prompts 64]
+        [--algo [LABEL=]ALGO[:{YAML settings}] ...] [--workspace DIR]
+
+`--algo` repeats: PPO, GRPO and RLOO runs share the training reward model, DPO learns from half A's pairs
+directly (no reward model: its budget is its own training), and all share the judge. `--workspace` keeps the
+workspace; running again with the same one (and the same --seed and --eval-prompts) reuses its reward model and
+judge, whose CPU time was recorded the first time, so further algorithms or settings cost only their own run.
 
 Protocol (issue #12), so nobody grades their own homework:
 1. the HH harmless dev pairs (`../shared/data/hh_harmless_dev.jsonl`) are grouped by prompt; a seeded hash of
@@ -45,10 +51,10 @@ class Phases:
     def __init__(self):
         self.rows = []
 
-    def run(self, name: str, fn):
+    def run(self, name: str, fn, *args, **kwargs):
         cpu, wall = cpu_seconds(), time.perf_counter()
         print(f"--- {name} ...", flush=True)
-        out = fn()
+        out = fn(*args, **kwargs)
         self.rows.append((name, (cpu_seconds() - cpu) / 60, (time.perf_counter() - wall) / 60))
         print(f"--- {name}: {self.rows[-1][1]:.1f} CPU-min, {self.rows[-1][2]:.1f} wall-min", flush=True)
         return out
@@ -89,7 +95,14 @@ def main() -> None:
     )
     parser.add_argument("--config", default=str(ROOT / "configs" / "rl" / "default.yaml"))
     parser.add_argument("--reward-config", default=str(ROOT / "configs" / "reward" / "default.yaml"))
-    parser.add_argument("--steps", type=int, default=None, help="PPO steps (default: the config's)")
+    parser.add_argument(
+        "--algo",
+        action="append",
+        help="[LABEL=]ALGO[:{YAML settings}], ALGO one of ppo grpo rloo dpo, e.g. "
+        "'ppo-lr3=ppo:{learning_rate: 3.0e-4}'; repeat to compare (they share the reward model and the judge). "
+        "Default: ppo",
+    )
+    parser.add_argument("--steps", type=int, default=None, help="RL steps (default: the config's)")
     parser.add_argument(
         "--reward-epochs", type=float, default=None, help="reward training epochs (default: config's)"
     )
@@ -115,10 +128,14 @@ def main() -> None:
     from rl.evaluate import evaluate_policy
 
     work = Path(args.workspace or tempfile.mkdtemp(prefix="rlhf-recipe-"))
-    init_workspace(work / "ws")
+    # An earlier run's workspace is reused: its reward model and judge (and their recorded CPU time) stand.
+    reuse = (work / "recipe.json").exists()
+    if not reuse:
+        init_workspace(work / "ws")
     settings = load_settings(work / "ws")
     engine = make_engine(settings.db_url)
     phases = Phases()
+    saved = json.loads((work / "recipe.json").read_text()) if reuse else {}
 
     half_a, half_b, held = split_pairs(args.eval_prompts, args.seed)
     keys = lambda ps: {p.key for p in ps}  # noqa: E731
@@ -134,7 +151,7 @@ def main() -> None:
         for path, split in (
             (write_prompts(half_a, work / "train_prompts.jsonl"), "train"),
             (write_prompts(held, work / "eval_prompts.jsonl"), "eval"),
-        ):
+        )[: 0 if reuse else 2]:
             prompts = parse_prompt_file(path)
             for p in prompts:
                 p.split = split
@@ -145,95 +162,126 @@ def main() -> None:
         rm_over["max_pairs"] = args.max_pairs
     if args.reward_epochs is not None:
         rm_over["num_train_epochs"] = args.reward_epochs
-    rm = phases.run(
-        "reward model (half A)",
-        lambda: reward_train.train(
-            engine,
-            settings,
-            reward_train.load_config(args.reward_config, data=[str(file_a)], name="rm-train", **rm_over),
-            progress=False,
-        ),
-    )
-    print(f"training reward model: held-out accuracy {rm.get('accuracy')}")
+    runs = [parse_algo(text, args.steps) for text in args.algo or ["ppo"]]
+    if any(algo == "dpo" for algo, _, _ in runs):  # DPO learns from half A's votes directly
+        from annotate.io import import_preferences
 
-    over = {"reward_model": "rm-train", "name": "policy"}
-    if args.steps:
-        over["steps"] = args.steps
-    config = rl_train.load_config("ppo", args.config, **over)
-    result = phases.run("PPO", lambda: rl_train.train(engine, settings, "ppo", config, progress=False))
+        with session_scope(engine) as session:
+            import_preferences(session, path=file_a)  # pairs already there are skipped
+    rm_cpu = saved.get("rm_cpu_min", 0.0)
+    if "rm_cpu_min" in saved:
+        print(f"reward model (half A) reused: it took {rm_cpu:.1f} CPU-min")
+    elif any(algo != "dpo" for algo, _, _ in runs):
+        rm = phases.run(
+            "reward model (half A)",
+            lambda: reward_train.train(
+                engine,
+                settings,
+                reward_train.load_config(args.reward_config, data=[str(file_a)], name="rm-train", **rm_over),
+                progress=False,
+            ),
+        )
+        rm_cpu = phases.rows[-1][1]
+        saved["rm_cpu_min"] = rm_cpu
+        print(f"training reward model: held-out accuracy {rm.get('accuracy')}")
+    if not saved.get("judge"):
+        judge = phases.run(
+            "judge reward model (half B)",
+            lambda: reward_train.train(
+                engine,
+                settings,
+                reward_train.load_config(args.reward_config, data=[str(file_b)], name="rm-judge", **rm_over),
+                progress=False,
+            ),
+        )
+        saved["judge"] = True
+        print(f"judge reward model: held-out accuracy {judge.get('accuracy')}")
+    (work / "recipe.json").write_text(json.dumps(saved))
+
     from sqlmodel import Session
 
     from alignloop.core.models import Run
 
-    with Session(engine) as session:
-        history = session.get(Run, result["run_id"]).metrics["history"]
-    peak = max(h["peak_rss_mb"] for h in history)
-    print(
-        f"PPO: {len(history)} steps, reward {result['reward_start']:.3f} -> {result['reward_end']:.3f}, "
-        f"KL {result['kl_end']:.2f}, peak RSS {peak:.0f} MB (per step: "
-        f"{[round(h['peak_rss_mb']) for h in history]})"
-    )
-    split = {
-        k: sum(h.get(k, 0) for h in history) / len(history)
-        for k in ("generate_s", "score_s", "forward_s", "update_s", "step_s")
-    }
-    print("PPO seconds per step (wall):", json.dumps({k: round(v, 1) for k, v in split.items()}))
-
-    judge = phases.run(
-        "judge reward model (half B)",
-        lambda: reward_train.train(
+    table = []
+    for algo, label, over in runs:
+        over = {"name": f"policy-{label}", **over}
+        if algo != "dpo":
+            over["reward_model"] = "rm-train"
+        config = rl_train.load_config(algo, args.config, **over)
+        result = phases.run(label, rl_train.train, engine, settings, algo, config, progress=False)
+        train_cpu = phases.rows[-1][1]
+        with Session(engine) as session:
+            history = session.get(Run, result["run_id"]).metrics.get("history", [])
+        peak = max((h.get("peak_rss_mb", 0) for h in history), default=None)
+        if history:
+            print(
+                f"{label}: {len(history)} steps, reward {result['reward_start']:.3f} -> "
+                f"{result['reward_end']:.3f}, KL {result['kl_end']:.2f}, peak RSS {peak:.0f} MB (per step: "
+                f"{[round(h['peak_rss_mb']) for h in history]})"
+            )
+            split = {
+                k: round(sum(h.get(k, 0) for h in history) / len(history), 1)
+                for k in ("generate_s", "score_s", "forward_s", "update_s", "step_s")
+            }
+            print(f"{label} seconds per step (wall):", json.dumps(split))
+        ev = phases.run(
+            f"evaluation of {label}",
+            evaluate_policy,
             engine,
             settings,
-            reward_train.load_config(args.reward_config, data=[str(file_b)], name="rm-judge", **rm_over),
-            progress=False,
-        ),
-    )
-    print(f"judge reward model: held-out accuracy {judge.get('accuracy')}")
-
-    ev = phases.run(
-        "evaluation",
-        lambda: evaluate_policy(
-            engine,
-            settings,
-            policy="policy",
+            policy=config.name,
             baseline=config.policy,
-            reward_model="rm-train",
+            reward_model="rm-judge" if algo == "dpo" else "rm-train",
             judge="rm-judge",
             num_prompts=args.eval_prompts,
-            max_new_tokens=args.eval_tokens or config.max_new_tokens,
+            max_new_tokens=args.eval_tokens or getattr(config, "max_new_tokens", 48),
             seed=args.seed,
-        ),
-    )
-    s = ev["summary"]
+        )
+        s = ev["summary"]
+        budget = train_cpu + (0.0 if algo == "dpo" else rm_cpu)
+        table.append({"algo": label, "budget_cpu_min": budget, "peak_rss_mb": peak, "summary": s})
+        print(f"\n{label}: reward model + RL {budget:.1f} CPU-minutes (target <= 30)")
+        print(
+            f"win rate vs base, judged by the half-B reward model on {s['prompts']} held-out prompts: "
+            f"{s['win_rate_by_judge']:.3f} +- {s['win_rate_se']:.3f} (target >= 0.60)"
+        )
+        kl_se = s["kl_to_baseline_se"]
+        print(f"KL(policy_T || base_T), T={s['temperature']}: {s['kl_to_baseline']:.3f} +- {kl_se or 0:.3f}")
+        print(
+            f"length (tokens): policy {s['length']:.1f} vs base {s['baseline_length']:.1f}; EOS rate "
+            f"{s['eos_rate']:.2f} vs {s['baseline_eos_rate']:.2f}\n"
+        )
+
     print("\n| phase | CPU-min | wall-min |\n| --- | --- | --- |")
     for name, cpu, wall in phases.rows:
         print(f"| {name} | {cpu:.1f} | {wall:.1f} |")
-    budget = sum(cpu for name, cpu, _ in phases.rows[:2])
-    print(f"\nreward model + RL: {budget:.1f} CPU-minutes (target <= 30)")
     print(
-        f"win rate vs base, judged by the half-B reward model on {s['prompts']} held-out prompts: "
-        f"{s['win_rate_by_judge']:.3f} +- {s['win_rate_se']:.3f} (target >= 0.60)"
+        "\n| algorithm | reward model + RL, CPU-min | judged win rate vs base +- s.e. | KL(policy_T || base_T) "
+        "+- s.e. | length policy / base | EOS rate policy / base |\n| --- | --- | --- | --- | --- | --- |"
     )
-    kl_se = s["kl_to_baseline_se"]
-    print(f"KL(policy_T || base_T), T={s['temperature']}: {s['kl_to_baseline']:.3f} +- {kl_se or 0:.3f}")
-    print(f"training reward: policy {s['reward']:.3f} vs base {s['baseline_reward']:.3f}")
-    print(
-        f"length (tokens): policy {s['length']:.1f} vs base {s['baseline_length']:.1f}; EOS rate "
-        f"{s['eos_rate']:.2f} vs {s['baseline_eos_rate']:.2f}"
-    )
-    print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
-    print(
-        "RESULT "
-        + json.dumps(
-            {
-                "summary": s,
-                "phases": phases.rows,
-                "reward_plus_rl_cpu_min": budget,
-                "ppo_peak_rss_mb": peak,
-                "ppo_step_split_s": split,
-            }
+    for row in table:
+        s = row["summary"]
+        print(
+            f"| {row['algo']} | {row['budget_cpu_min']:.1f} | {s['win_rate_by_judge']:.3f} +- "
+            f"{s['win_rate_se']:.3f} | {s['kl_to_baseline']:.3f} +- {s['kl_to_baseline_se'] or 0:.3f} | "
+            f"{s['length']:.1f} / {s['baseline_length']:.1f} | {s['eos_rate']:.2f} / {s['baseline_eos_rate']:.2f} |"
         )
-    )
+    print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    print("RESULT " + json.dumps({"phases": phases.rows, "algorithms": table}))
+
+
+def parse_algo(text: str, steps: int | None) -> tuple[str, str, dict]:
+    """`ppo`, or `[LABEL=]ALGO:{YAML mapping}` (settings over the config file's), e.g.
+    `ppo-last4=ppo:{layers_to_transform: [26, 27, 28, 29], learning_rate: 3.0e-4}`."""
+    import yaml
+
+    label, _, spec = text.rpartition("=") if "=" in text.split(":", 1)[0] else ("", "", text)
+    algo, _, rest = spec.partition(":")
+    over = {"steps": steps} if steps else {}
+    extra = yaml.safe_load(rest) if rest.strip() else {}
+    if not isinstance(extra, dict):
+        raise SystemExit(f"--algo {text!r}: the settings after ':' must be a YAML mapping")
+    return algo.strip(), label or algo.strip(), {**over, **extra}
 
 
 if __name__ == "__main__":

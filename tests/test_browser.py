@@ -275,12 +275,27 @@ def test_reviewer_flags_and_comments_and_votes_side_by_side(browser, review_serv
         "() => document.querySelectorAll('#chatbot [data-testid=bot], #chatbot .bot').length > 0",
         timeout=60_000,
     )
-    page.wait_for_timeout(1000)  # the reply finishes and the transcript is kept
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    from alignloop.core.models import Transcript
+
+    # The transcript is kept when the reply finishes; its id reaches the page with the last update.
+    for _ in range(600):
+        with Session(engine) as s:
+            if s.exec(select(Transcript)).first() is not None:
+                break
+        page.wait_for_timeout(100)
     page.check("#review-flag input")
     page.fill("#review-tags textarea, #review-tags input", "unsafe, Recipe")
     page.fill("#review-comment textarea", "It should have refused <b>this</b>.")
-    page.click("#review-save")
-    page.wait_for_selector("#chat-notice:has-text('flagged for the admins')", timeout=30_000)
+    for attempt in range(10):  # saving is idempotent; a click before the id arrived is refused
+        page.click("#review-save")
+        try:
+            page.wait_for_selector("#chat-notice:has-text('flagged for the admins')", timeout=3_000)
+            break
+        except PlaywrightTimeout:
+            if attempt == 9:
+                raise
 
     # Side by side: the default model on the left, tiny-b on the right; the vote is recorded.
     page.get_by_role("tab", name="Side by side").click()
