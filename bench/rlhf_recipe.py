@@ -212,8 +212,8 @@ def main() -> None:
         train_cpu = phases.rows[-1][1]
         with Session(engine) as session:
             history = session.get(Run, result["run_id"]).metrics.get("history", [])
-        peak = max((h.get("peak_rss_mb", 0) for h in history), default=None)
-        if history:
+        peak = max((h.get("peak_rss_mb", 0) for h in history), default=0) or None
+        if algo == "ppo":  # TRL's trainers log other fields
             print(
                 f"{label}: {len(history)} steps, reward {result['reward_start']:.3f} -> "
                 f"{result['reward_end']:.3f}, KL {result['kl_end']:.2f}, peak RSS {peak:.0f} MB (per step: "
