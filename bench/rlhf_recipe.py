@@ -171,7 +171,7 @@ def main() -> None:
     rm_cpu = saved.get("rm_cpu_min", 0.0)
     if "rm_cpu_min" in saved:
         print(f"reward model (half A) reused: it took {rm_cpu:.1f} CPU-min")
-    elif any(algo != "dpo" for algo, _, _ in runs):
+    else:  # DPO runs do not learn from it (nor count it), but rl eval reports every policy's reward under it
         rm = phases.run(
             "reward model (half A)",
             lambda: reward_train.train(
@@ -231,7 +231,7 @@ def main() -> None:
             settings,
             policy=config.name,
             baseline=config.policy,
-            reward_model="rm-judge" if algo == "dpo" else "rm-train",
+            reward_model="rm-train",
             judge="rm-judge",
             num_prompts=args.eval_prompts,
             max_new_tokens=args.eval_tokens or getattr(config, "max_new_tokens", 48),
