@@ -419,6 +419,7 @@ def chart_png(rows: list[dict], *, title: str = "") -> bytes:
         ax.plot([], [], "o", color=COLOURS[level], label=level)
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
     ax.set_xscale("symlog", linthresh=0.1)  # L1 and the base cost no training: they sit at 0
+    ax.set_xlim(left=-0.03)  # costs are never negative: no empty negative half
     ax.set_xlabel("training minutes, cumulative over the lineage (symlog)")
     ax.set_ylabel("win rate vs base (judge), ± s.e.")
     ax.set_ylim(-0.05, 1.05)
