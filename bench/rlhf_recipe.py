@@ -168,34 +168,29 @@ def main() -> None:
 
         with session_scope(engine) as session:
             import_preferences(session, path=file_a)  # pairs already there are skipped
-    rm_cpu = saved.get("rm_cpu_min", 0.0)
+
+    def reward_model(label: str, name: str, data: Path) -> float:
+        """Train one reward model as a phase; its CPU-minutes."""
+        out = phases.run(
+            label,
+            reward_train.train,
+            engine,
+            settings,
+            reward_train.load_config(args.reward_config, data=[str(data)], name=name, **rm_over),
+            progress=False,
+        )
+        print(f"{label}: held-out accuracy {out.get('accuracy')}")
+        return phases.rows[-1][1]
+
+    # DPO runs do not learn from the half-A model (nor count it), but rl eval reports every policy's reward under it.
     if "rm_cpu_min" in saved:
-        print(f"reward model (half A) reused: it took {rm_cpu:.1f} CPU-min")
-    else:  # DPO runs do not learn from it (nor count it), but rl eval reports every policy's reward under it
-        rm = phases.run(
-            "reward model (half A)",
-            lambda: reward_train.train(
-                engine,
-                settings,
-                reward_train.load_config(args.reward_config, data=[str(file_a)], name="rm-train", **rm_over),
-                progress=False,
-            ),
-        )
-        rm_cpu = phases.rows[-1][1]
-        saved["rm_cpu_min"] = rm_cpu
-        print(f"training reward model: held-out accuracy {rm.get('accuracy')}")
+        print(f"reward model (half A) reused: it took {saved['rm_cpu_min']:.1f} CPU-min")
+    else:
+        saved["rm_cpu_min"] = reward_model("reward model (half A)", "rm-train", file_a)
     if not saved.get("judge"):
-        judge = phases.run(
-            "judge reward model (half B)",
-            lambda: reward_train.train(
-                engine,
-                settings,
-                reward_train.load_config(args.reward_config, data=[str(file_b)], name="rm-judge", **rm_over),
-                progress=False,
-            ),
-        )
+        reward_model("judge reward model (half B)", "rm-judge", file_b)
         saved["judge"] = True
-        print(f"judge reward model: held-out accuracy {judge.get('accuracy')}")
+    rm_cpu = saved["rm_cpu_min"]
     (work / "recipe.json").write_text(json.dumps(saved))
 
     from sqlmodel import Session
