@@ -23,7 +23,7 @@ with its bootstrap 95% interval.
 
 Cost, per row, cumulative over the lineage (an L3 policy on an L2 version pays for both, and for the reward
 model it was trained against): training minutes (run wall time x processes, by device), votes (the reward
-models' and DPO's training pairs) and examples (SFT examples, RL rollouts) used, adapter size on disk, and
+models' and DPO's training pairs) and examples (distinct SFT examples the steps reached, RL rollouts) used, adapter size on disk, and
 serving tokens/s measured on the report's own batched generation (the same batch size for every row).
 
 The result is stored as a `Run` of kind `levels` (table in `metrics`, chart at runs/run<ID>/levels.png),
@@ -90,6 +90,7 @@ def entries(session: Session, base: str, models: list[str] | None) -> list[Entry
                     version=version,
                 )
             )
+    rows.sort(key=lambda e: LEVELS.index(e.level))  # stable: registration order within a level
     if models is not None:
         unknown = set(models) - {e.name for e in rows}
         if unknown:
@@ -184,7 +185,7 @@ def cost(session: Session, version: ModelVersion | None) -> dict:
         if run.kind == "reward":
             out["votes"] += int(m.get("train_pairs") or 0)
         elif run.kind == "sft":
-            out["examples"] += int(m.get("train_examples") or 0)
+            out["examples"] += int(m.get("examples_seen", m.get("train_examples")) or 0)
         elif run.kind == "rl":
             if run.config.get("algo") == "dpo":
                 out["votes"] += int(m.get("pairs") or 0)

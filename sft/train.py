@@ -288,6 +288,12 @@ def _fit(
         "layers": config.layers_to_transform,
         "device": "cuda" if cuda else "cpu",
         "train_examples": len(train_examples),
+        # distinct training rows the steps reached (a short run sees only the first batches of its shuffle)
+        "examples_seen": min(
+            len(train_examples),
+            trainer.state.global_step * trainer.args.train_batch_size
+            * trainer.args.gradient_accumulation_steps * trainer.args.world_size,
+        ),
         "held_out_examples": len(held_out),
         "trainable_params": trainable,
         "total_params": total,

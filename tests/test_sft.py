@@ -206,6 +206,22 @@ def test_sft_on_chosen_and_chat_edits_via_cli(workspace, tiny_model_dir, capsys)
     assert metrics["train_examples"] + metrics["held_out_examples"] == 7
 
 
+def test_a_short_run_counts_the_examples_it_reached(workspace, tiny_model_dir, dolly_file):
+    """The levels report's "examples used" is what the steps saw, not the size of the data set."""
+    settings, engine, _ = workspace
+    config = load_config(
+        "configs/sft/tiny.yaml",
+        data=[str(dolly_file)],
+        base=str(tiny_model_dir),
+        max_steps=1,
+        per_device_train_batch_size=2,
+        num_samples=0,
+        name="tiny-one-step",
+    )
+    summary = train(engine, settings, config, progress=False)
+    assert summary["train_examples"] == 8 and summary["examples_seen"] == 2  # 1 step x batch 2
+
+
 def test_bad_sft_settings_are_refused():
     from alignloop.core import AlignloopError
 
