@@ -89,6 +89,18 @@ def write_prompts(pairs, path: Path) -> Path:
     return path
 
 
+def write_chosen(pairs, path: Path) -> Path:
+    """Instruction rows for SFT: each prompt once, with its first pair's chosen answer (the DPO paper's
+    "Preferred-FT" on HH: no SFT model exists for these conversations, so one is made from the preferred side)."""
+    seen = {}
+    for p in pairs:
+        seen.setdefault(p.key, p.prompt + [{"role": "assistant", "content": p.chosen}])
+    with path.open("w") as f:
+        for messages in seen.values():
+            f.write(json.dumps({"messages": messages}) + "\n")
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -98,11 +110,18 @@ def main() -> None:
     parser.add_argument(
         "--algo",
         action="append",
-        help="[LABEL=]ALGO[:{YAML settings}], ALGO one of ppo grpo rloo dpo, e.g. "
+        help="[LABEL=]ALGO[:{YAML settings}], ALGO one of ppo grpo rloo dpo, or sft (the --sft-steps version itself), e.g. "
         "'ppo-lr3=ppo:{learning_rate: 3.0e-4}'; repeat to compare (they share the reward model and the judge). "
         "Default: ppo",
     )
     parser.add_argument("--steps", type=int, default=None, help="RL steps (default: the config's)")
+    parser.add_argument(
+        "--sft-steps",
+        type=int,
+        default=0,
+        help="first instruction-tune the base on half A's chosen answers (LoRA, this many steps x 8 examples); "
+        "every algorithm then starts from that version and its CPU time counts in each budget (0: none)",
+    )
     parser.add_argument(
         "--reward-epochs", type=float, default=None, help="reward training epochs (default: config's)"
     )
@@ -197,17 +216,52 @@ def main() -> None:
 
     from alignloop.core.models import Run
 
+    # Optional SFT first (the InstructGPT order): its version is every algorithm's starting point.
+    sft_name, sft_cpu = None, 0.0
+    if args.sft_steps:
+        from sft import train as sft_train
+
+        sft_name = f"sft-half-a-{args.sft_steps}"
+        if sft_name in saved:
+            sft_cpu = saved[sft_name]
+            print(f"SFT version {sft_name} reused: it took {sft_cpu:.1f} CPU-min")
+        else:
+            sft_config = sft_train.load_config(
+                str(ROOT / "configs" / "sft" / "default.yaml"),
+                data=[str(write_chosen(half_a, work / "sft_half_a.jsonl"))],
+                max_steps=args.sft_steps,
+                max_length=256,
+                held_out_fraction=0.05,
+                num_samples=0,
+                name=sft_name,
+            )
+            phases.run(
+                f"SFT on half A's chosen answers ({args.sft_steps} steps)",
+                sft_train.train,
+                engine,
+                settings,
+                sft_config,
+                progress=False,
+            )
+            saved[sft_name] = sft_cpu = phases.rows[-1][1]
+            (work / "recipe.json").write_text(json.dumps(saved))
+
     table = []
     for algo, label, over in runs:
-        over = {"name": f"policy-{label}", **over}
-        if algo != "dpo":
-            over["reward_model"] = "rm-train"
-        config = rl_train.load_config(algo, args.config, **over)
-        result = phases.run(label, rl_train.train, engine, settings, algo, config, progress=False)
-        train_cpu = phases.rows[-1][1]
-        with Session(engine) as session:
-            history = session.get(Run, result["run_id"]).metrics.get("history", [])
-        peak = max((h.get("peak_rss_mb", 0) for h in history), default=0) or None
+        if algo == "sft":
+            if not sft_name:
+                raise SystemExit("--algo sft needs --sft-steps")
+            config, train_cpu, peak = argparse.Namespace(name=sft_name, max_new_tokens=48), 0.0, None
+        else:
+            over = {"name": f"policy-{label}", **({"policy": sft_name} if sft_name else {}), **over}
+            if algo != "dpo":
+                over["reward_model"] = "rm-train"
+            config = rl_train.load_config(algo, args.config, **over)
+            result = phases.run(label, rl_train.train, engine, settings, algo, config, progress=False)
+            train_cpu = phases.rows[-1][1]
+            with Session(engine) as session:
+                history = session.get(Run, result["run_id"]).metrics.get("history", [])
+            peak = max((h.get("peak_rss_mb", 0) for h in history), default=0) or None
         if algo == "ppo":  # TRL's trainers log other fields
             print(
                 f"{label}: {len(history)} steps, reward {result['reward_start']:.3f} -> "
@@ -225,7 +279,7 @@ def main() -> None:
             engine,
             settings,
             policy=config.name,
-            baseline=config.policy,
+            baseline="default" if sft_name else config.policy,
             reward_model="rm-train",
             judge="rm-judge",
             num_prompts=args.eval_prompts,
@@ -233,9 +287,11 @@ def main() -> None:
             seed=args.seed,
         )
         s = ev["summary"]
-        budget = train_cpu + (0.0 if algo == "dpo" else rm_cpu)
+        budget = sft_cpu + train_cpu + (0.0 if algo in ("dpo", "sft") else rm_cpu)
         table.append({"algo": label, "budget_cpu_min": budget, "peak_rss_mb": peak, "summary": s})
-        print(f"\n{label}: reward model + RL {budget:.1f} CPU-minutes (target <= 30)")
+        print(
+            f"\n{label}: {'SFT + ' if sft_name else ''}reward model + RL {budget:.1f} CPU-minutes (target <= 30)"
+        )
         print(
             f"win rate vs base, judged by the half-B reward model on {s['prompts']} held-out prompts: "
             f"{s['win_rate_by_judge']:.3f} +- {s['win_rate_se']:.3f} (target >= 0.60)"

@@ -291,8 +291,10 @@ def _fit(
         # distinct training rows the steps reached (a short run sees only the first batches of its shuffle)
         "examples_seen": min(
             len(train_examples),
-            trainer.state.global_step * trainer.args.train_batch_size
-            * trainer.args.gradient_accumulation_steps * trainer.args.world_size,
+            trainer.state.global_step
+            * trainer.args.train_batch_size
+            * trainer.args.gradient_accumulation_steps
+            * trainer.args.world_size,
         ),
         "held_out_examples": len(held_out),
         "trainable_params": trainable,
