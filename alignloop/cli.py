@@ -242,33 +242,45 @@ def cmd_gold_import(args) -> int:
     return 0
 
 
+def make_judge(settings, engine, *, model, base_url, openai_model, api_key_env, instructions=None):
+    """An AI judge: an OpenAI-compatible endpoint when `base_url` is given, else a local causal LM."""
+    from annotate.judge import JUDGE_INSTRUCTIONS, LocalJudge, OpenAIJudge
+
+    instructions = instructions or JUDGE_INSTRUCTIONS
+    if base_url:
+        if not openai_model:
+            raise AlignloopError("an endpoint judge needs its model name (--openai-model / --ai-judge-model)")
+        return OpenAIJudge(
+            base_url=base_url,
+            model=openai_model,
+            api_key=os.environ.get(api_key_env),
+            instructions=instructions,
+        )
+    from sqlmodel import Session
+
+    from alignloop.core import registry
+
+    with Session(engine) as session:
+        source = registry.locate(model or settings.default_policy, settings=settings, session=session)
+        placement = registry.placement_for(source, settings)
+    loaded = registry.load_causal_lm(source, placement=placement, settings=settings)
+    return LocalJudge(loaded.model, loaded.tokenizer, instructions=instructions)
+
+
 def cmd_judge_run(args) -> int:
-    from annotate.judge import JUDGE_INSTRUCTIONS, Constitution, LocalJudge, OpenAIJudge, run_judge
+    from annotate.judge import Constitution, run_judge
 
     settings, engine = open_workspace(args)
     constitution = Constitution.load(args.constitution) if args.constitution else None
-    instructions = constitution.instructions() if constitution else JUDGE_INSTRUCTIONS
-    if args.openai_base_url:
-        if not args.openai_model:
-            raise AlignloopError("--openai-model is required with --openai-base-url")
-        judge = OpenAIJudge(
-            base_url=args.openai_base_url,
-            model=args.openai_model,
-            api_key=os.environ.get(args.api_key_env),
-            instructions=instructions,
-        )
-    else:
-        from sqlmodel import Session
-
-        from alignloop.core import registry
-
-        with Session(engine) as session:
-            source = registry.locate(
-                args.model or settings.default_policy, settings=settings, session=session
-            )
-            placement = registry.placement_for(source, settings)
-        loaded = registry.load_causal_lm(source, placement=placement, settings=settings)
-        judge = LocalJudge(loaded.model, loaded.tokenizer, instructions=instructions)
+    judge = make_judge(
+        settings,
+        engine,
+        model=args.model,
+        base_url=args.openai_base_url,
+        openai_model=args.openai_model,
+        api_key_env=args.api_key_env,
+        instructions=constitution.instructions() if constitution else None,
+    )
     counts = run_judge(
         engine,
         judge=judge,
@@ -439,10 +451,23 @@ def cmd_report_levels(args) -> int:
     from serve.levels import build_report, markdown_table
 
     settings, engine = open_workspace(args)
+    ai_judge = None
+    if args.ai_judge or args.ai_judge_base_url:
+        ai_judge = make_judge(
+            settings,
+            engine,
+            model=args.ai_judge,
+            base_url=args.ai_judge_base_url,
+            openai_model=args.ai_judge_model,
+            api_key_env=args.api_key_env,
+        )
     report = build_report(
         engine,
         settings,
         judge=args.judge,
+        ai_judge=ai_judge,
+        ai_judge_name=args.ai_judge_model if args.ai_judge_base_url else args.ai_judge,
+        ai_judge_user=args.ai_judge_user,
         base=args.base,
         num_prompts=args.prompts,
         max_new_tokens=args.max_new_tokens,

@@ -394,6 +394,17 @@ def make_parser() -> argparse.ArgumentParser:
         "levels", parents=[common], help="L1 presets, L2 and L3 versions vs the base: win rate, cost"
     )
     p.add_argument("--judge", default=None, help="reward model that judges (default: the newest registered)")
+    p.add_argument(
+        "--ai-judge", default=None, help="also judge with this local model as an AI judge (RLAIF's judge)"
+    )
+    p.add_argument("--ai-judge-base-url", default=None, help="... or with an OpenAI-compatible endpoint")
+    p.add_argument("--ai-judge-model", default=None, help="the endpoint's model name")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    p.add_argument(
+        "--ai-judge-user",
+        default="ai-judge",
+        help="the AI judge's annotator name: versions trained on its votes are flagged self-judged",
+    )
     p.add_argument("--base", default=None, help="the base model (default: the workspace's default policy)")
     p.add_argument("--prompts", type=int, default=32, help="held-out (eval split) prompts to answer")
     p.add_argument("--models", nargs="+", default=None, help="only these SFT/policy versions (default: all)")

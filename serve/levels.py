@@ -17,6 +17,12 @@ trained against, or one derived from such a model, or when the judge learned fro
 version was tuned on (SFT `from_chosen`, DPO: the workspace's votes at that time). Flagged rows stay in the
 table and the chart (hollow marker) with the reason: never silently compared.
 
+The AI judge (`--ai-judge MODEL`, or `--ai-judge-base-url URL --ai-judge-model NAME`: RLAIF's judge,
+`annotate.judge`) adds a second win rate: each row's answer against the base's, asked in both orders, a verdict
+that flips with the order counting as a tie. Its flag: the judge is the version or an ancestor of it, or its
+votes (as the annotator `--ai-judge-user`) trained a reward model in the version's lineage or the version itself
+(DPO, SFT on chosen answers).
+
 Human votes, where they exist, come next to it: every voted comparison between two registered versions (arena
 battles and the loop's new-vs-old comparisons) is fitted with Bradley-Terry as `serve.leaderboard` does,
 with its bootstrap 95% interval.
@@ -47,6 +53,7 @@ from alignloop.core.db import session_scope
 from alignloop.core.models import Comparison, ModelVersion, Preset, Run, Vote
 from alignloop.core.presets import apply_preset, final_answer, list_presets
 from alignloop.core.sampling import SamplingParams, generate
+from annotate.judge import Judge, verdict
 from reward.score import RewardModel
 from serve.leaderboard import Battle, leaderboard
 
@@ -149,6 +156,42 @@ def self_judged(session: Session, version: ModelVersion | None, judge: ModelVers
     return None
 
 
+def ai_self_judged(
+    session: Session, version: ModelVersion | None, *, judge_model: str | None, judge_user: str | None
+) -> str | None:
+    """Why the AI judge cannot referee `version`: it is the version or one of its ancestors, or its votes (as
+    the annotator `judge_user`) trained a reward model the version was trained against, or the version itself."""
+    if version is None:
+        return None
+    chain = lineage(session, version)
+    if judge_model and judge_model in {v.name for v in chain}:
+        return "the AI judge is this version or one it was built from"
+    user = crud.get_user(session, name=judge_user) if judge_user else None
+    if user is None:
+        return None
+    voted = set(session.exec(select(Vote.comparison_id).where(Vote.user_id == user.id)).all())
+    if not voted:
+        return None
+    for rm in _reward_models_used(session, chain):
+        run = _run(session, rm)
+        if voted & set((run.config if run else {}).get("comparison_ids") or []):
+            return f"the reward model {rm.name!r} it was trained against learned from the AI judge's votes"
+    for ancestor in chain:
+        run = _run(session, ancestor)
+        config = run.config if run else {}
+        if voted & set(config.get("comparison_ids") or []):  # DPO records the comparisons it learned from
+            return f"{ancestor.name!r} was tuned on the AI judge's votes"
+        if config.get("from_chosen"):
+            voted_before = session.exec(
+                select(Vote.id)
+                .where(Vote.user_id == user.id)
+                .where(Vote.created_at <= (run.started_at or run.created_at))
+            ).first()
+            if voted_before is not None:
+                return f"{ancestor.name!r} was tuned on the chosen answers of the AI judge's votes"
+    return None
+
+
 # --- cost ----------------------------------------------------------------------------------------------------
 
 
@@ -222,6 +265,11 @@ def human_ratings(session: Session) -> dict[str, dict]:
 
 def win_rate(scores: list[float], base_scores: list[float]) -> tuple[float, float | None]:
     wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, base_scores, strict=True)]
+    return mean_se(wins)
+
+
+def mean_se(wins: list[float]) -> tuple[float, float | None]:
+    """Mean of per-prompt outcomes (1 win, 0.5 tie, 0 loss) and its standard error."""
     n = len(wins)
     mean = sum(wins) / n
     if n < 2:
@@ -235,6 +283,9 @@ def build_report(
     settings: Settings,
     *,
     judge: str | None = None,
+    ai_judge: Judge | None = None,
+    ai_judge_name: str | None = None,
+    ai_judge_user: str | None = "ai-judge",
     base: str | None = None,
     num_prompts: int = 32,
     max_new_tokens: int = 64,
@@ -267,6 +318,10 @@ def build_report(
             raise AlignloopError(f"--judge must be a registered reward model, not {judge!r}")
         rows = entries(session, base, models)
         flags = {e.name: self_judged(session, e.version, judge_version) for e in rows}
+        ai_flags = {
+            e.name: ai_self_judged(session, e.version, judge_model=ai_judge_name, judge_user=ai_judge_user)
+            for e in rows
+        }
         costs = {e.name: cost(session, e.version) for e in rows}
         humans = human_ratings(session)
         scorer = RewardModel.load(judge, settings=settings, session=session)
@@ -294,9 +349,24 @@ def build_report(
 
     # 3. Judge every row against the base, on the original prompts (what the user asked).
     scores = {name: scorer.score(prompts, texts) for name, texts in answers.items()}
+    # The AI judge (optional): each answer against the base's, both orders; a verdict that flips is a tie.
+    ai = {}
+    if ai_judge is not None:
+        for entry in rows:
+            ai[entry.name] = (
+                (0.5, 0.0)
+                if entry.name == base
+                else mean_se(
+                    [
+                        (verdict(ai_judge, p, mine, theirs) + 1) / 2
+                        for p, mine, theirs in zip(prompts, answers[entry.name], answers[base], strict=True)
+                    ]
+                )
+            )
     table = []
     for entry in rows:
         rate, se = win_rate(scores[entry.name], scores[base])
+        ai_rate, ai_se = ai.get(entry.name, (None, None))
         human = humans.get(entry.version.name if entry.version else entry.name)
         table.append(
             {
@@ -306,6 +376,9 @@ def build_report(
                 "stderr": None if se is None else round(se, 4),
                 "mean_judge_score": round(sum(scores[entry.name]) / len(prompts), 4),
                 "self_judged": flags[entry.name],
+                "ai_win_rate": None if ai_rate is None else round(ai_rate, 4),
+                "ai_stderr": None if ai_se is None else round(ai_se, 4),
+                "ai_self_judged": ai_flags[entry.name] if ai_judge is not None else None,
                 "human_rating": human and human["rating"],
                 "human_ci": human and [human["ci_low"], human["ci_high"]],
                 "human_battles": human and human["battles"],
@@ -315,6 +388,7 @@ def build_report(
         )
     report = {
         "judge": judge,
+        "ai_judge": (ai_judge_name or "default") if ai_judge is not None else None,
         "base": base,
         "prompts": len(prompts),
         "max_new_tokens": max_new_tokens,
@@ -335,6 +409,7 @@ def build_report(
             kind="levels",
             config={
                 "judge": judge,
+                "ai_judge": report["ai_judge"],
                 "base": base,
                 "prompts": len(prompts),
                 "models": models,
@@ -364,17 +439,25 @@ def _num(value, fmt: str) -> str:
 
 
 def markdown_table(report: dict) -> str:
+    ai = report.get("ai_judge")
     lines = [
-        f"Judge: reward model `{report['judge']}` · {report['prompts']} held-out prompts · base `{report['base']}`",
+        f"Judge: reward model `{report['judge']}`"
+        + (f", AI judge `{ai}`" if ai else "")
+        + f" · {report['prompts']} held-out prompts · base `{report['base']}`",
         "",
-        "| level | version | win rate vs base ± s.e. | human BT rating [95% CI] (battles) | train min (device) "
-        "| votes | examples | adapter MB | tokens/s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| level | version | win rate vs base ± s.e. |"
+        + (" AI judge win rate ± s.e. |" if ai else "")
+        + " human BT rating [95% CI] (battles) | train min (device) | votes | examples | adapter MB | tokens/s |",
+        "| --- | --- | --- |" + (" --- |" if ai else "") + " --- | --- | --- | --- | --- | --- |",
     ]
     for r in report["rows"]:
         win = f"{r['win_rate']:.2f} ± {_num(r['stderr'], '.2f')}"
         if r["self_judged"]:
             win += f" **self-judged**: {r['self_judged']}"
+        if ai:
+            win += f" | {_num(r.get('ai_win_rate'), '.2f')} ± {_num(r.get('ai_stderr'), '.2f')}"
+            if r.get("ai_self_judged"):
+                win += f" **self-judged**: {r['ai_self_judged']}"
         human = (
             f"{r['human_rating']:.0f} [{r['human_ci'][0]:.0f}, {r['human_ci'][1]:.0f}] ({r['human_battles']})"
             if r["human_rating"] is not None

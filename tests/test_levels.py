@@ -20,7 +20,7 @@ from alignloop.core.registry import resolve
 from alignloop.core.sampling import SamplingParams, generate
 from alignloop.core.workspace import init_workspace
 from alignloop.web import create_app
-from serve.levels import build_report
+from serve.levels import ai_self_judged, build_report
 from sft.train import load_config, train
 
 GOOD = "Thank you! Here is a summary."
@@ -195,6 +195,47 @@ def test_levels_report_ranks_flags_and_costs(levels_ws, tiny_model_dir, capsys, 
         png = client.get(f"/admin/levels/{report['run_id']}.png")
         assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
         assert client.get("/admin/levels/999999.png").status_code == 404
+
+
+def test_levels_report_with_an_ai_judge(levels_ws, tiny_model_dir, capsys, tmp_path):
+    """The AI judge's win rate beside the reward model's, and its own self-judged flags: a judge that is the
+    version (or an ancestor), or whose votes trained the version or its reward model, cannot referee it."""
+    settings, engine, ws, password = levels_ws
+    args = ["report", "levels", "--judge", "judge", "--base", str(tiny_model_dir), "--prompts", "4"]
+    args += ["--max-new-tokens", "10", "--temperature", "0", "--out", str(tmp_path / "out"), *ws]
+    code = main([*args, "--ai-judge", "sft-good", "--ai-judge-user", "import"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    report = json.loads((tmp_path / "out" / "levels.json").read_text())
+    rows = {r["name"]: r for r in report["rows"]}
+    assert report["ai_judge"] == "sft-good" and "AI judge win rate" in out
+    base = rows[str(tiny_model_dir)]
+    assert base["ai_win_rate"] == 0.5 and base["ai_stderr"] == 0 and base["ai_self_judged"] is None
+    # Each prompt is a win, a loss or a tie (a verdict that flips with the order), so 4 prompts give quarters.
+    assert all(r["ai_win_rate"] * 8 == round(r["ai_win_rate"] * 8) for r in report["rows"])
+    assert all(r["ai_stderr"] is not None for r in report["rows"])
+    for name in ("sft-good", "ppo-on-sft"):  # the judge, and a version built on it
+        assert rows[name]["ai_self_judged"] == "the AI judge is this version or one it was built from"
+    assert "chosen answers of the AI judge's votes" in rows["sft-chosen"]["ai_self_judged"]
+    assert rows["preset terse@1"]["ai_self_judged"] is None
+    with Session(engine) as s:
+        ppo = crud.get_model_version(s, name="ppo-on-sft")
+        why = ai_self_judged(s, ppo, judge_model=str(tiny_model_dir), judge_user="import")
+        assert why == "the reward model 'judge' it was trained against learned from the AI judge's votes"
+        assert ai_self_judged(s, ppo, judge_model=str(tiny_model_dir), judge_user="nobody") is None
+    with TestClient(create_app(settings, engine)) as client:
+        client.post("/login", data={"username": "admin", "password": password})
+        page = client.get("/admin/levels").text
+        assert "AI judge win rate" in page and "the AI judge is this version" in page
+    # Without an AI judge the columns are empty and the table has none.
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "out" / "levels.json").read_text())
+    assert report["ai_judge"] is None and "AI judge" not in out
+    assert all(r["ai_win_rate"] is None for r in report["rows"])
+    with TestClient(create_app(settings, engine)) as client:
+        client.post("/login", data={"username": "admin", "password": password})
+        assert "AI judge" not in client.get("/admin/levels").text
 
 
 def test_bad_report_input_changes_nothing(levels_ws):
