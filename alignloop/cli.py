@@ -442,6 +442,7 @@ def cmd_rl_eval(args) -> int:
         num_prompts=args.num_prompts,
         max_new_tokens=args.max_new_tokens,
         preset=args.preset,
+        seed=args.seed,
     )
     print(json.dumps(result["summary"], indent=2))
     return 0

@@ -385,6 +385,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-prompts", type=count("num_prompts", 1, MAX_PROMPTS), default=32)
     p.add_argument("--max-new-tokens", type=count("max_new_tokens", 1, MAX_NEW_TOKENS), default=64)
     p.add_argument("--preset", default=None, help="an L1 prompting preset for both policies")
+    p.add_argument(
+        "--seed",
+        type=count("seed", 0, 2**32 - 1),
+        default=0,
+        help="sampling seed (repeat with others to average the sampling noise)",
+    )
     p.set_defaults(handler="cmd_rl_eval")
 
     report = sub.add_parser("report", help="reports across stages").add_subparsers(
@@ -406,11 +412,16 @@ def make_parser() -> argparse.ArgumentParser:
         help="the AI judge's annotator name: versions trained on its votes are flagged self-judged",
     )
     p.add_argument("--base", default=None, help="the base model (default: the workspace's default policy)")
-    p.add_argument("--prompts", type=int, default=32, help="held-out (eval split) prompts to answer")
+    p.add_argument(
+        "--prompts",
+        type=count("num_prompts", 1, MAX_PROMPTS),
+        default=32,
+        help="held-out (eval split) prompts to answer",
+    )
     p.add_argument("--models", nargs="+", default=None, help="only these SFT/policy versions (default: all)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=count("max_new_tokens", 1, MAX_NEW_TOKENS), default=64)
+    p.add_argument("--temperature", type=number("temperature"), default=0.7)
+    p.add_argument("--seed", type=count("seed", 0, 2**32 - 1), default=0)
     p.add_argument("--out", default=None, help="folder for levels.json, levels.md and levels.png")
     p.set_defaults(handler="cmd_report_levels")
 

@@ -180,6 +180,21 @@ def test_the_flags_people_already_use_still_parse_to_the_same_settings():
         ["judge", "run", "--max-items", "99999999999999"],
         ["serve", "--workers", "100000"],
         ["round", "lineage", "--vote", "99999999999999999999999"],
+        [
+            "rl",
+            "eval",
+            "a",
+            "--baseline",
+            "b",
+            "--reward-model",
+            "r",
+            "--judge",
+            "j",
+            "--seed",
+            "1" + "0" * 40,
+        ],
+        ["rl", "eval", "a", "--baseline", "b", "--reward-model", "r", "--judge", "j", "--seed", "-1"],
+        ["report", "levels", "--prompts", "99999999999999"],
     ],
 )
 def test_counts_out_of_bounds_end_at_parse_time_with_one_line(argv, capsys):
