@@ -1,12 +1,15 @@
 """The RLHF recipe end to end on real preference data, graded by a judge that never saw the training data.
 
     .venv/bin/python bench/rlhf_recipe.py [--config configs/rl/default.yaml] [--steps N] [--eval-prompts 64]
-        [--algo [LABEL=]ALGO[:{YAML settings}] ...] [--workspace DIR]
+        [--algo [LABEL=]ALGO[:{YAML settings}] ...] [--workspace DIR] [--sft-steps N]
 
 `--algo` repeats: PPO, GRPO and RLOO runs share the training reward model, DPO learns from half A's pairs
 directly (no reward model: its budget is its own training), and all share the judge. `--workspace` keeps the
 workspace; running again with the same one (and the same --seed and --eval-prompts) reuses its reward model and
 judge, whose CPU time was recorded the first time, so further algorithms or settings cost only their own run.
+`--sft-steps N` first instruction-tunes the base on half A's chosen answers (the InstructGPT order; measured: on
+this data it is the step that wins, see the README) and every algorithm starts from that version; its CPU time
+counts in each budget, and each policy is still judged against the base model.
 
 Protocol (issue #12), so nobody grades their own homework:
 1. the HH harmless dev pairs (`../shared/data/hh_harmless_dev.jsonl`) are grouped by prompt; a seeded hash of
