@@ -254,12 +254,13 @@ def main() -> None:
         if algo == "sft":
             if not sft_name:
                 raise SystemExit("--algo sft needs --sft-steps")
-            config, train_cpu, peak = argparse.Namespace(name=sft_name, max_new_tokens=48), 0.0, None
+            config, policy, train_cpu, peak = None, sft_name, 0.0, None
         else:
             over = {"name": f"policy-{label}", **({"policy": sft_name} if sft_name else {}), **over}
             if algo != "dpo":
                 over["reward_model"] = "rm-train"
             config = rl_train.load_config(algo, args.config, **over)
+            policy = config.name
             result = phases.run(label, rl_train.train, engine, settings, algo, config, progress=False)
             train_cpu = phases.rows[-1][1]
             with Session(engine) as session:
@@ -281,7 +282,7 @@ def main() -> None:
             evaluate_policy,
             engine,
             settings,
-            policy=config.name,
+            policy=policy,
             baseline="default" if sft_name else config.policy,
             reward_model="rm-train",
             judge="rm-judge",

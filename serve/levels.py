@@ -141,18 +141,27 @@ def self_judged(session: Session, version: ModelVersion | None, judge: ModelVers
             how = "is" if rm.id == judge.id else f"is derived from {rm.name!r},"
             return f"the judge {how} the reward model this version was trained against"
     judge_run = _run(session, judge)
-    judged_on = set((judge_run.config if judge_run else {}).get("comparison_ids") or [])
+    judged_on = (judge_run.config if judge_run else {}).get("comparison_ids") or []
+    if judged_on:
+        tuned = _tuned_on(session, chain, col(Vote.comparison_id).in_(judged_on))
+        if tuned is not None:
+            return f"{tuned.name!r} was tuned on votes the judge was also trained on"
+    return None
+
+
+def _tuned_on(session: Session, chain: list[ModelVersion], votes) -> ModelVersion | None:
+    """The first version in `chain` tuned directly on votes (SFT on chosen answers, DPO: the workspace's votes
+    when its run started) that include one matching the `votes` condition."""
     for ancestor in chain:
         run = _run(session, ancestor)
         config = run.config if run else {}
-        if judged_on and (config.get("from_chosen") or config.get("algo") == "dpo"):
-            voted_before = session.exec(
-                select(Vote.comparison_id)
-                .where(col(Vote.comparison_id).in_(judged_on))
-                .where(Vote.created_at <= (run.started_at or run.created_at))
-            ).first()
-            if voted_before is not None:
-                return f"{ancestor.name!r} was tuned on votes the judge was also trained on"
+        if config.get("from_chosen") or config.get("algo") == "dpo":
+            started = run.started_at or run.created_at
+            if (
+                session.exec(select(Vote.id).where(votes).where(Vote.created_at <= started)).first()
+                is not None
+            ):
+                return ancestor
     return None
 
 
@@ -170,25 +179,14 @@ def ai_self_judged(
     if user is None:
         return None
     voted = set(session.exec(select(Vote.comparison_id).where(Vote.user_id == user.id)).all())
-    if not voted:
-        return None
     for rm in _reward_models_used(session, chain):
         run = _run(session, rm)
         if voted & set((run.config if run else {}).get("comparison_ids") or []):
             return f"the reward model {rm.name!r} it was trained against learned from the AI judge's votes"
-    for ancestor in chain:
-        run = _run(session, ancestor)
-        config = run.config if run else {}
-        if voted & set(config.get("comparison_ids") or []):  # DPO records the comparisons it learned from
-            return f"{ancestor.name!r} was tuned on the AI judge's votes"
-        if config.get("from_chosen"):
-            voted_before = session.exec(
-                select(Vote.id)
-                .where(Vote.user_id == user.id)
-                .where(Vote.created_at <= (run.started_at or run.created_at))
-            ).first()
-            if voted_before is not None:
-                return f"{ancestor.name!r} was tuned on the chosen answers of the AI judge's votes"
+    tuned = _tuned_on(session, chain, Vote.user_id == user.id)
+    if tuned is not None:
+        chosen = _run(session, tuned).config.get("from_chosen")
+        return f"{tuned.name!r} was tuned on {'the chosen answers of ' if chosen else ''}the AI judge's votes"
     return None
 
 
