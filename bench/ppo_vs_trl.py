@@ -206,8 +206,8 @@ def write_prompts(setting: str, path: Path, tokenizer_dir: str, max_prompt_lengt
     if setting.startswith("hh"):
         from transformers import AutoTokenizer
 
+        from alignloop.core.truncate import fit_prompts
         from reward.data import file_pairs
-        from rl.budget import fit_prompts
 
         seen, conversations = set(), []
         for pair in file_pairs(HH)[0]:

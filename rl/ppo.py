@@ -85,7 +85,8 @@ from torch import nn
 from alignloop.core import AlignloopError, devices
 from alignloop.core.config import read_run_config
 from alignloop.core.sampling import Completion, SamplingParams, generate, render
-from rl.budget import fit_prompts, padded_tokens, peak_rss_mb, plan_micro_batches, row_lengths, rss_mb
+from alignloop.core.truncate import fit_prompts
+from rl.budget import padded_tokens, peak_rss_mb, plan_micro_batches, row_lengths, rss_mb
 
 log = logging.getLogger(__name__)
 RewardFn = Callable[[Sequence[list[dict]], Sequence[Completion]], list[float]]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -33,6 +33,7 @@ from alignloop.core.db import session_scope
 from alignloop.core.models import Run
 from alignloop.core.runlog import StepLog, trainer_callback
 from alignloop.core.sampling import SamplingParams, generate
+from alignloop.core.truncate import fit_prompts
 from sft.data import Example, chosen_examples, edited_examples, parse_instruction_file, split_held_out
 from sft.layers import check_layers, freeze_outside, in_layers, num_layers_of
 
@@ -224,6 +225,8 @@ def _fit(
     model, tokenizer = loaded.model, loaded.tokenizer
     if source.base is not None:
         model = model.merge_and_unload()
+    train_examples, train_cuts = fit_examples(tokenizer, train_examples, config.max_length)
+    held_out, held_out_cuts = fit_examples(tokenizer, held_out, config.max_length)
     sample_prompts = [e.prompt for e in held_out[: config.num_samples]]
     before = _samples(model, tokenizer, sample_prompts, config)
 
@@ -297,6 +300,7 @@ def _fit(
             * trainer.args.world_size,
         ),
         "held_out_examples": len(held_out),
+        "prompts_cut": {"train": train_cuts.as_dict(), "held_out": held_out_cuts.as_dict()},
         "trainable_params": trainable,
         "total_params": total,
         "train_seconds": round(train_seconds, 2),
@@ -333,6 +337,34 @@ def _fit(
         "samples_before": before,
         "samples_after": after,
     }
+
+
+# The completion's share of `max_length`: its tokens plus the end-of-turn frame (a token and a newline, with
+# slack for templates that add more). The prompt gets the rest, but never less than half of `max_length`.
+END_OF_TURN = 4
+
+
+def fit_examples(tokenizer, examples: list[Example], max_length: int):
+    """Each example's prompt cut, oldest turns first, so prompt + completion fit `max_length`.
+
+    TRL truncates prompt + completion from the *end*: a long conversation loses its answer (the tokens that
+    carry the loss) or, when the prompt alone fills `max_length`, is silently dropped. Cutting the prompt from
+    the start instead keeps the answer whole and the latest turns it answers (as RL's `max_prompt_length`
+    does). A completion longer than half of `max_length` still loses its end to TRL's cut."""
+    limits = [
+        max(
+            max_length - len(tokenizer(e.completion, add_special_tokens=False)["input_ids"]) - END_OF_TURN,
+            max_length // 2,
+        )
+        for e in examples
+    ]
+    try:
+        prompts, report = fit_prompts(tokenizer, [e.prompt for e in examples], limits)
+    except AlignloopError as exc:
+        raise AlignloopError(
+            f"max_length {max_length} is too short for this chat template: raise it"
+        ) from exc
+    return [replace(e, prompt=p) for e, p in zip(examples, prompts, strict=True)], report
 
 
 def _point_adapter_at(adapter_dir: Path, source) -> None:

@@ -10,7 +10,8 @@ from conftest import build_tiny_llama
 
 from alignloop.core import AlignloopError
 from alignloop.core.sampling import render
-from rl.budget import fit_prompt, fit_prompts, plan_micro_batches
+from alignloop.core.truncate import fit_prompt, fit_prompts
+from rl.budget import plan_micro_batches
 from rl.ppo import PPOTrainer, load_config
 
 

@@ -12,8 +12,8 @@ from alignloop.core.models import ChatFeedback, ModelVersion, Run
 from alignloop.core.prompts import ImportFileError
 from alignloop.core.registry import resolve
 from alignloop.core.sampling import SamplingParams, generate
-from sft.data import parse_instruction_file, split_held_out
-from sft.train import load_config, train
+from sft.data import Example, parse_instruction_file, split_held_out
+from sft.train import fit_examples, load_config, train
 
 CATEGORIES = ["open_qa", "brainstorming"]
 
@@ -259,3 +259,42 @@ def test_merged_lora_is_a_standalone_model_with_the_adapters_outputs(workspace, 
         a, m, atol=1e-4
     )  # same seed, same data: merging changes the packaging, not the model
     assert adapter["trainable_params"] == merged["trainable_params"]
+
+
+def test_long_conversations_keep_their_answers_through_trls_truncation(tmp_path, tiny_model, tiny_tokenizer):
+    """TRL cuts prompt + completion from the end (and drops a row whose prompt alone fills max_length);
+    `fit_examples` cuts the prompt's oldest turns instead, so TRL's own preparation keeps every answer whole."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    turns = [
+        {
+            "role": ("user", "assistant")[t % 2],
+            "content": f"turn {t} " + " ".join(f"w{t}x{i}" for i in range(30)),
+        }
+        for t in range(11)
+    ]
+    answer = "The answer, kept whole."
+    examples = [
+        Example(prompt=turns + [{"role": "user", "content": "And the last question?"}], completion=answer),
+        Example(prompt=[{"role": "user", "content": "A short one?"}], completion=answer),
+    ]
+    fitted, report = fit_examples(tiny_tokenizer, examples, 96)
+    assert report.truncated == 1 and report.turns_dropped > 0 and fitted[1] == examples[1]
+    assert fitted[0].prompt[-1]["content"] == "And the last question?"
+
+    def prepared(rows):
+        args = SFTConfig(output_dir=str(tmp_path), max_length=96, use_cpu=True, bf16=False, report_to=[])
+        data = Dataset.from_list([e.row() for e in rows])
+        return SFTTrainer(
+            model=tiny_model, args=args, train_dataset=data, processing_class=tiny_tokenizer
+        ).train_dataset
+
+    def learned(row):
+        return tiny_tokenizer.decode([t for t in row["labels"] if t != -100])
+
+    assert (
+        len(prepared(examples)) == 1
+    )  # unfitted: the long conversation's answer is cut away, the row dropped
+    rows = prepared(fitted)
+    assert len(rows) == 2 and all(answer in learned(row) for row in rows)
