@@ -85,7 +85,8 @@ members = scores.get("members", {"chosen": [scores["chosen"]], "rejected": [scor
 print("RESULT " + json.dumps({"chosen": members["chosen"], "rejected": members["rejected"], "ece": s["ece"],
       "train_seconds": s["train_seconds"], "wall_seconds": time.perf_counter() - start,
       "cpu_seconds": after.ru_utime + after.ru_stime - cpu.ru_utime - cpu.ru_stime,
-      "held_out_pairs": s["held_out_pairs"], "train_pairs": s["train_pairs"], "steps": s["steps"]}))
+      "held_out_pairs": s["held_out_pairs"], "train_pairs": s["train_pairs"], "steps": s["steps"],
+      "report": s["report"]}))
 """
 )
 
@@ -157,9 +158,11 @@ def cross_validate(workspace: Path, folds: int, members: int, variants: dict[str
             runs.append(run)
             print(
                 f"{name} fold {fold}/{folds}: {run['train_seconds']:.0f} s, "
-                f"{run['cpu_seconds'] / 60:.1f} CPU-min",
+                f"{run['cpu_seconds'] / 60:.1f} CPU-min, ECE of the registered model {run['ece']:.3f}, "
+                f"report {run['report']}",
                 flush=True,
             )
+            print("FOLD " + json.dumps(run), flush=True)  # every member's held-out scores: a cut run is kept
         rows = {}
         for m in range(1, members + 1):
             if m == 1:  # each member alone, averaged over members: the single model's expected accuracy
@@ -181,6 +184,10 @@ def cross_validate(workspace: Path, folds: int, members: int, variants: dict[str
         cpu = np.mean([run["cpu_seconds"] for run in runs]) / 60
         table[name] = {
             "accuracy": rows,
+            "ece": (
+                float(np.mean([run["ece"] for run in runs])),
+                float(np.std([run["ece"] for run in runs], ddof=1) / np.sqrt(folds)),
+            ),
             "minutes_per_member": minutes / members,
             "cpu_minutes_per_member": cpu / members,
             "pairs": sum(run["held_out_pairs"] for run in runs),
@@ -191,12 +198,14 @@ def cross_validate(workspace: Path, folds: int, members: int, variants: dict[str
     )
     print("| variant | members | accuracy | train min (wall) | CPU-min |")
     print("| --- | --- | --- | --- | --- |")
+    eces = "; ".join(f"{name} {row['ece'][0]:.3f} +- {row['ece'][1]:.3f}" for name, row in table.items())
     for name, row in table.items():
         for m, (acc, se) in row["accuracy"].items():
             print(
                 f"| {name} | {m} | {acc:.3f} +- {se:.3f} | {row['minutes_per_member'] * m:.1f} | "
                 f"{row['cpu_minutes_per_member'] * m:.1f} |"
             )
+    print(f"\nECE of the registered model (all {members} members' mean), mean over folds: {eces}")
     return table
 
 

@@ -1,7 +1,7 @@
 """The RLHF recipe end to end on real preference data, graded by a judge that never saw the training data.
 
     .venv/bin/python bench/rlhf_recipe.py [--config configs/rl/default.yaml] [--steps N] [--eval-prompts 64]
-        [--algo [LABEL=]ALGO[:{YAML settings}] ...] [--workspace DIR] [--sft-steps N]
+        [--algo [LABEL=]ALGO[:{YAML settings}] ...] [--workspace DIR] [--sft-steps N [--sft-name NAME]]
 
 `--algo` repeats: PPO, GRPO and RLOO runs share the training reward model, DPO learns from half A's pairs
 directly (no reward model: its budget is its own training), and all share the judge. `--workspace` keeps the
@@ -126,6 +126,11 @@ def main() -> None:
         "every algorithm then starts from that version and its CPU time counts in each budget (0: none)",
     )
     parser.add_argument(
+        "--sft-name",
+        default=None,
+        help="name of the SFT version (default: sft-half-a-N); a new name trains a new one in the same workspace",
+    )
+    parser.add_argument(
         "--reward-epochs", type=float, default=None, help="reward training epochs (default: config's)"
     )
     parser.add_argument(
@@ -224,7 +229,7 @@ def main() -> None:
     if args.sft_steps:
         from sft import train as sft_train
 
-        sft_name = f"sft-half-a-{args.sft_steps}"
+        sft_name = args.sft_name or f"sft-half-a-{args.sft_steps}"
         if sft_name in saved:
             sft_cpu = saved[sft_name]
             print(f"SFT version {sft_name} reused: it took {sft_cpu:.1f} CPU-min")
