@@ -470,26 +470,42 @@ def markdown_table(report: dict) -> str:
 
 
 def chart_png(rows: list[dict], *, title: str = "") -> bytes:
-    """Win rate against training minutes, one point per row, coloured by level; self-judged points hollow."""
+    import matplotlib.pyplot as plt
+
+    fig = chart(rows, title=title)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def chart(rows: list[dict], *, title: str = ""):
+    """Win rate against training minutes, one point per row and judge (circle: the reward model, square: the AI
+    judge when there is one), coloured by level; self-judged points hollow."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
+    ai = any(r.get("ai_win_rate") is not None for r in rows)
     for level in LEVELS:
         for r in (r for r in rows if r["level"] == level):
             hollow = bool(r["self_judged"])
-            ax.errorbar(
-                r["train_minutes"],
-                r["win_rate"],
-                yerr=r["stderr"] or 0,
-                fmt="o",
-                capsize=3,
-                color=COLOURS[level],
-                mfc="none" if hollow else COLOURS[level],
-                ms=8,
-            )
+            points = [("o", r["win_rate"], r["stderr"], hollow)]
+            if r.get("ai_win_rate") is not None:
+                points.append(("s", r["ai_win_rate"], r.get("ai_stderr"), bool(r.get("ai_self_judged"))))
+            for marker, rate, stderr, hollow_point in points:
+                ax.errorbar(
+                    r["train_minutes"],
+                    rate,
+                    yerr=stderr or 0,
+                    fmt=marker,
+                    capsize=3,
+                    color=COLOURS[level],
+                    mfc="none" if hollow_point else COLOURS[level],
+                    ms=8,
+                )
             ax.annotate(
                 r["name"] + (" (self-judged)" if hollow else ""),
                 (r["train_minutes"], r["win_rate"]),
@@ -499,6 +515,9 @@ def chart_png(rows: list[dict], *, title: str = "") -> bytes:
             )
     for level in LEVELS:
         ax.plot([], [], "o", color=COLOURS[level], label=level)
+    if ai:
+        ax.plot([], [], "o", color="grey", mfc="none", label="reward-model judge")
+        ax.plot([], [], "s", color="grey", mfc="none", label="AI judge")
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
     ax.set_xscale("symlog", linthresh=0.1)  # L1 and the base cost no training: they sit at 0
     ax.set_xlim(left=-0.03)  # costs are never negative: no empty negative half
@@ -508,10 +527,7 @@ def chart_png(rows: list[dict], *, title: str = "") -> bytes:
     ax.legend(loc="lower right")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=80)
-    plt.close(fig)
-    return buffer.getvalue()
+    return fig
 
 
 def latest_report(session: Session) -> Run | None:

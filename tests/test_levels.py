@@ -299,3 +299,35 @@ def test_an_sft_version_goes_through_ppo_and_is_served(levels_ws):
             stream=True,
         )
         assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == "a summary."
+
+
+def test_the_chart_plots_the_ai_judge_beside_the_reward_model_judge():
+    """With an AI judge each row gets a second point (a square, hollow when the AI judge is self-judged)."""
+    import matplotlib.pyplot as plt
+
+    from serve.levels import chart
+
+    row = {
+        "level": "L2",
+        "name": "sft",
+        "train_minutes": 1.0,
+        "win_rate": 0.6,
+        "stderr": 0.05,
+        "self_judged": "",
+    }
+    plain = chart([row])
+    with_ai = chart([row | {"ai_win_rate": 0.7, "ai_stderr": 0.04, "ai_self_judged": "judge is an ancestor"}])
+
+    def squares(fig):  # (rate, filled) of every square data point
+        return [
+            (line.get_ydata()[0], line.get_markerfacecolor() != "none")
+            for line in fig.axes[0].lines
+            if line.get_marker() == "s" and len(line.get_ydata())
+        ]
+
+    def legend(fig):
+        return [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+
+    assert squares(plain) == [] and "AI judge" not in legend(plain)
+    assert squares(with_ai) == [(0.7, False)] and {"AI judge", "reward-model judge"} <= set(legend(with_ai))
+    plt.close("all")
