@@ -10,7 +10,7 @@ temperature, KL coefficient, learning rate, LoRA):
 - hh-tiny, hh-default: the same two models on real, full-context HH conversations (the shared HH harmless dev
   prompts, p50 91 / max 830 tokens), 16 rollouts x 48 tokens per step. TRL 1.12's PPOTrainer has no prompt
   cap, and without one it was OOM-killed inside its first step here (24.9 GB, issue #12), so both trainers get
-  the same prompts, fitted beforehand with alignloop's `rl.budget.fit_prompt` to `--max-prompt-length`
+  the same prompts, fitted beforehand with alignloop's `alignloop.core.truncate.fit_prompt` to `--max-prompt-length`
   (oldest turns dropped first). alignloop runs with its shipped memory settings (configs/rl/default.yaml:
   token-budget micro-batches, value head on the policy).
 The reward model is the same in both trainers and applied the same way (prompt + response token ids, score at the
