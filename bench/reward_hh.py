@@ -21,6 +21,7 @@ import`), then split by prompt: 300 prompts held out, the rest (about 1,200 pair
     .venv/bin/python bench/reward_hh.py [--minutes 14] [--bases minilm default] [--steps 40]
     .venv/bin/python bench/reward_hh.py --folds 5 --members 2 [--variant 'lr3e-5={"learning_rate": 3e-5}']
     .venv/bin/python bench/reward_hh.py --scoring 3
+    .venv/bin/python bench/reward_hh.py --summarise cv.log   # the k-fold table from a run's (or a cut run's) output
 """
 
 import argparse
@@ -139,13 +140,10 @@ def child(script: str, *args) -> dict:
 
 
 def cross_validate(workspace: Path, folds: int, members: int, variants: dict[str, dict]) -> dict:
-    """Mean held-out accuracy over the folds, with its standard error (std over folds / sqrt(k)), for one
-    member and for ensembles of 2..members; training minutes per fold (the whole ensemble)."""
-    import numpy as np
-
-    table = {}
+    """Train every variant once per fold (an ensemble of `members`) and summarise (`summarise_folds`)."""
+    runs = {}
     for name, overrides in variants.items():
-        runs = []
+        runs[name] = []
         for fold in range(1, folds + 1):
             run = child(
                 KFOLD,
@@ -155,57 +153,69 @@ def cross_validate(workspace: Path, folds: int, members: int, variants: dict[str
                 json.dumps({"ensemble": members, **overrides}),
                 name,
             )
-            runs.append(run)
+            runs[name].append(run)
             print(
                 f"{name} fold {fold}/{folds}: {run['train_seconds']:.0f} s, "
                 f"{run['cpu_seconds'] / 60:.1f} CPU-min, ECE of the registered model {run['ece']:.3f}, "
                 f"report {run['report']}",
                 flush=True,
             )
-            print("FOLD " + json.dumps(run), flush=True)  # every member's held-out scores: a cut run is kept
+            # every member's held-out scores: a cut run is summarised from its log (--summarise LOG)
+            print("FOLD " + json.dumps({"variant": name, **run}), flush=True)
+    return summarise_folds(runs)
+
+
+def summarise_folds(runs: dict[str, list[dict]]) -> dict:
+    """Mean held-out accuracy over the folds, with its standard error (std over folds / sqrt(k)), for one
+    member (each member alone, averaged over members) and for ensembles of 2..members (their mean score);
+    training minutes per member; ECE of the registered model (the whole ensemble)."""
+    import numpy as np
+
+    table = {}
+    for name, folds in runs.items():
+        k, members = len(folds), len(folds[0]["chosen"])
         rows = {}
         for m in range(1, members + 1):
-            if m == 1:  # each member alone, averaged over members: the single model's expected accuracy
+            if m == 1:
                 per_fold = [
                     np.mean(
                         [
                             np.mean(np.array(c) > np.array(r))
-                            for c, r in zip(run["chosen"], run["rejected"], strict=True)
+                            for c, r in zip(f["chosen"], f["rejected"], strict=True)
                         ]
                     )
-                    for run in runs
+                    for f in folds
                 ]
             else:
                 per_fold = [
-                    np.mean(np.mean(run["chosen"][:m], 0) > np.mean(run["rejected"][:m], 0)) for run in runs
+                    np.mean(np.mean(f["chosen"][:m], 0) > np.mean(f["rejected"][:m], 0)) for f in folds
                 ]
-            rows[m] = (float(np.mean(per_fold)), float(np.std(per_fold, ddof=1) / np.sqrt(folds)))
-        minutes = np.mean([run["train_seconds"] for run in runs]) / 60
-        cpu = np.mean([run["cpu_seconds"] for run in runs]) / 60
+            rows[m] = (
+                float(np.mean(per_fold)),
+                float(np.std(per_fold, ddof=1) / np.sqrt(k)) if k > 1 else 0.0,
+            )
+        eces = [f["ece"] for f in folds]
         table[name] = {
             "accuracy": rows,
-            "ece": (
-                float(np.mean([run["ece"] for run in runs])),
-                float(np.std([run["ece"] for run in runs], ddof=1) / np.sqrt(folds)),
-            ),
-            "minutes_per_member": minutes / members,
-            "cpu_minutes_per_member": cpu / members,
-            "pairs": sum(run["held_out_pairs"] for run in runs),
+            "folds": k,
+            "ece": (float(np.mean(eces)), float(np.std(eces, ddof=1) / np.sqrt(k)) if k > 1 else 0.0),
+            "minutes_per_member": np.mean([f["train_seconds"] for f in folds]) / 60 / members,
+            "cpu_minutes_per_member": np.mean([f["cpu_seconds"] for f in folds]) / 60 / members,
+            "pairs": sum(f["held_out_pairs"] for f in folds),
         }
     print(
-        f"\n{folds}-fold cross-validation by prompt over {next(iter(table.values()))['pairs']} pairs "
-        "(mean held-out accuracy +- standard error over folds):\n"
+        "\nCross-validation by prompt (mean held-out accuracy +- standard error over folds; ECE of the registered "
+        "model, all members):\n"
     )
-    print("| variant | members | accuracy | train min (wall) | CPU-min |")
-    print("| --- | --- | --- | --- | --- |")
-    eces = "; ".join(f"{name} {row['ece'][0]:.3f} +- {row['ece'][1]:.3f}" for name, row in table.items())
+    print("| variant | folds (held-out pairs) | members | accuracy | ECE | train min (wall) | CPU-min |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, row in table.items():
         for m, (acc, se) in row["accuracy"].items():
+            ece = f"{row['ece'][0]:.3f} +- {row['ece'][1]:.3f}" if m == len(row["accuracy"]) else ""
             print(
-                f"| {name} | {m} | {acc:.3f} +- {se:.3f} | {row['minutes_per_member'] * m:.1f} | "
-                f"{row['cpu_minutes_per_member'] * m:.1f} |"
+                f"| {name} | {row['folds']} ({row['pairs']}) | {m} | {acc:.3f} +- {se:.3f} | {ece} | "
+                f"{row['minutes_per_member'] * m:.1f} | {row['cpu_minutes_per_member'] * m:.1f} |"
             )
-    print(f"\nECE of the registered model (all {members} members' mean), mean over folds: {eces}")
     return table
 
 
@@ -261,7 +271,18 @@ def main() -> None:
     )
     parser.add_argument("--skip-default", action="store_true", help="cross-validate the variants only")
     parser.add_argument("--scoring", type=int, default=0, help="scoring speed of one model vs N members")
+    parser.add_argument(
+        "--summarise", metavar="LOG", help="the cross-validation table from a (cut) run's output"
+    )
     args = parser.parse_args()
+    if args.summarise:
+        runs: dict[str, list[dict]] = {}
+        for line in Path(args.summarise).read_text().splitlines():
+            if line.startswith("FOLD "):
+                run = json.loads(line[len("FOLD ") :])
+                runs.setdefault(run.pop("variant", "default"), []).append(run)
+        summarise_folds(runs)
+        return
     if args.scoring:
         scoring_throughput(args.scoring)
         return
