@@ -80,8 +80,6 @@ def fit_prompts(tokenizer, prompts: Sequence[Sequence[dict]], max_length: int | 
     """Every prompt fitted to `max_length` (None: unchanged, only measured; a sequence: one limit per prompt),
     with the report of the cuts."""
     limits = [max_length] * len(prompts) if max_length is None or isinstance(max_length, int) else max_length
-    if len(limits) != len(prompts):
-        raise ValueError("one max_length per prompt")
     report, out = PromptReport(), []
     for prompt, max_length in zip(prompts, limits, strict=True):
         if max_length is None:
