@@ -27,8 +27,11 @@ most `micro_batch_tokens` padded tokens, gradients accumulated with each micro-b
 the whole minibatch's token count, so the update equals one pass over the minibatch (a test checks the
 gradients); optional activation checkpointing; bf16 autocast where the chip multiplies in bf16 natively;
 rollouts generate with the policy adapter merged into fresh weight tensors (swapped back afterwards, so the
-reference never drifts); every step logs the time split (generate / score / forward / update) and the
-process's peak and current RSS.
+reference never drifts); the old log-probs (and the shared value head's values) come from the hidden states
+generation already computed, so the policy's own forward pass over every prompt is not run twice per step
+(float32 only, `logprobs_from_generation`: under bf16 a KV-cached decode and a full pass round differently;
+TRL's PPOTrainer takes its old log-probs from the generation logits the same way); every step logs the time
+split (generate / score / forward / update) and the process's peak and current RSS.
 
 Implementation details follow "The N Implementation Details of RLHF with PPO" (Huang et al., 2024) and
 "Secrets of RLHF in LLMs Part I" (Zheng et al., 2023): logits divided by the sampling temperature before
@@ -142,6 +145,13 @@ class PPOConfig:
     )
     merge_for_rollout: bool = field(
         default=True, metadata={"help": "Generate with the policy adapter merged into the base weights."}
+    )
+    logprobs_from_generation: bool = field(
+        default=True,
+        metadata={
+            "help": "Old log-probs (and shared values) from the generation pass's hidden states instead of a "
+            "second forward pass; float32 only (under bf16 autocast the forward pass is kept)."
+        },
     )
     # --- objective ---
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate."})
@@ -438,13 +448,17 @@ class ActorCritic(nn.Module):
                 use_cache=False,
                 **keep,
             )
-        logits = out.logits[:, -(R + 1) : -1].float() / self.config.temperature
-        logp_all = F.log_softmax(logits, dim=-1)
+        logp_all = F.log_softmax(out.logits[:, -(R + 1) : -1].float() / self.config.temperature, dim=-1)
         logprobs = logp_all.gather(-1, batch.responses.unsqueeze(-1)).squeeze(-1)
         with torch.no_grad():  # a metric only: no entropy bonus, so no graph through it
             entropy = -(logp_all.exp() * logp_all).sum(-1)
         hidden = out.hidden_states[-1][:, P - 1 : P + R - 1] if want_hidden else None
         return logprobs, entropy, hidden
+
+    def logprobs_from_hidden(self, hidden: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
+        """Log-probs (B, R) of `responses` from the last hidden states that predicted them (generation's)."""
+        logits = self.causal_lm.get_output_embeddings()(hidden).float() / self.config.temperature
+        return F.log_softmax(logits, dim=-1).gather(-1, responses.unsqueeze(-1)).squeeze(-1)
 
     def value_forward(self, batch: Rollouts) -> torch.Tensor:
         """V(s_t) for each response position (B, R), from the value adapter's last hidden state."""
@@ -577,6 +591,13 @@ class PPOTrainer:
             0  # padded tokens of the widest forward pass so far (the memory bound's witness)
         )
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        # Reusing the generation pass needs the output layer's logits to be the model's (no soft-capping after
+        # it) and float32: bf16's rounding differs between a KV-cached decode and a full forward pass.
+        self.from_generation = (
+            config.logprobs_from_generation
+            and self.accelerator.mixed_precision == "no"
+            and getattr(model.config, "final_logit_softcapping", None) is None
+        )
         world = self.accelerator.num_processes
         if config.batch_size % world:
             raise AlignloopError(f"batch_size {config.batch_size} must divide by the {world} processes")
@@ -610,6 +631,7 @@ class PPOTrainer:
                     params=params,
                     batch_size=self.local_batch,
                     progress=False,
+                    return_hidden=self.from_generation,
                 )
             ]
         timings["generate_s"] = time.perf_counter() - start
@@ -658,15 +680,28 @@ class PPOTrainer:
 
     @torch.no_grad()
     def rollout_forwards(self, batch: Rollouts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Old log-probs, reference log-probs and values (B, R), micro-batch by micro-batch."""
+        """Old log-probs, reference log-probs and values (B, R), micro-batch by micro-batch. With
+        `from_generation`, the policy's own pass is the generation's: its log-probs and shared values come from
+        the hidden states the output layer read while sampling (the same numbers in float32, to rounding; a
+        test compares them), which saves one forward pass over every prompt per step."""
         B, R = batch.responses.shape
         device = batch.responses.device
         logprobs, ref_logprobs, values = (torch.zeros(B, R, device=device) for _ in range(3))
         shared = self.config.value_model == "shared"
+        hidden = None
+        if self.from_generation:
+            hidden = torch.zeros(B, R, self.ac.model.config.hidden_size, device=device)
+            for i, c in enumerate(batch.completions):
+                hidden[i, : c.num_tokens] = c.hidden.to(device=device, dtype=hidden.dtype)
         for index, mb in self.micro_batches(batch):
             width = mb.responses.shape[1]
             with self.accelerator.autocast():  # no graph: the unwrapped module, no DDP hooks
-                lp, _, v = self.ac(mb, "policy", with_values=shared)
+                if hidden is not None:
+                    h = hidden[index, :width]
+                    lp = self.ac.logprobs_from_hidden(h, mb.responses)
+                    v = self.ac.values_from(h) if shared else None
+                else:
+                    lp, _, v = self.ac(mb, "policy", with_values=shared)
                 logprobs[index, :width] = lp
                 ref_logprobs[index, :width] = self.ac(mb, "reference")[0]
                 values[index, :width] = v if shared else self.ac(mb, "value")

@@ -154,6 +154,47 @@ def test_micro_batches_and_checkpointing_leave_the_gradients_unchanged(tiny_toke
     assert grads[0][1]["policy_loss"] == pytest.approx(grads[1][1]["policy_loss"], abs=1e-6)
 
 
+@pytest.mark.parametrize("value_model", ["shared", "adapter"])
+def test_old_log_probs_and_values_from_the_generation_pass_equal_a_forward_pass(tiny_tokenizer, value_model):
+    """The rollout's old log-probs (and the shared head's values) come from the hidden states generation
+    already computed, with the policy adapter merged; they must be the numbers a separate forward pass over
+    prompt + response gives, after an update has moved the adapter, and one forward pass per micro-batch
+    must really be saved."""
+    trainer = ppo(
+        tiny_tokenizer,
+        build_tiny_llama(tiny_tokenizer, initializer_range=0.1),
+        max_prompt_length=96,
+        micro_batch_tokens=110,
+        value_model=value_model,
+    )
+    assert trainer.from_generation  # float32 on this CPU: on by default
+    batch, _ = trainer.rollout(0)
+    trainer.update(batch, 0)  # the adapter is no longer zero: generation runs with it merged
+    passes = []
+    lm = trainer.ac.causal_lm
+    hook = lm.model.register_forward_pre_hook(
+        lambda module, args, kwargs: passes.append(1) if not kwargs.get("use_cache") else None,
+        with_kwargs=True,
+    )
+    batch, _ = trainer.rollout(1)
+    reused = len(passes)
+    trainer.from_generation = False
+    logprobs, ref, values = trainer.rollout_forwards(batch)
+    hook.remove()
+    micro = len(trainer.micro_batches(batch))
+    assert micro > 1 and reused == micro * (
+        1 if value_model == "shared" else 2
+    )  # reference (+ value adapter)
+    assert len(passes) - reused == micro * (2 if value_model == "shared" else 3)  # + the policy's own pass
+    for c in batch.completions:
+        assert c.hidden is not None and c.hidden.shape == (c.num_tokens, lm.config.hidden_size)
+    mask = batch.response_mask.bool()
+    assert (batch.logprobs - logprobs)[mask].abs().max() < 1e-4
+    assert (batch.values - values)[mask].abs().max() < 1e-4
+    assert torch.equal(batch.ref_logprobs, ref)
+    assert (logprobs - ref)[mask].abs().max() > 1e-3  # the policy's log-probs, not the reference's
+
+
 def test_budget_settings_are_checked(tmp_path):
     with pytest.raises(AlignloopError, match="must hold one full row"):
         load_config(None, max_prompt_length=512, max_new_tokens=48, micro_batch_tokens=256)

@@ -4,13 +4,17 @@ All prompts x samples are rendered with the model's chat template, sorted by len
 little padding), left-padded and decoded together with the KV cache. A response ends at the first EOS token;
 one that reaches `max_new_tokens` first is returned with `finished=False`. Sampling is seeded per batch, so
 the same prompts, parameters, batch size and seed give the same texts.
+
+`return_hidden=True` also keeps, for each generated token, the final hidden state the output layer read to
+predict it (captured at the output layer's input, so it is the model's own last-layer state, norm applied):
+RL reuses it for the sampled tokens' log-probs and a value head's estimates instead of a second forward pass.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -44,6 +48,8 @@ class Completion:
     text: str
     token_ids: list[int]  # generated ids up to and including EOS
     finished: bool  # True: ended with EOS; False: cut at max_new_tokens
+    # (num_tokens, hidden size): the state that predicted each token; only with generate(return_hidden=True)
+    hidden: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_tokens(self) -> int:
@@ -82,6 +88,7 @@ def generate(
     num_samples: int = 1,
     batch_size: int = 16,
     progress: bool = True,
+    return_hidden: bool = False,
 ) -> list[list[Completion]]:
     """Sample `num_samples` responses for each chat prompt. Returns one list of completions per prompt."""
     params = params or SamplingParams()
@@ -113,25 +120,43 @@ def generate(
             )  # left padding: every row ends where decoding starts
             attention_mask[row, T - len(ids) :] = 1
         torch.manual_seed(params.seed * 1_000_003 + batch_index)
-        out = model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
-            do_sample=params.temperature > 0,
-            temperature=params.temperature if params.temperature > 0 else None,
-            top_p=params.top_p if params.temperature > 0 else None,
-            top_k=params.top_k if params.temperature > 0 else None,
-            max_new_tokens=params.max_new_tokens,
-            eos_token_id=stops,
-            pad_token_id=pad_id,
-            use_cache=True,
+        states: list[torch.Tensor] = []  # per decoding step: (B, hidden) at the last position
+        hook = (
+            model.get_output_embeddings().register_forward_pre_hook(
+                lambda _module, args, keep=states.append: keep(args[0][:, -1].detach().clone())
+            )
+            if return_hidden
+            else None
         )
+        try:
+            out = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                do_sample=params.temperature > 0,
+                temperature=params.temperature if params.temperature > 0 else None,
+                top_p=params.top_p if params.temperature > 0 else None,
+                top_k=params.top_k if params.temperature > 0 else None,
+                max_new_tokens=params.max_new_tokens,
+                eos_token_id=stops,
+                pad_token_id=pad_id,
+                use_cache=True,
+            )
+        finally:
+            if hook is not None:
+                hook.remove()
+        hidden = torch.stack(states, 1) if return_hidden else None  # (B, steps, hidden)
         new_tokens = out[:, T:].tolist()  # (B, <= max_new_tokens)
         for row, (p, s) in enumerate(batch):
             ids = new_tokens[row]
             end = next((i for i, t in enumerate(ids) if t in stops), None)
             kept = ids if end is None else ids[: end + 1]
             text = tokenizer.decode(kept[:-1] if end is not None else kept, skip_special_tokens=True)
-            results[p][s] = Completion(text=text.strip(), token_ids=kept, finished=end is not None)
+            results[p][s] = Completion(
+                text=text.strip(),
+                token_ids=kept,
+                finished=end is not None,
+                hidden=hidden[row, : len(kept)] if hidden is not None else None,
+            )
         bar.update(B)
     bar.close()
     return results  # type: ignore[return-value]
