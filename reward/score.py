@@ -3,7 +3,8 @@
 Used by PPO (rewards on rollouts), the annotation queue (reward margins for uncertainty sampling) and the arena.
 Input is text, so a reward model whose tokenizer differs from the policy's works: the policy's tokens are
 decoded (`score_tokens`) and re-encoded with the reward model's own format (see `reward.data.RewardFormat`).
-Batches are length-sorted and right-padded; scores come back in the caller's order.
+Batches group sequences of similar length under a padded-token budget (`SCORE_TOKENS`, see
+`alignloop.core.batching`) and are right-padded; scores come back in the caller's order.
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ import numpy as np
 import torch
 
 from alignloop.core import AlignloopError, devices, registry
+from alignloop.core.batching import plan_micro_batches
 from alignloop.core.config import Settings
 from reward.data import RewardFormat
 
 META_FILE = "alignloop_reward.json"
 PAD_CANDIDATES = ("<|endoftext|>", "<pad>", "[PAD]", "<unk>")
+# Padded tokens per scoring batch: long conversations do not pad a batch of short ones to their length.
+SCORE_TOKENS = 2048
 
 
 def prepare_tokenizer(tokenizer) -> None:
@@ -190,15 +194,17 @@ class RewardModel:
         return self.member_scores_ids(sequences, batch_size=batch_size).mean(0).tolist()
 
     @torch.inference_mode()
-    def member_scores_ids(self, sequences: list[list[int]], *, batch_size: int = 16) -> np.ndarray:
-        """Scores as an array [members, sequences] (one row for a single model)."""
+    def member_scores_ids(
+        self, sequences: list[list[int]], *, batch_size: int = 16, max_tokens: int = SCORE_TOKENS
+    ) -> np.ndarray:
+        """Scores as an array [members, sequences] (one row for a single model). Batches hold at most
+        `batch_size` sequences and `max_tokens` padded tokens, rows of similar length together."""
         models = self.members or [self.model]
         device = next(self.model.parameters()).device
         pad = self.tokenizer.pad_token_id
-        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
         out = np.zeros((len(models), len(sequences)))
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
+        lengths = [(len(s), 0) for s in sequences]
+        for chunk in plan_micro_batches(lengths, max_tokens, max_rows=batch_size):
             width = max(len(sequences[i]) for i in chunk)
             ids = torch.full((len(chunk), width), pad, dtype=torch.long)
             mask = torch.zeros((len(chunk), width), dtype=torch.long)

@@ -5,11 +5,12 @@ pass grow with rows x padded tokens), and on real conversations (HH: p50 91 prom
 prompt in a minibatch pads every row to its length. Two bounds make the peak independent of the data:
 - prompts longer than `max_prompt_length` lose their oldest turns first (`alignloop.core.truncate.fit_prompts`,
   shared with instruction tuning; every cut counted).
-- `plan_micro_batches`: a minibatch's rows are grouped, longest first, into micro-batches whose *padded* size
-  (rows x (query width + response width) after trimming the padding no row in the group needs) never exceeds
-  `micro_batch_tokens`; gradients accumulate over them, weighted so the sum equals the full minibatch's
-  gradient (see `rl.ppo.PPOTrainer.losses`). With prompts capped, every row fits the budget, so the activations
-  of any forward pass are bounded by the budget whatever the prompt lengths.
+- `plan_micro_batches` (`alignloop.core.batching`, shared with reward scoring): a minibatch's rows are
+  grouped, longest first, into micro-batches whose *padded* size (rows x (query width + response width)
+  after trimming the padding no row in the group needs) never exceeds `micro_batch_tokens`; gradients
+  accumulate over them, weighted so the sum equals the full minibatch's gradient (see
+  `rl.ppo.PPOTrainer.losses`). With prompts capped, every row fits the budget, so the activations of any
+  forward pass are bounded by the budget whatever the prompt lengths.
 
 Invariants: every micro-batch holds at least one row and, when each row alone fits, at most `budget` padded
 tokens; the micro-batches of a minibatch partition its rows.
@@ -18,34 +19,12 @@ tokens; the micro-batches of a minibatch partition its rows.
 from __future__ import annotations
 
 import resource
-from collections.abc import Sequence
 
 import torch
 
 
 def row_lengths(query_mask: torch.Tensor, response_mask: torch.Tensor) -> list[tuple[int, int]]:
     return list(zip(query_mask.sum(1).tolist(), response_mask.sum(1).tolist(), strict=True))
-
-
-def plan_micro_batches(lengths: Sequence[tuple[int, int]], budget: int | None) -> list[list[int]]:
-    """Row indices grouped so each group's padded size, rows x (max query + max response), is <= budget.
-
-    Longest rows first, so rows of similar length share a group (less padding). A row longer than the budget
-    on its own gets a group of one (the caller prevents that by capping prompts)."""
-    order = sorted(range(len(lengths)), key=lambda i: (-(lengths[i][0] + lengths[i][1]), i))
-    if budget is None:
-        return [order] if order else []
-    groups, current, width_q, width_r = [], [], 0, 0
-    for i in order:
-        q, r = max(width_q, lengths[i][0]), max(width_r, lengths[i][1])
-        if current and (len(current) + 1) * (q + r) > budget:
-            groups.append(current)
-            current, q, r = [], lengths[i][0], lengths[i][1]
-        current.append(i)
-        width_q, width_r = q, r
-    if current:
-        groups.append(current)
-    return groups
 
 
 def padded_tokens(query_mask: torch.Tensor, response_mask: torch.Tensor) -> int:

@@ -86,10 +86,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from alignloop.core import AlignloopError, devices
+from alignloop.core.batching import plan_micro_batches
 from alignloop.core.config import read_run_config
 from alignloop.core.sampling import Completion, SamplingParams, generate, render
 from alignloop.core.truncate import fit_prompts
-from rl.budget import padded_tokens, peak_rss_mb, plan_micro_batches, row_lengths, rss_mb
+from rl.budget import padded_tokens, peak_rss_mb, row_lengths, rss_mb
 
 log = logging.getLogger(__name__)
 RewardFn = Callable[[Sequence[list[dict]], Sequence[Completion]], list[float]]

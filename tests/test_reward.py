@@ -183,6 +183,28 @@ def test_cross_tokenizer_scoring_equals_direct_scoring(tiny_tokenizer):
     assert scorer.score(prompts[::-1], texts[::-1], batch_size=1) == pytest.approx(direct[::-1], abs=1e-5)
 
 
+def test_scoring_batches_are_bounded_by_padded_tokens_not_only_by_count():
+    """One long conversation among short ones: batches group similar lengths under the token budget (each
+    forward pass sees at most `max_tokens` padded tokens, and far fewer than a fixed batch would pad), and
+    the scores are those of one sequence at a time."""
+    model, tokenizer = load_sequence_classifier(
+        ModelSource(ref="minilm", path=encoder_path(), licence="apache-2.0")
+    )
+    scorer = RewardModel(model=model.eval(), tokenizer=tokenizer, max_length=256)
+    words = lambda n: " ".join(f"word{i}" for i in range(n))  # noqa: E731
+    sequences = [tokenizer(words(n))["input_ids"] for n in (3, 90, 5, 4, 25, 6, 2, 7)]
+    seen = []
+    hook = scorer.model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["input_ids"].numel()), with_kwargs=True
+    )
+    budgeted = scorer.member_scores_ids(sequences, batch_size=16, max_tokens=320)[0]
+    hook.remove()
+    longest = max(map(len, sequences))
+    assert longest <= 320 and max(seen) <= 320 and sum(seen) < len(sequences) * longest / 2
+    alone = [scorer.member_scores_ids([s], batch_size=1)[0, 0] for s in sequences]
+    assert budgeted == pytest.approx(alone, abs=1e-5)
+
+
 def test_bad_input_trains_nothing(workspace, tmp_path, capsys):
     settings, engine, _ = workspace
     bad = tmp_path / "bad.yaml"

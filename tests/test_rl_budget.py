@@ -9,9 +9,9 @@ import torch
 from conftest import build_tiny_llama
 
 from alignloop.core import AlignloopError
+from alignloop.core.batching import plan_micro_batches
 from alignloop.core.sampling import render
 from alignloop.core.truncate import fit_prompt, fit_prompts
-from rl.budget import plan_micro_batches
 from rl.ppo import PPOTrainer, load_config
 
 
@@ -57,6 +57,10 @@ def test_micro_batch_plan_partitions_rows_within_the_budget():
         width = max(lengths[i][0] for i in g) + max(lengths[i][1] for i in g)
         assert len(g) * width <= 600
     assert plan_micro_batches(lengths, None) == [sorted(range(len(lengths)), key=lambda i: -sum(lengths[i]))]
+    capped = plan_micro_batches(lengths, 600, max_rows=2)
+    assert sorted(i for g in capped for i in g) == list(range(len(lengths)))
+    assert max(map(len, capped)) == 2 and len(capped) > len(groups)
+    assert [len(g) for g in plan_micro_batches(lengths, None, max_rows=4)] == [4, 4, 4, 4, 2]
 
 
 def ppo(tokenizer, model, **overrides):
