@@ -187,9 +187,15 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    # a zombie (exited, not yet reaped) is not alive for our purposes
-    stat = Path(f"/proc/{pid}/stat")
-    return not (stat.is_file() and stat.read_text().split()[2] == "Z")
+    # a zombie (exited, not yet reaped) is not alive for our purposes; the process may be reaped between
+    # the signal above and this read, so a vanished /proc entry means gone (no /proc at all: trust the signal)
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return not Path("/proc/self").exists()
+    except ProcessLookupError:
+        return False
+    return state != "Z"
 
 
 def recover_jobs(engine) -> list[int]:

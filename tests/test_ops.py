@@ -278,3 +278,19 @@ def test_login_attempts_and_votes_are_rate_limited(workspace):
             if response.status_code == 201:
                 item = response.json()["next"]
         assert codes == [201, 201, 429]
+
+
+def test_a_process_reaped_while_it_is_checked_reads_as_gone(monkeypatch):
+    """The race CI hit: the signal finds the process, then it is reaped before /proc/PID/stat is read."""
+    import subprocess
+
+    child = subprocess.Popen(["sleep", "30"])
+    assert jobs._alive(child.pid)
+    child.kill()
+    child.wait()  # reaped: its /proc entry is gone
+    monkeypatch.setattr(jobs.os, "kill", lambda pid, sig: None)  # ...but the signal check had still found it
+    assert jobs._alive(child.pid) is False
+
+    zombie = subprocess.Popen(["true"])
+    assert wait_for(lambda: not jobs._alive(zombie.pid), timeout=30)  # exited, not yet reaped: not alive
+    zombie.wait()
