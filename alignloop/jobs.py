@@ -37,6 +37,7 @@ from alignloop.core.config import Settings
 from alignloop.core.db import session_scope
 from alignloop.core.files import private_dir, private_opener
 from alignloop.core.models import Run
+from alignloop.core.runguard import alive
 
 JOB_KINDS = {  # what the console may start, and the CLI words that start it
     "generate": ["generate"],
@@ -171,31 +172,13 @@ def _terminate_group(pid: int) -> None:
         return
     deadline = time.monotonic() + GRACE_SECONDS
     while time.monotonic() < deadline:
-        if not _alive(pid):
+        if not alive(pid):
             return
         time.sleep(0.2)
     try:
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie (exited, not yet reaped) is not alive for our purposes; the process may be reaped between
-    # the signal above and this read, so a vanished /proc entry means gone (no /proc at all: trust the signal)
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return not Path("/proc/self").exists()
-    except ProcessLookupError:
-        return False
-    return state != "Z"
 
 
 def recover_jobs(engine) -> list[int]:
@@ -205,7 +188,7 @@ def recover_jobs(engine) -> list[int]:
         running = session.exec(select(Run).where(Run.kind == "job", Run.status == "running")).all()
     for run in running:
         pid = run.metrics.get("pid")
-        if pid and _alive(pid) and _is_ours(pid, run.id):
+        if pid and alive(pid) and _is_ours(pid, run.id):
             threading.Thread(target=_poll, args=(engine, run.id, pid), daemon=True).start()
             continue
         _finish(engine, run.id, None, error="the server restarted and the job's process was gone")
@@ -222,7 +205,7 @@ def _is_ours(pid: int, run_id: int) -> bool:
 
 
 def _poll(engine, run_id: int, pid: int) -> None:
-    while _alive(pid):
+    while alive(pid):
         time.sleep(1)
     _finish(engine, run_id, None, error="the job's process ended while the server was away; see its log")
 

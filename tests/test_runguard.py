@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from sqlmodel import Session, select
@@ -81,3 +82,21 @@ def test_a_command_that_raises_marks_its_run_failed(workspace, monkeypatch):
     crashed = next(r for r in runs.values() if r.config.get("crash"))
     assert crashed.status == "failed" and crashed.error == "RuntimeError: CUDA out of memory"
     assert runs[earlier].status == "running"
+
+
+def test_a_process_reaped_while_it_is_checked_reads_as_gone(monkeypatch):
+    """The race CI hit: the signal finds the process, then it is reaped before /proc/PID/stat is read."""
+    child = subprocess.Popen(["sleep", "30"])
+    assert runguard.alive(child.pid)
+    child.kill()
+    child.wait()  # reaped: its /proc entry is gone
+    # ...but the signal check had still found it
+    monkeypatch.setattr(runguard.os, "kill", lambda pid, sig: None)
+    assert runguard.alive(child.pid) is False
+
+    zombie = subprocess.Popen(["true"])
+    deadline = time.time() + 30
+    while runguard.alive(zombie.pid) and time.time() < deadline:  # exited, not yet reaped: not alive
+        time.sleep(0.05)
+    assert not runguard.alive(zombie.pid)
+    zombie.wait()

@@ -58,23 +58,30 @@ def claim(session: Session, run: Run) -> None:
         _opened.append((session.get_bind(), run.id))
 
 
+def alive(pid: int) -> bool:
+    """Whether process `pid` exists and has not exited. An exited process not yet reaped (a zombie) is not
+    alive; a process reaped between the signal check and the /proc read is gone, not an error."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, someone else's: /proc still tells whether it is a zombie
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return not Path("/proc/self").exists()  # reaped just now; without /proc at all, trust the signal
+    except (OSError, IndexError):
+        return True  # cannot tell: never call a live process gone
+
+
 def _gone(info: dict) -> bool:
     """True when the owning process (on this host) no longer exists."""
     pid = info.get("pid")
     if not isinstance(pid, int) or info.get("host") != socket.gethostname():
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not alive(pid):
         return True
-    except PermissionError:
-        pass  # alive, someone else's
-    stat = Path(f"/proc/{pid}/stat")
-    try:
-        if stat.read_text().rsplit(")", 1)[1].split()[0] == "Z":
-            return True  # exited, not yet reaped
-    except (OSError, IndexError):
-        return False
     start = _start_ticks(pid)
     return info.get("start") is not None and start is not None and start != info["start"]  # pid reused
 
