@@ -724,15 +724,19 @@ def main(argv: list[str] | None = None) -> int:
     # Everything this process creates (database, WAL, backups, run logs, checkpoints) is the owner's only;
     # the modules that create files also chmod them (alignloop.core.files), for other entry points.
     os.umask(0o077)
-    from alignloop.core import runguard
+    from alignloop.core import distributed, runguard
 
-    opened = runguard.mark()
+    opened, ok = runguard.mark(), False
     try:
         try:
-            return globals()[args.handler](args)
+            code = globals()[args.handler](args)
+            ok = True
+            return code
         except BaseException as exc:  # a Run this command opened and left running fails with the reason
             runguard.fail_unfinished(exc, since=opened)
             raise
+        finally:  # under `accelerate launch`: every rank leaves the process group together
+            distributed.finish(ok=ok)
     except AlignloopError as exc:
         if os.environ.get("ALIGNLOOP_DEBUG") == "1":
             raise

@@ -227,3 +227,19 @@ def test_accelerate_configs_parse_and_ppo_hands_its_model_and_optimizer_to_prepa
     trainer.train(progress=False)
     after = trainer.ac.trainable_state()
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_command_leaves_the_process_group_before_it_exits(tmp_path):
+    """`finish` (the CLI calls it after every command) destroys the group, so no rank exits with gloo alive."""
+    import torch.distributed as dist
+
+    from alignloop.core import distributed
+
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{tmp_path / 'rendezvous'}")
+    try:
+        distributed.finish(ok=True)
+        assert not dist.is_initialized()
+        distributed.finish(ok=False)  # nothing left to leave: a no-op
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -30,3 +30,23 @@ def broadcast(value):
     box = [value]
     broadcast_object_list(box)
     return box[0]
+
+
+def finish(*, ok: bool) -> None:
+    """Leave the process group cleanly before the process exits. A rank that finished its share (a non-main
+    rank skips saving and registering) first waits for the others (`ok`), then every rank destroys the group:
+    a rank that exits with the gloo group alive can die in its destructor (SIGABRT, "terminate called without
+    an active exception"), failing a run that succeeded (Gloo's worker threads outlive the interpreter's
+    teardown: pytorch/pytorch#179291; seen once in CI on `rl train`'s rank 1). After an error there is no barrier (the other ranks
+    may never reach it)."""
+    import sys
+
+    if "torch.distributed" not in sys.modules:  # nothing started a group (and torch need not be loaded)
+        return
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if ok:
+        dist.barrier()
+    dist.destroy_process_group()
