@@ -180,10 +180,10 @@ def test_old_log_probs_and_values_from_the_generation_pass_equal_a_forward_pass(
         lambda module, args, kwargs: passes.append(1) if not kwargs.get("use_cache") else None,
         with_kwargs=True,
     )
-    batch, _ = trainer.rollout(1)
+    batch, stats = trainer.rollout(1)
     reused = len(passes)
     trainer.from_generation = False
-    logprobs, ref, values = trainer.rollout_forwards(batch)
+    logprobs, ref, values, entropy = trainer.rollout_forwards(batch)
     hook.remove()
     micro = len(trainer.micro_batches(batch))
     assert micro > 1 and reused == micro * (
@@ -195,8 +195,51 @@ def test_old_log_probs_and_values_from_the_generation_pass_equal_a_forward_pass(
     mask = batch.response_mask.bool()
     assert (batch.logprobs - logprobs)[mask].abs().max() < 1e-4
     assert (batch.values - values)[mask].abs().max() < 1e-4
+    assert stats["entropy"] == pytest.approx(float(entropy[mask].mean()), abs=1e-4)
     assert torch.equal(batch.ref_logprobs, ref)
     assert (logprobs - ref)[mask].abs().max() > 1e-3  # the policy's log-probs, not the reference's
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_the_output_layer_on_response_positions_equals_the_models_own_forward(tiny_tokenizer, method):
+    """With a plain output layer the decoder runs alone and the head reads only the response positions, the
+    temperature applied to the hidden state: log-probs, entropy, hidden states and gradients must equal the
+    model's own forward (logits for those positions, divided by the temperature), for the policy and the
+    reference; a soft-capped model takes the model's own forward."""
+    trainer = ppo(
+        tiny_tokenizer,
+        build_tiny_llama(tiny_tokenizer, initializer_range=0.1),
+        max_prompt_length=96,
+        micro_batch_tokens=512,
+        method=method,
+        temperature=0.7,
+    )
+    batch, _ = trainer.rollout(0)
+    trainer.update(batch, 0)  # the policy moves away from the reference
+    ac = trainer.ac
+    assert ac.plain_head
+    results = {}
+    for plain in (True, False):
+        ac.plain_head = plain
+        ac.zero_grad(set_to_none=True)
+        lp, ent, hidden = ac.policy_forward(batch, want_hidden=True, want_entropy=True)
+        ((lp * batch.response_mask).sum() + ac.values_from(hidden).sum()).backward()
+        grads = {n: p.grad.clone() for n, p in ac.named_parameters() if p.grad is not None}
+        ref = ac.policy_forward(batch, reference=True)[0]
+        results[plain] = (lp.detach(), ent, hidden.detach(), grads, ref)
+    mask = batch.response_mask.bool()
+    for i in (0, 1, 2, 4):  # log-probs, entropy, hidden states, reference log-probs
+        assert (results[True][i] - results[False][i])[mask].abs().max() < 1e-5, i
+    assert results[True][3].keys() == results[False][3].keys() and len(results[True][3]) > 2
+    for name, g in results[True][3].items():
+        assert torch.allclose(g, results[False][3][name], atol=1e-5, rtol=1e-4), name
+    assert (results[True][0] - results[True][4])[mask].abs().max() > 1e-3  # policy and reference differ
+
+    from rl.ppo import plain_output_head
+
+    assert not plain_output_head(type("C", (), {"final_logit_softcapping": 30.0})())
+    assert not plain_output_head(type("C", (), {"logits_scaling": 8.0})())
+    assert plain_output_head(type("C", (), {"final_logit_softcapping": None})())
 
 
 def test_budget_settings_are_checked(tmp_path):
