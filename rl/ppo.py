@@ -34,7 +34,7 @@ TRL's PPOTrainer takes its old log-probs from the generation logits the same way
 the R positions that predict response tokens, with the temperature applied to their hidden states (head(h / T)
 = head(h) / T for a linear head; models with a soft-cap or logit scale after it use their own forward), and the
 entropy, a metric, is measured once per step at the rollout rather than in every update pass: on the tiny
-model, whose cost is its vocabulary-sized output layer, the update went from 2.6 to 1.7 s per step (hh-tiny);
+model, whose cost is its vocabulary-sized output layer, the update went from 2.6 to 1.8 s per step (hh-tiny);
 every step logs the time split (generate / score / forward / update) and the process's peak and current RSS.
 
 Implementation details follow "The N Implementation Details of RLHF with PPO" (Huang et al., 2024) and
@@ -457,11 +457,20 @@ class ActorCritic(nn.Module):
         keep = {id(p) for p in self.trainable_parameters()}
         return {n: p.detach().clone() for n, p in named.items() if id(p) in keep}
 
-    def _inputs(self, batch: Rollouts):
+    def _inputs(self, batch: Rollouts) -> dict:
+        """Prompt + response as one left-padded sequence, with explicit positions; no KV cache."""
         input_ids = torch.cat([batch.queries, batch.responses], dim=1)
         attention_mask = torch.cat([batch.query_mask, batch.response_mask], dim=1)
         position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-        return input_ids, attention_mask, position_ids
+        return dict(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        )
+
+    def _response_hidden(self, lm, batch: Rollouts) -> torch.Tensor:
+        """The decoder's last hidden states (B, R, H) at the positions that predict the response tokens."""
+        P, R = batch.queries.shape[1], batch.responses.shape[1]
+        decoder = getattr(lm, lm.base_model_prefix)
+        return decoder(**self._inputs(batch)).last_hidden_state[:, P - 1 : P + R - 1]
 
     def policy_forward(
         self,
@@ -476,25 +485,20 @@ class ActorCritic(nn.Module):
         output layer reads only the R positions that predict response tokens, the temperature applied to their
         hidden states rather than to vocabulary-sized logits (no vocabulary-sized slice or division in the
         graph); otherwise the model's own forward computes the logits, kept for those positions only."""
-        input_ids, attention_mask, position_ids = self._inputs(batch)
         if reference and self.reference is not None:
             lm, ctx = self.reference, torch.no_grad()
         elif reference:
             lm, ctx = self.causal_lm, self.model.disable_adapter()
         else:
             lm, ctx = self.causal_lm, _nullcontext()
-        P, R = batch.queries.shape[1], batch.responses.shape[1]
-        inputs = dict(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        )
         with ctx:
             if self.plain_head:
-                decoder = getattr(lm, lm.base_model_prefix)
-                hidden = decoder(**inputs).last_hidden_state[:, P - 1 : P + R - 1]
+                hidden = self._response_hidden(lm, batch)
                 logits = self.output_logits(hidden, lm)
             else:
+                P, R = batch.queries.shape[1], batch.responses.shape[1]
                 keep = {"logits_to_keep": R + 1} if self.keeps_logits else {}
-                out = lm(**inputs, output_hidden_states=want_hidden, **keep)
+                out = lm(**self._inputs(batch), output_hidden_states=want_hidden, **keep)
                 logits = out.logits[:, -(R + 1) : -1].float() / self.config.temperature
                 hidden = out.hidden_states[-1][:, P - 1 : P + R - 1] if want_hidden else None
         logprobs, entropy = token_logprobs(logits, batch.responses, want_entropy=want_entropy)
@@ -512,14 +516,8 @@ class ActorCritic(nn.Module):
 
     def value_forward(self, batch: Rollouts) -> torch.Tensor:
         """V(s_t) for each response position (B, R), from the value adapter's last hidden state."""
-        input_ids, attention_mask, position_ids = self._inputs(batch)
-        decoder = getattr(self.causal_lm, self.causal_lm.base_model_prefix)
         with self.adapter("value"):
-            hidden = decoder(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-            ).last_hidden_state
-        P, R = batch.queries.shape[1], batch.responses.shape[1]
-        return self.values_from(hidden[:, P - 1 : P + R - 1])
+            return self.values_from(self._response_hidden(self.causal_lm, batch))
 
 
 class _nullcontext:

@@ -37,8 +37,8 @@ def finish(*, ok: bool) -> None:
     rank skips saving and registering) first waits for the others (`ok`), then every rank destroys the group:
     a rank that exits with the gloo group alive can die in its destructor (SIGABRT, "terminate called without
     an active exception"), failing a run that succeeded (Gloo's worker threads outlive the interpreter's
-    teardown: pytorch/pytorch#179291; seen once in CI on `rl train`'s rank 1). After an error there is no barrier (the other ranks
-    may never reach it)."""
+    teardown: pytorch/pytorch#179291; seen once in CI on `rl train`'s rank 1). After an error there is no
+    barrier (the other ranks may never reach it)."""
     import sys
 
     if "torch.distributed" not in sys.modules:  # nothing started a group (and torch need not be loaded)
