@@ -198,3 +198,12 @@ def test_the_command_lines_device_reaches_the_load(workspace, tiny_model_dir, tm
     assert code != 0 and "has no CUDA GPU" in err and len(err.splitlines()) == 1
     with Session(engine) as s:
         assert s.exec(select(Run)).all() == []
+
+
+def test_the_environment_can_keep_a_bf16_cpu_at_float32(monkeypatch):
+    native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    monkeypatch.delenv("ALIGNLOOP_CPU_BF16", raising=False)
+    assert Capabilities.detect().cpu_bf16 == native
+    monkeypatch.setenv("ALIGNLOOP_CPU_BF16", "0")
+    assert not Capabilities.detect().cpu_bf16 and pick("cpu") == Placement("cpu", "float32")
+    assert not devices.native_bf16("cpu")
