@@ -6,7 +6,7 @@ prompt in a minibatch pads every row to its length. Two bounds make the peak ind
 - prompts longer than `max_prompt_length` lose their oldest turns first (`alignloop.core.truncate.fit_prompts`,
   shared with instruction tuning; every cut counted).
 - `plan_micro_batches` (`alignloop.core.batching`, shared with reward scoring): a minibatch's rows are
-  grouped, longest first, into micro-batches whose *padded* size (rows x (query width + response width)
+  grouped, rows of similar length together, into micro-batches whose *padded* size (rows x (query width + response width)
   after trimming the padding no row in the group needs) never exceeds `micro_batch_tokens`; gradients
   accumulate over them, weighted so the sum equals the full minibatch's gradient (see
   `rl.ppo.PPOTrainer.losses`). With prompts capped, every row fits the budget, so the activations of any
