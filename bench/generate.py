@@ -4,6 +4,13 @@
     .venv/bin/python bench/generate.py [--prompts 32] [--max-new-tokens 64] [--batch-size 32]
 
 Prints both throughputs and, last, the ratio batched / naive (the issue's target: at least 4x).
+
+    .venv/bin/python bench/generate.py --hh [--rounds 3]
+
+RL's rollout shape instead: batches of 16 full-context HH conversations (the shared HH harmless dev prompts,
+fitted to 256 tokens as `rl train` fits them) x 48 new tokens, `generate` with its grouped prefill and growing
+cache against the same call with the library's own prefill and cache (`sampling.prefill` switched off),
+alternating in one run; prints seconds per batch (mean +- standard error over rounds) and the ratio.
 """
 
 import argparse
@@ -47,6 +54,42 @@ def naive_loop(model, tokenizer, prompts, params: SamplingParams) -> int:
     return tokens
 
 
+def hh_prefill(model, tokenizer, rounds: int) -> None:
+    """Grouped prefill + growing cache against the library's prefill, on RL-shaped HH batches."""
+    import statistics
+    from unittest import mock
+
+    from alignloop.core import sampling
+    from alignloop.core.truncate import fit_prompts
+    from reward.data import file_pairs
+
+    hh = Path(os.environ.get("ALIGNLOOP_SHARED_DATA", QUESTIONS.parent)) / "hh_harmless_dev.jsonl"
+    seen, conversations = set(), []
+    for pair in file_pairs(hh)[0]:
+        if pair.key not in seen:
+            seen.add(pair.key)
+            conversations.append(pair.prompt)
+    conversations, _ = fit_prompts(tokenizer, conversations[:64], 256)
+    batches = [conversations[i : i + 16] for i in range(0, 64, 16)]
+    params = SamplingParams(max_new_tokens=48, temperature=0.7, top_p=1.0, seed=0)
+    times: dict[str, list[float]] = {"grouped prefill": [], "library prefill": []}
+    generate(model, tokenizer, batches[0][:2], params=SamplingParams(max_new_tokens=4), progress=False)
+    grouped_prefill = sampling.prefill
+    for _ in range(rounds):
+        for name in times:
+            grouped = name == "grouped prefill"
+            with mock.patch.object(sampling, "prefill", grouped_prefill if grouped else lambda *a: None):
+                start = time.perf_counter()
+                for batch in batches:
+                    generate(model, tokenizer, batch, params=params, batch_size=16, progress=False)
+                times[name].append((time.perf_counter() - start) / len(batches))
+    for name, values in times.items():
+        se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
+        print(f"{name}: {statistics.mean(values):.2f} +- {se:.2f} s per batch of 16 x 48 tokens")
+    ratio = statistics.mean(times["grouped prefill"]) / statistics.mean(times["library prefill"])
+    print(f"ratio grouped / library prefill: {ratio:.2f}x time")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -57,7 +100,17 @@ def main() -> None:
     parser.add_argument(
         "--workspace", default=None, help="reuse a workspace's model cache (default: a temp one)"
     )
+    parser.add_argument("--hh", action="store_true", help="RL-shaped HH batches: grouped vs library prefill")
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    if args.hh:
+        with tempfile.TemporaryDirectory() as tmp:
+            loaded = resolve("default", settings=new_settings(Path(args.workspace or tmp)))
+            print(
+                f"model: SmolLM2-135M-Instruct {loaded.model.dtype} on {torch.get_num_threads()} CPU threads"
+            )
+            hh_prefill(loaded.model, loaded.tokenizer, args.rounds)
+        return
 
     questions = [json.loads(line) for line in QUESTIONS.read_text().splitlines()][: args.prompts]
     prompts = [[{"role": "user", "content": q["turns"][0]}] for q in questions]

@@ -31,6 +31,34 @@ def test_batched_greedy_matches_one_prompt_at_a_time(tiny_model, tiny_tokenizer)
         assert b[0].token_ids == s[0].token_ids
 
 
+def test_prompts_read_in_length_groups_decode_as_one_padded_batch(tiny_model, tiny_tokenizer, monkeypatch):
+    """The grouped prefill (each group at its own width, caches laid side by side, decoding into a buffer that
+    grows in place) is the same computation as the library's one padded prefill: same greedy tokens, same
+    hidden states, for prompts of very different lengths."""
+    from alignloop.core import sampling
+    from alignloop.core.batching import plan_micro_batches
+
+    long = [{"role": "user", "content": " ".join(["tell me about the sea"] * 40)}]
+    prompts = [long, *PROMPTS]
+    lengths = [len(render(tiny_tokenizer, p)) for p in prompts]
+    assert len(plan_micro_batches([(n - 1, 0) for n in lengths], len(prompts) * max(lengths))) > 1
+    calls = []
+    real_prefill = sampling.prefill
+    monkeypatch.setattr(sampling, "prefill", lambda *a: calls.append(real_prefill(*a)) or calls[-1])
+    params = greedy(20)
+    grouped = generate(
+        tiny_model, tiny_tokenizer, prompts, params=params, batch_size=8, progress=False, return_hidden=True
+    )
+    assert calls and calls[0] is not None  # really read in groups
+    monkeypatch.setattr(sampling, "prefill", lambda *a: None)
+    library = generate(
+        tiny_model, tiny_tokenizer, prompts, params=params, batch_size=8, progress=False, return_hidden=True
+    )
+    for g, lib in zip(grouped, library, strict=True):
+        assert g[0].token_ids == lib[0].token_ids and g[0].finished == lib[0].finished
+        assert torch.allclose(g[0].hidden, lib[0].hidden, atol=1e-5)
+
+
 def test_sampling_is_deterministic_under_a_seed(tiny_model, tiny_tokenizer):
     params = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=1.0, seed=7)
     first = generate(

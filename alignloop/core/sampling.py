@@ -5,6 +5,17 @@ little padding), left-padded and decoded together with the KV cache. A response 
 one that reaches `max_new_tokens` first is returned with `finished=False`. Sampling is seeded per batch, so
 the same prompts, parameters, batch size and seed give the same texts.
 
+The prompt is read in length groups before decoding (`prefill`): within one batch, prompts of similar length
+are run through the decoder together (the cheapest grouping, `alignloop.core.batching`), each group at its own
+width, and their key/value caches are laid side by side, left-padded to the batch's width (the padded slots are
+masked, so the result is the same computation); decoding then starts from that cache, which grows in place
+(a buffer sized for the whole answer, no concatenation per token). Measured (`bench/generate.py --hh`, batches of
+16 full-context HH conversations, 37-244 prompt tokens, x 48 new tokens, default model, 2-core CPU): 0.74x the
+time of the library's prefill and cache in float32, 0.83x in bf16 (3 rounds each, standard errors <= 0.06 s
+of 3.2-9.3 s per batch). Models whose cache is not
+plain per-layer keys/values (sliding-window or hybrid layers) and prompt-learning adapters keep the library's
+own prefill.
+
 `return_hidden=True` also keeps, for each generated token, the final hidden state the output layer read to
 predict it (captured at the output layer's input, so it is the model's own last-layer state, norm applied):
 RL reuses it for the sampled tokens' log-probs and a value head's estimates instead of a second forward pass.
@@ -18,8 +29,10 @@ from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from alignloop.core import AlignloopError
+from alignloop.core.batching import plan_micro_batches
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +84,84 @@ def render(tokenizer, messages: Sequence[dict]) -> list[int]:
     else:  # a base model without a template: plain turns
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+# --- prefill ---------------------------------------------------------------------------------------------
+
+
+class _GrowingLayer(DynamicLayer):
+    """One layer's keys and values in a buffer with room for the whole answer: `update` writes in place and
+    returns views, where the library's layer concatenates (copies the whole cache) at every token."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int):
+        super().__init__()
+        n = keys.shape[-2]
+        self._keys, self._values = _room(keys, room), _room(values, room)
+        self.device, self.is_initialized, self._length = keys.device, True, n
+        self.keys, self.values = self._keys[:, :, :n], self._values[:, :, :n]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        end = self._length + key_states.shape[-2]
+        if end > self._keys.shape[-2]:  # more than planned (not in `generate`): grow by doubling
+            self._keys, self._values = (_room(t, end) for t in (self._keys, self._values))
+        self._keys[:, :, self._length : end] = key_states
+        self._values[:, :, self._length : end] = value_states
+        self._length = end
+        self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
+        return self.keys, self.values
+
+
+def _room(t: torch.Tensor, more: int) -> torch.Tensor:
+    """`t` (batch, heads, length, dim) with `more` zero positions after its own."""
+    return torch.cat([t, t.new_zeros((*t.shape[:2], more, t.shape[-1]))], 2)
+
+
+class _PrefilledCache(DynamicCache):
+    def __init__(self, layers: list[_GrowingLayer]):
+        Cache.__init__(self, layers=layers)
+
+
+def _plain_cache(model) -> bool:
+    """Does the model cache plain per-layer keys and values (no sliding window, no hybrid layers)?"""
+    try:
+        layers = DynamicCache(config=model.config).layers
+    except Exception:  # noqa: BLE001  (a config the cache cannot read: keep the library's prefill)
+        return False
+    return all(type(layer) is DynamicLayer for layer in layers)
+
+
+def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, room: int) -> DynamicCache | None:
+    """The key/value cache of every left-padded prompt but its last token, read group by group (prompts of
+    similar length together, at their own width), laid out as one batch left-padded to `input_ids`' width
+    minus one; `generate` then reads the last token and decodes. None when this model must keep the
+    library's own prefill."""
+    B, T = input_ids.shape
+    lengths = attention_mask.sum(1).tolist()
+    if T < 2 or min(lengths) < 2 or _is_prompt_learning(model) or not _plain_cache(model):
+        return None
+    decoder = model.get_decoder()
+    keys: list[torch.Tensor] = []
+    values: list[torch.Tensor] = []
+    for group in plan_micro_batches([(n - 1, 0) for n in lengths], B * (T - 1)):
+        rows = torch.tensor(group, device=input_ids.device)
+        width = max(lengths[i] for i in group) - 1
+        mask = attention_mask[rows, T - 1 - width : T - 1]
+        cache = decoder(
+            input_ids=input_ids[rows, T - 1 - width : T - 1],
+            attention_mask=mask,
+            position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+            cache=DynamicCache(),
+            use_cache=True,
+        ).cache
+        for index, layer in enumerate(cache.layers):
+            if index == len(keys):  # the first group sizes the batch's cache: (B, heads, T - 1, dim), zeros
+                keys.append(layer.keys.new_zeros((B, layer.keys.shape[1], T - 1, layer.keys.shape[-1])))
+                values.append(
+                    layer.values.new_zeros((B, layer.values.shape[1], T - 1, layer.values.shape[-1]))
+                )
+            keys[index][rows, :, T - 1 - width :] = layer.keys
+            values[index][rows, :, T - 1 - width :] = layer.values
+    return _PrefilledCache([_GrowingLayer(k, v, room) for k, v in zip(keys, values, strict=True)])
 
 
 def _is_prompt_learning(model) -> bool:
@@ -129,9 +220,12 @@ def generate(
             else None
         )
         try:
+            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+            cache = prefill(model, input_ids, attention_mask, params.max_new_tokens)
             out = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                **({"cache": cache} if cache is not None else {}),
                 do_sample=params.temperature > 0,
                 temperature=params.temperature if params.temperature > 0 else None,
                 top_p=params.top_p if params.temperature > 0 else None,
