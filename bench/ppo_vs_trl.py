@@ -4,7 +4,8 @@ TRL 1.12 is installed into its own virtualenv (`$TMPDIR/alignloop-trl112`, creat
 from this machine, then `trl==1.12.0`, `peft` from the package registry), never into the project's.
 
 Settings, identical for both trainers (prompts, batch size, minibatches, PPO epochs, response length,
-temperature, KL coefficient, learning rate, LoRA):
+temperature, KL coefficient, learning rate, LoRA, precision: bf16 autocast where the CPU does bf16 natively, as
+alignloop's default picks, else float32):
 - tiny: a 2-layer Llama (hidden 64) with the default model's tokenizer, full fine-tuning;
 - default: SmolLM2-135M-Instruct with LoRA r=16 on the attention and MLP projections;
 - hh-tiny, hh-default: the same two models on real, full-context HH conversations (the shared HH harmless dev
@@ -150,7 +151,7 @@ args = PPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=kw["
                  num_mini_batches=kw["batch_size"] // kw["mini_batch_size"], num_ppo_epochs=kw["ppo_epochs"],
                  response_length=kw["max_new_tokens"], temperature=kw["temperature"], kl_coef=kw["kl_coef"],
                  learning_rate=kw["learning_rate"], total_episodes=steps * kw["batch_size"], stop_token="eos",
-                 use_cpu=True, bf16=False, report_to=[], save_strategy="no", logging_steps=1, num_sample_generations=0,
+                 use_cpu=True, bf16=kw["bf16"], report_to=[], save_strategy="no", logging_steps=1, num_sample_generations=0,
                  local_rollout_forward_batch_size=kw["batch_size"], seed=0, disable_tqdm=True)
 scores = []
 class Scores(TrainerCallback):
@@ -244,9 +245,14 @@ def main() -> None:
     trl = trl_python()
     work = Path(tempfile.mkdtemp(prefix="ppo-bench-"))
     paths = run(sys.executable, PREPARE, work)
+    from alignloop.core import devices
     from rl.ppo import load_config
 
     shipped = load_config(ROOT / "configs" / "rl" / "default.yaml")
+    # Both trainers at the precision alignloop picks by default: bf16 autocast where this CPU multiplies in bf16
+    # natively (AVX512-BF16, AMX), else float32.
+    bf16 = devices.native_bf16() if shipped.bf16 is None else shipped.bf16
+    print("precision for both trainers:", "bf16 autocast" if bf16 else "float32", flush=True)
     results = {}
     for setting in args.settings:
         model = MODEL[setting]
@@ -258,7 +264,7 @@ def main() -> None:
                 "value_model": shipped.value_model if model == "default" else "shared",
                 "gradient_checkpointing": shipped.gradient_checkpointing,
             }
-        kw = json.dumps({**COMMON, **SETTINGS[setting], "ours": ours})
+        kw = json.dumps({**COMMON, **SETTINGS[setting], "bf16": bf16, "ours": ours})
         prompts = work / f"prompts-{setting}.json"
         print(
             setting,
