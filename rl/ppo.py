@@ -35,9 +35,9 @@ the R positions that predict response tokens, with the temperature applied to th
 = head(h) / T for a linear head; models with a soft-cap or logit scale after it use their own forward), and the
 entropy, a metric, is measured once per step at the rollout rather than in every update pass: on the tiny
 model, whose cost is its vocabulary-sized output layer, the update went from 2.6 to 1.8 s per step (hh-tiny);
-the trainer keeps freed memory in the process (`alignloop.core.heap`: glibc otherwise maps and page-faults
-every large activation afresh; 7% of a default-model step); micro-batches are the cheapest grouping of rows
-of similar length under the budget (`alignloop.core.batching`: 11% less update work than a greedy fill on HH);
+micro-batches are the cheapest grouping of rows of similar length under the budget (`alignloop.core.batching`:
+11% less update work than a greedy fill on HH); rollouts prefill prompts in length groups
+(`alignloop.core.sampling.prefill`: 0.74-0.83x the generation time on HH batches);
 every step logs the time split (generate / score / forward / update) and the process's peak and current RSS.
 
 Implementation details follow "The N Implementation Details of RLHF with PPO" (Huang et al., 2024) and
@@ -92,7 +92,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alignloop.core import AlignloopError, devices, heap
+from alignloop.core import AlignloopError, devices
 from alignloop.core.batching import plan_micro_batches
 from alignloop.core.config import read_run_config
 from alignloop.core.sampling import Completion, SamplingParams, generate, render
@@ -851,7 +851,6 @@ class PPOTrainer:
     def train(self, *, progress: bool = True) -> list[dict]:
         from tqdm.auto import tqdm
 
-        heap.keep_freed_memory()  # a step's activations are reused by the next, not page-faulted in again
         bar = tqdm(
             total=self.config.steps,
             initial=self.step,
