@@ -246,3 +246,17 @@ def test_k_is_bounded_by_what_the_annotation_page_shows(workspace, capsys):
         )
     with Session(engine) as s:
         assert crud.count_comparisons(s) == 0
+
+
+def test_the_growing_cache_equals_concatenation_even_past_its_room():
+    from alignloop.core.sampling import _GrowingLayer
+
+    keys, values = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)
+    layer = _GrowingLayer(keys.clone(), values.clone(), 2)  # room for 2 more
+    expected_k, expected_v = keys[:, :, :2], values[:, :, :2]
+    for step in (1, 3, 1):  # the second update overflows the buffer
+        new_k, new_v = torch.randn(2, 3, step, 5), torch.randn(2, 3, step, 5)
+        got_k, got_v = layer.update(new_k, new_v)
+        expected_k, expected_v = torch.cat([expected_k, new_k], 2), torch.cat([expected_v, new_v], 2)
+        assert torch.equal(got_k, expected_k) and torch.equal(got_v, expected_v)
+        assert layer.get_seq_length() == expected_k.shape[2]

@@ -12,9 +12,8 @@ masked, so the result is the same computation); decoding then starts from that c
 (a buffer sized for the whole answer, no concatenation per token). Measured (`bench/generate.py --hh`, batches of
 16 full-context HH conversations, 37-244 prompt tokens, x 48 new tokens, default model, 2-core CPU): 0.74x the
 time of the library's prefill and cache in float32, 0.83x in bf16 (3 rounds each, standard errors <= 0.06 s
-of 3.2-9.3 s per batch). Models whose cache is not
-plain per-layer keys/values (sliding-window or hybrid layers) and prompt-learning adapters keep the library's
-own prefill.
+of 3.2-9.3 s per batch). Models whose cache is not plain per-layer keys/values (sliding-window or hybrid
+layers) and prompt-learning adapters keep the library's own prefill.
 
 `return_hidden=True` also keeps, for each generated token, the final hidden state the output layer read to
 predict it (captured at the output layer's input, so it is the model's own last-layer state, norm applied):
@@ -93,17 +92,19 @@ class _GrowingLayer(DynamicLayer):
     """One layer's keys and values in a buffer with room for the whole answer: `update` writes in place and
     returns views, where the library's layer concatenates (copies the whole cache) at every token."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):
+        """`keys`, `values`: (batch, heads, capacity, dim) buffers whose first `length` positions are filled."""
         super().__init__()
-        n = keys.shape[-2]
-        self._keys, self._values = _room(keys, room), _room(values, room)
-        self.device, self.is_initialized, self._length = keys.device, True, n
-        self.keys, self.values = self._keys[:, :, :n], self._values[:, :, :n]
+        self._keys, self._values = keys, values
+        self.device, self.is_initialized, self._length = keys.device, True, length
+        self.keys, self.values = keys[:, :, :length], values[:, :, :length]
 
     def update(self, key_states, value_states, *args, **kwargs):
         end = self._length + key_states.shape[-2]
         if end > self._keys.shape[-2]:  # more than planned (not in `generate`): grow by doubling
-            self._keys, self._values = (_room(t, end) for t in (self._keys, self._values))
+            self._keys, self._values = (
+                torch.cat([t, _zeros(t, t.shape[0], end)], 2) for t in (self._keys, self._values)
+            )
         self._keys[:, :, self._length : end] = key_states
         self._values[:, :, self._length : end] = value_states
         self._length = end
@@ -111,9 +112,9 @@ class _GrowingLayer(DynamicLayer):
         return self.keys, self.values
 
 
-def _room(t: torch.Tensor, more: int) -> torch.Tensor:
-    """`t` (batch, heads, length, dim) with `more` zero positions after its own."""
-    return torch.cat([t, t.new_zeros((*t.shape[:2], more, t.shape[-1]))], 2)
+def _zeros(like: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+    """Zeros (batch, heads, length, dim) with `like`'s heads, dim, dtype and device."""
+    return like.new_zeros((batch, like.shape[1], length, like.shape[-1]))
 
 
 class _PrefilledCache(DynamicCache):
@@ -154,14 +155,12 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, room: 
             use_cache=True,
         ).cache
         for index, layer in enumerate(cache.layers):
-            if index == len(keys):  # the first group sizes the batch's cache: (B, heads, T - 1, dim), zeros
-                keys.append(layer.keys.new_zeros((B, layer.keys.shape[1], T - 1, layer.keys.shape[-1])))
-                values.append(
-                    layer.values.new_zeros((B, layer.values.shape[1], T - 1, layer.values.shape[-1]))
-                )
-            keys[index][rows, :, T - 1 - width :] = layer.keys
-            values[index][rows, :, T - 1 - width :] = layer.values
-    return _PrefilledCache([_GrowingLayer(k, v, room) for k, v in zip(keys, values, strict=True)])
+            if index == len(keys):  # the first group sizes the batch's buffers: (B, heads, T - 1 + room, dim)
+                keys.append(_zeros(layer.keys, B, T - 1 + room))
+                values.append(_zeros(layer.values, B, T - 1 + room))
+            keys[index][rows, :, T - 1 - width : T - 1] = layer.keys
+            values[index][rows, :, T - 1 - width : T - 1] = layer.values
+    return _PrefilledCache([_GrowingLayer(k, v, T - 1) for k, v in zip(keys, values, strict=True)])
 
 
 def _is_prompt_learning(model) -> bool:
