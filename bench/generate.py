@@ -59,17 +59,11 @@ def hh_prefill(model, tokenizer, rounds: int) -> None:
     import statistics
     from unittest import mock
 
-    from alignloop.core import sampling
-    from alignloop.core.truncate import fit_prompts
-    from reward.data import file_pairs
+    from ppo_vs_trl import hh_conversations  # the same 64 conversations the PPO benchmark's HH settings use
 
-    hh = Path(os.environ.get("ALIGNLOOP_SHARED_DATA", QUESTIONS.parent)) / "hh_harmless_dev.jsonl"
-    seen, conversations = set(), []
-    for pair in file_pairs(hh)[0]:
-        if pair.key not in seen:
-            seen.add(pair.key)
-            conversations.append(pair.prompt)
-    conversations, _ = fit_prompts(tokenizer, conversations[:64], 256)
+    from alignloop.core import sampling
+
+    conversations, _ = hh_conversations(tokenizer, 64, 256)
     batches = [conversations[i : i + 16] for i in range(0, 64, 16)]
     params = SamplingParams(max_new_tokens=48, temperature=0.7, top_p=1.0, seed=0)
     times: dict[str, list[float]] = {"grouped prefill": [], "library prefill": []}

@@ -202,23 +202,27 @@ def trl_python() -> str:
     return str(python)
 
 
+def hh_conversations(tokenizer, count: int, max_prompt_length: int):
+    """The first `count` distinct HH conversations, fitted to `max_prompt_length` tokens as `rl train` fits them
+    (oldest turns first); returns them and the fit's report."""
+    from alignloop.core.truncate import fit_prompts
+    from reward.data import file_pairs
+
+    seen, conversations = set(), []
+    for pair in file_pairs(HH)[0]:
+        if pair.key not in seen:
+            seen.add(pair.key)
+            conversations.append(pair.prompt)
+    return fit_prompts(tokenizer, conversations[:count], max_prompt_length)
+
+
 def write_prompts(setting: str, path: Path, tokenizer_dir: str, max_prompt_length: int) -> dict:
     """The setting's prompts as a JSON list of conversations (both trainers read the same file)."""
     if setting.startswith("hh"):
         from transformers import AutoTokenizer
 
-        from alignloop.core.truncate import fit_prompts
-        from reward.data import file_pairs
-
-        seen, conversations = set(), []
-        for pair in file_pairs(HH)[0]:
-            if pair.key not in seen:
-                seen.add(pair.key)
-                conversations.append(pair.prompt)
-        conversations = conversations[:64]
-        conversations, report = fit_prompts(
-            AutoTokenizer.from_pretrained(tokenizer_dir), conversations, max_prompt_length
-        )
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        conversations, report = hh_conversations(tokenizer, 64, max_prompt_length)
         info = report.as_dict()
     else:
         rows = [json.loads(line) for line in open(QUESTIONS)]
@@ -251,7 +255,7 @@ def main() -> None:
     shipped = load_config(ROOT / "configs" / "rl" / "default.yaml")
     # Both trainers at the precision alignloop picks by default: bf16 autocast where this CPU multiplies in bf16
     # natively (AVX512-BF16, AMX), else float32.
-    bf16 = devices.native_bf16() if shipped.bf16 is None else shipped.bf16
+    bf16 = devices.autocast_bf16(shipped.bf16)
     print("precision for both trainers:", "bf16 autocast" if bf16 else "float32", flush=True)
     results = {}
     for setting in args.settings:

@@ -180,11 +180,6 @@ def peft_config(config: RewardRunConfig, model):
     )
 
 
-def native_bf16() -> bool:
-    """bf16 autocast where the hardware does bf16 matrix products natively (the device policy's test)."""
-    return devices.native_bf16()
-
-
 class PairCollator(DataCollatorForPreference):
     """TRL's collator (chosen then rejected, padded) plus the per-pair weights."""
 
@@ -430,7 +425,7 @@ def _trainer(config, run_dir, model, tokenizer, train_dataset, seed, progress, l
         max_length=None,  # encoded and truncated above, nothing for TRL to drop
         center_rewards_coefficient=config.center_rewards_coefficient,
         activation_checkpointing=False,
-        bf16=native_bf16() if config.bf16 is None else config.bf16,
+        bf16=devices.autocast_bf16(config.bf16),
         use_cpu=not cuda,
         logging_steps=config.logging_steps,
         save_strategy="no",

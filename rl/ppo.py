@@ -36,8 +36,9 @@ the R positions that predict response tokens, with the temperature applied to th
 entropy, a metric, is measured once per step at the rollout rather than in every update pass: on the tiny
 model, whose cost is its vocabulary-sized output layer, the update went from 2.6 to 1.8 s per step (hh-tiny);
 micro-batches are the cheapest grouping of rows of similar length under the budget (`alignloop.core.batching`:
-the update in 0.83x the time of a greedy fill, shipped config on HH rollouts, 3 paired batches); rollouts prefill prompts in length groups
-(`alignloop.core.sampling.prefill`: 0.74-0.83x the generation time on HH batches);
+the update in 0.83x the time of a greedy fill, shipped config on HH rollouts, 3 paired batches); rollouts
+prefill prompts in length groups (`alignloop.core.sampling.prefill`: 0.74-0.83x the generation time on HH
+batches);
 every step logs the time split (generate / score / forward / update) and the process's peak and current RSS.
 
 Implementation details follow "The N Implementation Details of RLHF with PPO" (Huang et al., 2024) and
@@ -602,7 +603,7 @@ class PPOTrainer:
         from alignloop.core import distributed
 
         distributed.state()  # the process group, on the CPU when there is no GPU
-        bf16 = devices.native_bf16() if config.bf16 is None else config.bf16
+        bf16 = devices.autocast_bf16(config.bf16)
         # The adapters take turns in the forward pass ("adapter" value model): DDP must look for unused
         # parameters then. Buffers (rotary tables) are the same everywhere: no broadcast per forward pass.
         ddp = DistributedDataParallelKwargs(

@@ -16,9 +16,10 @@ Training keeps float32 master weights (`for_training`): the trainers autocast to
 optimizer stepping bf16 weights loses small updates to rounding.
 
 The machine's abilities come in as a `Capabilities` value, so tests can ask "what would a GPU machine pick"
-on a CPU. `ALIGNLOOP_CPU_BF16=0` in the environment makes a bf16-capable CPU count as float32-only (every "auto"
-load and every trainer's autocast then runs float32): for results that must not depend on the chip, such as the
-test suite, which pins it so that its exactness checks hold on AVX512-BF16 / AMX machines and AVX2 ones alike. Memory estimates count parameters from the safetensors headers (exact, no weights read), else from
+on a CPU. `ALIGNLOOP_CPU_BF16=0` in the environment makes a bf16-capable CPU count as float32-only (every
+"auto" load and every trainer's autocast then runs float32): for results that must not depend on the chip,
+such as the test suite, which pins it so that its exactness checks hold on AVX512-BF16 / AMX machines and AVX2
+ones alike. Memory estimates count parameters from the safetensors headers (exact, no weights read), else from
 config.json; they are estimates (activations and KV cache are a fixed share on top), meant to turn a certain
 OOM ten minutes into a run into a one-line refusal before it starts.
 """
@@ -86,6 +87,11 @@ class Placement:
 
     def describe(self) -> str:
         return f"{self.device} {self.dtype}" + (f" {self.quantize}" if self.quantize != "none" else "")
+
+
+def autocast_bf16(configured: bool | None) -> bool:
+    """A trainer's `bf16` setting resolved: as configured, else (None) where this machine does bf16 natively."""
+    return native_bf16() if configured is None else configured
 
 
 def native_bf16(device: str = "auto", caps: Capabilities | None = None) -> bool:
