@@ -82,4 +82,11 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    from alignloop.core import distributed
+
+    ok = False
+    try:
+        main(Path(sys.argv[1]))
+        ok = True
+    finally:  # leave the process group as the CLI does: a rank exiting with gloo alive can die in SIGABRT
+        distributed.finish(ok=ok)
